@@ -1,0 +1,40 @@
+# Two entry points, each doing all the set-up it needs on a fresh machine:
+#   make test    - install into .venv and run the test suite (CPU only)
+#   make train   - install into .venv and train ResNet-50 on CIFAR-10 on the CPU
+# Extra training flags: make train ARGS="--epochs 2"
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CIFAR10_TARBALL ?= ../shared/data/cifar10-jpeg.tar.gz
+DATA_DIR ?= .cache/data/cifar10
+RUN_DIR ?= runs/cifar10-cpu-$(shell date +%Y%m%d-%H%M%S)
+ARGS ?=
+
+.PHONY: setup test train clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q tests
+
+# CIFAR-10 JPEGs unpacked once from the local tarball; without it the run uses synthetic data.
+train: setup
+	@if [ ! -d $(DATA_DIR)/train ] && [ -f $(CIFAR10_TARBALL) ]; then \
+		echo "distres: unpacking $(CIFAR10_TARBALL) into $(DATA_DIR)"; \
+		rm -rf $(DATA_DIR).tmp && mkdir -p $(DATA_DIR).tmp && tar xzf $(CIFAR10_TARBALL) -C $(DATA_DIR).tmp && \
+		rm -rf $(DATA_DIR) && mv $(DATA_DIR).tmp $(DATA_DIR); fi
+	@if [ -d $(DATA_DIR)/train ]; then \
+		$(PY) -m distres.train --config configs/cifar10-cpu.yaml --data-dir $(DATA_DIR) --output-dir $(RUN_DIR) $(ARGS); \
+	else \
+		echo "distres: no CIFAR-10 at $(DATA_DIR) or $(CIFAR10_TARBALL); training on synthetic 32-px data instead"; \
+		$(PY) -m distres.train --config configs/cifar10-cpu.yaml --data synthetic --synthetic-classes 10 --image-size 32 --output-dir $(RUN_DIR) $(ARGS); \
+	fi
+
+clean:
+	rm -rf $(VENV) .cache runs

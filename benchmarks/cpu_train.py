@@ -1,0 +1,88 @@
+"""CPU training throughput: the README's `make train` path vs the seed documents' loop.
+
+Both train torchvision ResNet-50 (ImageNet stem) on the same CIFAR-10 JPEG folder on this
+machine, one after the other. distres runs through its real CLI with configs/cifar10-cpu.yaml;
+its images/s is the median over logged windows after the first (warm-up) one.
+
+    python benchmarks/cpu_train.py --data-dir .cache/data/cifar10 --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run_distres(data_dir: str, steps: int, extra: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "distres.train", "--config", "configs/cifar10-cpu.yaml",
+               "--data-dir", data_dir, "--output-dir", tmp, "--max-steps", str(steps),
+               "--eval-every", "0", "--checkpoint-every", "0", "--no-progress", *extra]
+        subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True)
+        recs = [json.loads(x) for x in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["images_per_sec"] for r in recs if r["kind"] == "train"][1:]
+    return {"images_per_sec": statistics.median(rates), "windows": [round(x, 1) for x in rates],
+            "command": "python -m distres.train --config configs/cifar10-cpu.yaml " + " ".join(extra)}
+
+
+def run_seed(data_dir: str, steps: int, workers: int) -> dict:
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "seed_loop.py"), "--data-dir", data_dir,
+                          "--steps", str(steps), "--workers", str(workers)],
+                         check=True, capture_output=True, text=True).stdout
+    res = json.loads(out.strip().splitlines()[-1])
+    res["command"] = f"python benchmarks/seed_loop.py --workers {workers}"
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--steps", type=int, default=60, help="distres steps of 256 images")
+    p.add_argument("--seed-steps", type=int, default=120, help="seed-loop steps of 64 images")
+    p.add_argument("--out", default=None, help="folder for cpu-train.json and cpu-train.md")
+    a = p.parse_args()
+
+    import torch
+    seed = max((run_seed(a.data_dir, a.seed_steps, w) for w in (0, 2)), key=lambda r: r["images_per_sec"])
+    ours = run_distres(a.data_dir, a.steps, [])
+    result = {
+        "device": f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "cpu_model": _cpu_model(), "torch": torch.__version__, "commit": _commit(),
+        "benchmark_command": "python benchmarks/cpu_train.py " + " ".join(sys.argv[1:]),
+        "seed_loop": seed, "distres": ours, "speedup": ours["images_per_sec"] / seed["images_per_sec"],
+    }
+    print(json.dumps(result, indent=2))
+    if a.out:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "cpu-train.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    main()

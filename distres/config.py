@@ -1,0 +1,243 @@
+"""Typed training configuration: CLI flags, an optional YAML file, and the saved record.
+
+Precedence: dataclass default < ``--config FILE.yaml`` < command-line flags. The resolved
+config is written to ``OUTPUT_DIR/config.yaml`` and can be passed back with ``--config``.
+Every field carries its help text, so ``--help`` and the YAML keys never drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distres.errors import UserError
+
+ARCHS = ("resnet50", "resnext50_32x4d", "resnet18")
+DATASETS = ("cifar10", "imagefolder", "synthetic")
+BACKENDS = ("auto", "torch", "synthetic")
+
+
+def opt(default: Any, help: str, **kw: Any) -> Any:
+    """A config field: its default, its help line and argparse extras (choices, type, group)."""
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # --- model
+    arch: str = opt("resnet50", "model architecture", choices=ARCHS, group="model")
+    cifar_stem: str = opt(
+        "auto", "3x3 stride-1 stem without max-pool for small images; auto: on when image size <= 64",
+        choices=("auto", "on", "off"), group="model")
+    zero_init_residual: bool = opt(True, "zero-init the last BN of each residual block", group="model")
+    channels_last: bool = opt(True, "NHWC memory format for model and inputs", group="model")
+    compile: bool = opt(False, "torch.compile the model", group="model")
+    compile_mode: str = opt("default", "torch.compile mode",
+                            choices=("default", "reduce-overhead", "max-autotune",
+                                     "max-autotune-no-cudagraphs"), group="model")
+    sync_bn: bool = opt(False, "synchronise BatchNorm statistics across processes", group="model")
+
+    # --- data
+    data: str = opt("cifar10", "data set", choices=DATASETS, group="data")
+    data_dir: str | None = opt(
+        None, "data folder; cifar10: holds cifar-10-batches-py/ or train/ + test/ JPEG folders "
+        "(default ~/.cache/distres/cifar10); imagefolder: holds train/ and val/ (or test/)",
+        group="data")
+    data_backend: str = opt("auto", "input pipeline; auto: synthetic for --data synthetic, else torch",
+                            choices=BACKENDS, group="data")
+    image_size: int = opt(0, "training crop size; 0: 32 for cifar10, 224 otherwise", group="data")
+    workers: int = opt(-1, "DataLoader worker processes per rank; -1: from the CPUs available",
+                       group="data")
+    synthetic_classes: int = opt(1000, "number of classes of --data synthetic", group="data")
+    synthetic_samples: int = opt(4096, "samples per epoch of --data synthetic (train)", group="data")
+
+    # --- optimisation
+    epochs: int = opt(90, "number of epochs", group="optim")
+    max_steps: int = opt(0, "stop after this many optimizer steps (0: no limit)", group="optim")
+    batch_size: int = opt(256, "batch size per process (per optimizer step and micro-batch)",
+                          group="optim")
+    grad_accum: int = opt(1, "micro-batches accumulated per optimizer step", group="optim")
+    optimizer: str = opt("sgd", "optimizer", choices=("sgd", "adamw"), group="optim")
+    lr: float = opt(0.0, "peak learning rate; 0: 0.1 x global batch / 256 for sgd, 1e-3 for adamw",
+                    group="optim")
+    momentum: float = opt(0.9, "SGD momentum", group="optim")
+    nesterov: bool = opt(False, "Nesterov momentum", group="optim")
+    weight_decay: float = opt(5e-5, "weight decay (not applied to BatchNorm and bias)",
+                              group="optim")
+    schedule: str = opt("cosine", "learning-rate schedule after warm-up",
+                        choices=("cosine", "step", "constant"), group="optim")
+    warmup_epochs: float = opt(1.0, "linear warm-up length in epochs", group="optim")
+    lr_steps: str = opt("30,60,80", "epochs at which --schedule step multiplies the lr by --lr-gamma",
+                        group="optim")
+    lr_gamma: float = opt(0.1, "step-schedule factor", group="optim")
+    label_smoothing: float = opt(0.1, "label smoothing of the cross-entropy loss", group="optim")
+    clip_grad_norm: float = opt(0.0, "clip the gradient norm to this value (0: off)", group="optim")
+    amp: str = opt("bf16", "mixed precision: bf16 or fp16 autocast (fp16 adds a GradScaler), or none",
+                   choices=("none", "bf16", "fp16"), group="optim")
+
+    # --- run
+    seed: int = opt(0, "random seed (model init, data order, augmentation)", group="run")
+    deterministic: bool = opt(False, "deterministic algorithms (slower)", group="run")
+    output_dir: str = opt("runs/default", "folder for config.yaml, metrics.jsonl, checkpoints/",
+                          group="run")
+    resume: str | None = opt(
+        None, "continue from a checkpoint: 'latest' (the newest in OUTPUT_DIR/checkpoints) or a "
+        "path; --resume alone means latest", group="run")
+    checkpoint_every: int = opt(1000, "save a checkpoint every N steps, besides each epoch end "
+                                "(0: epoch ends only)", group="run")
+    keep_checkpoints: int = opt(3, "step checkpoints kept besides last.pt", group="run")
+    log_every: int = opt(50, "log (and reduce metrics across ranks) every N steps", group="run")
+    eval_every: int = opt(1, "evaluate every N epochs (0: only at the end)", group="run")
+    progress: bool = opt(True, "progress bar on rank 0", group="run")
+    wandb: str = opt("disabled", "Weights & Biases logging (rank 0 only)",
+                     choices=("online", "offline", "disabled"), group="run")
+
+    # --- distributed
+    device: str = opt("auto", "training device; auto: cuda when available", choices=("auto", "cpu", "cuda"),
+                      group="dist")
+    dist_backend: str = opt("auto", "process-group backend; auto: nccl on CUDA, gloo on CPU",
+                            choices=("auto", "nccl", "gloo"), group="dist")
+    bucket_cap_mb: float = opt(25.0, "DDP gradient bucket size in MB", group="dist")
+    static_graph: bool = opt(False, "DDP static_graph (same graph every step)", group="dist")
+
+    def validate(self) -> "TrainConfig":
+        positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum,
+                    "log_every": self.log_every, "synthetic_classes": self.synthetic_classes,
+                    "synthetic_samples": self.synthetic_samples}
+        for name, value in positive.items():
+            if value <= 0:
+                raise UserError(f"--{flag(name)} must be > 0 (got {value})")
+        for name in ("epochs", "max_steps", "checkpoint_every", "eval_every", "image_size"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{flag(name)} must be >= 0 (got {getattr(self, name)})")
+        if self.epochs == 0 and self.max_steps == 0:
+            raise UserError("--epochs 0 with no --max-steps trains nothing; set one of them")
+        if self.lr < 0:
+            raise UserError(f"--lr must be >= 0 (got {self.lr})")
+        if self.keep_checkpoints < 1:
+            raise UserError("--keep-checkpoints must be >= 1")
+        if self.data == "imagefolder" and not self.data_dir:
+            raise UserError("--data imagefolder needs --data-dir PATH (a folder with train/ and val/)")
+        try:
+            self.lr_step_epochs()
+        except ValueError:
+            raise UserError(f"--lr-steps must be comma-separated epochs like 30,60,80 (got {self.lr_steps!r})")
+        return self
+
+    def lr_step_epochs(self) -> list[int]:
+        return [int(s) for s in str(self.lr_steps).split(",") if s.strip()]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+GROUPS = {"model": "model", "data": "data", "optim": "optimisation and precision",
+          "run": "run, outputs and checkpoints", "dist": "distributed"}
+
+
+def flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def load_yaml(path: str) -> dict:
+    """Read a YAML config; keys may be snake_case or kebab-case."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise UserError(f"cannot read --config {path}: {e.strerror}; check the path")
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise UserError(f"--config {path} is not valid YAML{where}; fix the file")
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"--config {path} must be a mapping of option: value")
+    values = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in FIELDS or name == "config":
+            close = difflib.get_close_matches(name, FIELDS, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else "see --help for the options"
+            raise UserError(f"unknown key '{key}' in --config {path}; {hint}")
+        values[name] = value
+    return values
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump
+        raise UserError(f"{message}; see --help")
+
+
+def _bool(text: str) -> bool:
+    low = str(text).lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="distres.train",
+        description="Train ResNet-50 / ResNeXt-50 with DistributedDataParallel. "
+        "Run as `python -m distres.train` or `torchrun --nproc_per_node N -m distres.train`.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", metavar="FILE.yaml", default=None,
+                   help="YAML file of option: value; command-line flags override it")
+    groups = {k: p.add_argument_group(v) for k, v in GROUPS.items()}
+    for f in dataclasses.fields(TrainConfig):
+        md = f.metadata
+        g = groups[md["group"]]
+        name = "--" + flag(f.name)
+        if isinstance(f.default, bool):
+            g.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=md["help"])
+        elif f.name == "resume":
+            g.add_argument(name, nargs="?", const="latest", default=None, metavar="PATH|latest",
+                           help=md["help"])
+        else:
+            typ = str if f.default is None else type(f.default)
+            g.add_argument(name, type=typ, default=f.default, choices=md.get("choices"), help=md["help"])
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    parser = build_parser()
+    known, _ = _config_only().parse_known_args(argv)
+    if known.config:
+        values = load_yaml(known.config)
+        for name, value in values.items():
+            f = FIELDS[name]
+            choices = f.metadata.get("choices")
+            if choices and value not in choices:
+                raise UserError(f"{name}: {value!r} in --config {known.config} is not one of {', '.join(choices)}")
+            if isinstance(f.default, bool):
+                value = _bool(value) if isinstance(value, str) else bool(value)
+            elif isinstance(f.default, (int, float)) and not isinstance(value, type(f.default)):
+                try:
+                    value = type(f.default)(value)
+                except (TypeError, ValueError):
+                    raise UserError(f"{name}: {value!r} in --config {known.config} is not a {type(f.default).__name__}")
+            values[name] = value
+        parser.set_defaults(**values)
+    args = parser.parse_args(argv)
+    kw = {name: getattr(args, name) for name in FIELDS}
+    return TrainConfig(**kw).validate()
+
+
+def _config_only() -> argparse.ArgumentParser:
+    p = _Parser(add_help=False)
+    p.add_argument("--config", default=None)
+    return p

@@ -1,0 +1,72 @@
+"""Per-rank, per-epoch sample order: disjoint shards, reshuffled every epoch from the seed.
+
+Every rank computes the same permutation of the whole epoch from (seed, epoch) and takes every
+world-th element starting at its rank, so the shards are disjoint and their union is the epoch,
+with no padding duplicates (DistributedSampler pads, which double-counts in evaluation).
+
+Each sample also gets its own augmentation seed from (seed, epoch, index). Augmentation then
+does not depend on which worker process or which resumed run decodes it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MIX = 1_000_003  # a prime spreading (seed, epoch) over distinct generator seeds
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
+    if not shuffle:
+        return torch.arange(num_samples)
+    g = torch.Generator().manual_seed(seed * _MIX + epoch)
+    return torch.randperm(num_samples, generator=g)
+
+
+def shard(num_samples: int, rank: int, world: int, seed: int = 0, epoch: int = 0,
+          shuffle: bool = True) -> list[int]:
+    """This rank's sample indices for one epoch (lengths differ by at most one across ranks)."""
+    return epoch_order(num_samples, seed, epoch, shuffle)[rank::world].tolist()
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return ((seed * _MIX + epoch) * 1_000_000_007 + index) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def train_batches_per_epoch(num_samples: int, world: int, batch_size: int) -> int:
+    # Every rank must take the same number of optimizer steps (DDP all-reduces each one), so
+    # the count comes from the smallest shard; the few leftover samples change every epoch.
+    return (num_samples // world) // batch_size
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Yields batches of (index, augmentation seed) for this rank and the current epoch.
+
+    ``drop_last`` (training) yields ``train_batches_per_epoch`` full batches on every rank;
+    without it (evaluation) the whole shard is yielded, the last batch possibly short.
+    ``set_epoch(epoch, start_batch)`` also lets a resumed run skip the batches already done.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, rank: int, world: int, seed: int,
+                 shuffle: bool, drop_last: bool):
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.rank, self.world, self.seed = rank, world, seed
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def num_batches(self) -> int:
+        if self.drop_last:
+            return train_batches_per_epoch(self.num_samples, self.world, self.batch_size)
+        mine = len(range(self.rank, self.num_samples, self.world))
+        return -(-mine // self.batch_size)
+
+    def __len__(self) -> int:
+        return max(0, self.num_batches() - self.start_batch)
+
+    def __iter__(self):
+        idx = shard(self.num_samples, self.rank, self.world, self.seed, self.epoch, self.shuffle)
+        b = self.batch_size
+        for i in range(self.start_batch, self.num_batches()):
+            yield [(j, sample_seed(self.seed, self.epoch, j)) for j in idx[i * b:(i + 1) * b]]

@@ -1,0 +1,108 @@
+"""Where samples come from: an ImageFolder tree of image files, or in-memory uint8 arrays
+(the torchvision CIFAR-10 files). Both hand out (uint8 CHW tensor, int label) by index."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.io import ImageReadMode, decode_image, read_file
+
+from distres.errors import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck")
+
+
+class FolderSource:
+    """root/<class>/<image>; classes sorted by name, as torchvision's ImageFolder does."""
+
+    def __init__(self, root: Path, classes: list[str] | None = None):
+        self.root = root
+        if not root.is_dir():
+            raise UserError(f"data folder {root} does not exist; check --data-dir")
+        found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+        self.classes = classes if classes is not None else found
+        if not self.classes:
+            raise UserError(f"{root} has no class sub-folders; expected {root}/<class>/<image>.jpg")
+        self.paths: list[str] = []
+        labels: list[int] = []
+        for label, name in enumerate(self.classes):
+            folder = root / name
+            files = sorted(e.path for e in os.scandir(folder)
+                           if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)) \
+                if folder.is_dir() else []
+            self.paths += files
+            labels += [label] * len(files)
+        if not self.paths:
+            raise UserError(f"{root} holds no image files ({', '.join(IMAGE_EXTENSIONS)}); check --data-dir")
+        self.labels = torch.tensor(labels, dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, i: int) -> tuple[torch.Tensor, int]:
+        img = decode_image(read_file(self.paths[i]), mode=ImageReadMode.RGB)
+        return img, int(self.labels[i])
+
+
+class ArraySource:
+    """uint8 images held in memory as N x H x W x C (the layout of the CIFAR-10 pickles)."""
+
+    def __init__(self, images: np.ndarray, labels, classes: list[str]):
+        self.images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+        self.labels = torch.as_tensor(labels, dtype=torch.int64)
+        self.classes = classes
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i], int(self.labels[i])
+
+
+def imagefolder_splits(root: Path) -> tuple[FolderSource, FolderSource]:
+    """train/ and val/ (or test/) under root, the validation split using train's classes."""
+    if not root.is_dir():
+        raise UserError(f"--data-dir {root} does not exist; point it at a folder with train/ and val/")
+    val_dir = next((root / n for n in ("val", "test") if (root / n).is_dir()), None)
+    if not (root / "train").is_dir() or val_dir is None:
+        raise UserError(f"--data-dir {root} must contain train/ and val/ (or test/) class folders")
+    train = FolderSource(root / "train")
+    return train, FolderSource(val_dir, classes=train.classes)
+
+
+def default_cifar10_dir() -> Path:
+    return Path(os.environ.get("DISTRES_DATA", Path.home() / ".cache" / "distres")) / "cifar10"
+
+
+def cifar10_splits(root: Path, download: bool) -> tuple:
+    """CIFAR-10 from torchvision's files, or an ImageFolder copy (train/ + test/), or a download."""
+    if (root / "train").is_dir() and any((root / n).is_dir() for n in ("test", "val")):
+        return imagefolder_splits(root)
+    if not (root / "cifar-10-batches-py").is_dir():
+        if not download:
+            raise UserError(f"CIFAR-10 not found in {root}; pass --data-dir with cifar-10-batches-py/ "
+                            "or train/ + test/ image folders")
+        _download_cifar10(root)
+    from torchvision.datasets import CIFAR10
+    splits = []
+    for train in (True, False):
+        ds = CIFAR10(str(root), train=train, download=False)
+        splits.append(ArraySource(ds.data, ds.targets, list(CIFAR10_CLASSES)))
+    return tuple(splits)
+
+
+def _download_cifar10(root: Path) -> None:
+    from torchvision.datasets import CIFAR10
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        CIFAR10(str(root), train=True, download=True)
+    except Exception as e:  # no network, proxy, disk full: the fix is the same
+        raise UserError(
+            f"CIFAR-10 is not in {root} and could not be downloaded ({type(e).__name__}); "
+            "offline, pass --data-dir with cifar-10-batches-py/ or train/ + test/ image folders"
+        ) from None

@@ -1,0 +1,137 @@
+"""The one place that reads the launcher's environment.
+
+torchrun (and ``torch.distributed.run``) sets RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR /
+MASTER_PORT. A plain ``python -m distres.train`` sets none of them and runs as a world of one.
+SLURM's own variables are mapped here too, so ``srun python -m distres.train`` (one task per
+GPU, no torchrun) works; with ``srun torchrun ...`` torchrun's variables win.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from distres.errors import UserError
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    device: torch.device
+    backend: str | None  # None: single process, no process group
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+
+def _env_int(env: dict, *names: str, default: int) -> int:
+    for name in names:
+        if env.get(name, "") != "":
+            return int(env[name])
+    return default
+
+
+def launch_info(env: dict | None = None) -> tuple[int, int, int, int]:
+    """(rank, local_rank, world_size, local_world_size) from torchrun, SLURM, or none."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun / torch.distributed.run
+        rank = _env_int(env, "RANK", default=0)
+        world = _env_int(env, "WORLD_SIZE", default=1)
+        local_rank = _env_int(env, "LOCAL_RANK", default=0)
+        local_world = _env_int(env, "LOCAL_WORLD_SIZE", default=world)
+    elif "SLURM_PROCID" in env and _env_int(env, "SLURM_NTASKS", default=1) > 1:  # srun, no torchrun
+        rank = _env_int(env, "SLURM_PROCID", default=0)
+        world = _env_int(env, "SLURM_NTASKS", default=1)
+        local_rank = _env_int(env, "SLURM_LOCALID", default=0)
+        local_world = _env_int(env, "SLURM_NTASKS_PER_NODE", default=world)
+    else:
+        rank, local_rank, world, local_world = 0, 0, 1, 1
+    return rank, local_rank, world, local_world
+
+
+def rank_from_env() -> int:
+    """The global rank without initialising anything (for deciding who prints an error)."""
+    return launch_info()[0]
+
+
+def resolve_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was requested but no CUDA GPU is visible; use --device cpu")
+        n = torch.cuda.device_count()
+        if local_rank >= n:
+            raise UserError(
+                f"local rank {local_rank} has no GPU (only {n} visible); "
+                f"launch at most {n} processes per node (torchrun --nproc_per_node {n})"
+            )
+        return torch.device("cuda", local_rank)
+    if requested == "cpu":
+        return torch.device("cpu")
+    raise UserError(f"unknown --device {requested!r}; use auto, cpu or cuda")
+
+
+def init(device: str = "auto", backend: str = "auto", timeout_s: int = 1800) -> DistContext:
+    """Read the environment, pick the device and backend, and join the process group."""
+    rank, local_rank, world, local_world = launch_info()
+    dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world == 1:
+        return DistContext(rank, local_rank, world, local_world, dev, None)
+    if backend == "auto":
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+    if backend == "nccl" and dev.type != "cuda":
+        raise UserError("--dist-backend nccl needs CUDA GPUs; use --dist-backend gloo on CPUs")
+    env = os.environ
+    if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
+        raise UserError(
+            "a multi-process launch needs MASTER_ADDR and MASTER_PORT; start with torchrun "
+            "(or launch/ and slurm/ scripts), which set them"
+        )
+    os.environ.setdefault("RANK", str(rank))
+    os.environ.setdefault("WORLD_SIZE", str(world))
+    dist.init_process_group(
+        backend=backend,
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        # Binding the device lets NCCL set up its communicator eagerly and avoids the
+        # "guessing device ID" warning; gloo ignores it.
+        **({"device_id": dev} if dev.type == "cuda" else {}),
+    )
+    return DistContext(rank, local_rank, world, local_world, dev, backend)
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor across ranks in place; a no-op for a single process.
+
+    The tensor lives on the training device (CPU for gloo, GPU for nccl), never a hard-coded
+    'cuda', so the same call serves both backends.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

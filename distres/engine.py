@@ -1,0 +1,80 @@
+"""THE training step and evaluation. One code path for fp32, bf16 and fp16.
+
+Mixed precision is ``autocast(enabled=amp != "none")`` plus a GradScaler that is only enabled
+for fp16 (a disabled scaler passes losses and steps straight through), so there is no second
+step function to drift out of sync with the first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+
+from distres import dist
+from distres.models import unwrap
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Precision:
+    def __init__(self, amp: str, device: torch.device):
+        self.enabled = amp != "none"
+        self.dtype = AMP_DTYPES.get(amp, torch.float32)
+        self.device_type = device.type
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+
+
+def train_step(model: nn.Module, micro_batches, loss_fn, optimizer, precision: Precision,
+               clip_grad_norm: float = 0.0) -> torch.Tensor:
+    """One optimizer step over one or more micro-batches; returns the mean loss (on device,
+    no host sync: reading it is left to the logging step)."""
+    scaler = precision.scaler
+    n = len(micro_batches)
+    total = None
+    for i, (images, labels) in enumerate(micro_batches):
+        # Skip the gradient all-reduce on all but the last micro-batch; DDP then averages the
+        # accumulated gradients once.
+        sync = i == n - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
+        with contextlib.nullcontext() if sync else model.no_sync():
+            with precision.autocast():
+                loss = loss_fn(model(images), labels) / n
+            scaler.scale(loss).backward()
+        total = loss.detach() if total is None else total + loss.detach()
+    if clip_grad_norm > 0:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+        nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, precision: Precision, device: torch.device) -> dict:
+    """Top-1/top-5 and loss over exactly the validation set: each rank scores its disjoint
+    shard, and the sums (not per-rank means) are added across ranks."""
+    net = unwrap(model)  # no DDP hooks or buffer broadcasts during evaluation
+    was_training = net.training
+    net.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
+    for images, labels in loader:
+        with precision.autocast():
+            logits = net(images)
+        logits = logits.float()
+        loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top5 == labels[:, None]
+        sums += torch.stack([loss.double(), hits[:, 0].sum().double(),
+                             hits.any(dim=1).sum().double(),
+                             torch.tensor(float(len(labels)), dtype=torch.float64, device=device)])
+    dist.all_reduce_sum(sums)
+    net.train(was_training)
+    loss, top1, top5, count = sums.tolist()
+    count = int(count)
+    return {"val_loss": loss / max(count, 1), "top1": 100.0 * top1 / max(count, 1),
+            "top5": 100.0 * top5 / max(count, 1), "eval_samples": count}

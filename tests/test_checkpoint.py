@@ -1,0 +1,69 @@
+import os
+
+import pytest
+import torch
+
+from conftest import TINY, read_metrics, run_train
+from distres import checkpoint
+from distres.errors import UserError
+
+
+def test_resume_continues_from_the_latest_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    base = TINY + ["--batch-size", "8", "--synthetic-samples", "64", "--epochs", "3",
+                   "--checkpoint-every", "3", "--keep-checkpoints", "2", "--output-dir", str(out)]
+    r = run_train(base + ["--max-steps", "11"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert (state["step"], state["epoch"], state["step_in_epoch"]) == (11, 1, 3)
+    assert set(state) >= {"model", "optimizer", "scheduler", "scaler", "rng", "config"}
+    # keep-checkpoints 2: only the two newest step files stay
+    assert [p.name for p in checkpoint.step_checkpoints(out / "checkpoints")] == \
+        ["step-00000009.pt", "step-00000011.pt"]
+
+    r = run_train(base + ["--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stderr and "at step 11" in r.stderr
+    steps = [x["step"] for x in read_metrics(out) if x["kind"] == "train"]
+    assert steps == list(range(1, 25)), steps  # no step twice, none missing
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["step"] == 24
+
+
+def test_atomic_save_keeps_the_previous_checkpoint_when_a_write_fails(tmp_path, monkeypatch):
+    folder = tmp_path / "ck"
+    checkpoint.save({"model": {"w": torch.ones(2)}, "step": 1}, folder, 1, keep=3)
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        checkpoint.save({"model": {"w": torch.zeros(2)}, "step": 2}, folder, 2, keep=3)
+    monkeypatch.undo()
+    state, path = checkpoint.load_latest(folder)
+    assert state["step"] == 1 and torch.equal(state["model"]["w"], torch.ones(2))
+    assert not [p for p in os.listdir(folder) if ".tmp" in p]
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path):
+    folder = tmp_path / "ck"
+    for step in (1, 2):
+        checkpoint.save({"model": {"w": torch.full((2,), float(step))}, "step": step}, folder, step, keep=3)
+    (folder / "step-00000002.pt").write_bytes(b"garbage")  # last.pt is a hard link to it
+    with pytest.warns(UserWarning, match="skipping checkpoint"):
+        state, path = checkpoint.load_latest(folder)
+    assert state["step"] == 1 and path.name == "step-00000001.pt"
+    with pytest.raises(UserError, match="unreadable or corrupt"):
+        checkpoint.load(folder / "step-00000002.pt")
+
+
+def test_rng_state_round_trips_through_weights_only_load(tmp_path):
+    import random
+    import numpy as np
+    torch.manual_seed(1), random.seed(1), np.random.seed(1)
+    checkpoint.atomic_save({"rng": checkpoint.rng_state()}, tmp_path / "r.pt")
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    checkpoint.set_rng_state(torch.load(tmp_path / "r.pt", weights_only=True)["rng"])
+    got = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(expected[0], got[0]) and expected[1:] == got[1:]

@@ -1,0 +1,75 @@
+"""Each rank sees a disjoint share of every epoch; evaluation counts every sample once."""
+
+import pytest
+
+from conftest import make_imagefolder, read_metrics, run_train
+from distres.data.sharding import ShardSampler, shard, train_batches_per_epoch
+
+
+@pytest.mark.parametrize("n,world", [(10, 1), (10, 2), (13, 3), (100, 8), (7, 8)])
+def test_shards_are_disjoint_and_cover_the_epoch(n, world):
+    for epoch in range(3):
+        parts = [shard(n, r, world, seed=5, epoch=epoch) for r in range(world)]
+        flat = [i for p in parts for i in p]
+        assert len(flat) == len(set(flat)) == n
+        assert set(flat) == set(range(n))
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_order_reshuffles_per_epoch_and_depends_on_seed():
+    assert shard(50, 0, 2, seed=1, epoch=0) != shard(50, 0, 2, seed=1, epoch=1)
+    assert shard(50, 0, 2, seed=1, epoch=0) == shard(50, 0, 2, seed=1, epoch=0)
+    assert shard(50, 0, 2, seed=1, epoch=0) != shard(50, 0, 2, seed=2, epoch=0)
+    assert shard(50, 1, 2, shuffle=False) == list(range(1, 50, 2))
+
+
+@pytest.mark.parametrize("n,world,batch", [(37, 2, 4), (37, 3, 5), (64, 4, 16), (9, 2, 5)])
+def test_train_sampler_gives_every_rank_the_same_number_of_full_batches(n, world, batch):
+    samplers = [ShardSampler(n, batch, r, world, seed=0, shuffle=True, drop_last=True) for r in range(world)]
+    batches = [list(s) for s in samplers]
+    expected = train_batches_per_epoch(n, world, batch)
+    assert all(len(b) == expected for b in batches)
+    assert all(len(x) == batch for b in batches for x in b)
+    seen = [i for b in batches for x in b for i, _ in x]
+    assert len(seen) == len(set(seen))
+
+
+@pytest.mark.parametrize("n,world,batch", [(37, 2, 4), (37, 3, 5), (5, 4, 2)])
+def test_eval_sampler_covers_every_sample_once(n, world, batch):
+    seen = []
+    for r in range(world):
+        s = ShardSampler(n, batch, r, world, seed=0, shuffle=False, drop_last=False)
+        got = [i for x in s for i, _ in x]
+        assert len(s) == -(-len(got) // batch)
+        seen += got
+    assert sorted(seen) == list(range(n))
+
+
+def test_resume_position_skips_the_batches_already_done():
+    s = ShardSampler(40, 4, 1, 2, seed=0, shuffle=True, drop_last=True)
+    s.set_epoch(2)
+    full = list(s)
+    s.set_epoch(2, start_batch=3)
+    assert list(s) == full[3:] and len(s) == len(full) - 3
+
+
+def test_augmentation_seed_is_per_sample_not_per_worker():
+    a = ShardSampler(20, 4, 0, 2, seed=0, shuffle=True, drop_last=True)
+    b = ShardSampler(20, 4, 1, 2, seed=0, shuffle=True, drop_last=True)
+    seeds = [sd for x in list(a) + list(b) for _, sd in x]
+    assert len(set(seeds)) == len(seeds)
+
+
+def test_eval_count_exact_with_two_processes(tmp_path):
+    """13 validation images on 2 ranks with batch 4: the shards are 7 + 6, batches 4+3 and 4+2,
+    and the reduced count is exactly 13 (a padding sampler would report 14 or 16)."""
+    data = make_imagefolder(tmp_path / "data", {"train": {"a": 12, "b": 12}, "val": {"a": 6, "b": 7}})
+    out = tmp_path / "run"
+    r = run_train(["--arch", "resnet18", "--data", "imagefolder", "--data-dir", str(data),
+                   "--image-size", "32", "--batch-size", "4", "--epochs", "1", "--device", "cpu",
+                   "--no-progress", "--workers", "0", "--output-dir", str(out)], nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    evals = [x for x in read_metrics(out) if x["kind"] == "eval"]
+    assert [e["eval_samples"] for e in evals] == [13]
+    # train: 24 samples / 2 ranks = 12 each -> 3 steps of 4
+    assert [x["step"] for x in read_metrics(out) if x["kind"] == "train"][-1] == 3
