@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One node, no SLURM: all local GPUs with nccl, or NPROC CPU processes with gloo.
+#
+#   launch/local.sh --data imagefolder --data-dir /data/imagenet        # every visible GPU
+#   NPROC=2 launch/local.sh --data synthetic --arch resnet18 --max-steps 20   # CPU: 2 gloo ranks
+#
+# Environment (defaults): NPROC (GPUs visible, else 2), PYTHON (python3, or .venv/bin/python
+# when present), OMP_NUM_THREADS (CPU cores / NPROC). Extra arguments go to distres.train.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
+if [[ -z "${NPROC:-}" ]]; then
+  if (( gpus > 0 )); then NPROC=$gpus; else NPROC=2; fi
+fi
+# torchrun would set 1 thread per process; on CPU runs give each rank its share of the cores.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
+
+exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m distres.train "$@"
