@@ -221,6 +221,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         for name, value in values.items():
             f = FIELDS[name]
             choices = f.metadata.get("choices")
+            if choices and isinstance(value, bool):  # YAML 1.1 reads a bare on/off as a bool
+                value = "on" if value else "off"
             if choices and value not in choices:
                 raise UserError(f"{name}: {value!r} in --config {known.config} is not one of {', '.join(choices)}")
             if isinstance(f.default, bool):

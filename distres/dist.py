@@ -35,6 +35,12 @@ class DistContext:
     def distributed(self) -> bool:
         return self.backend is not None
 
+    @property
+    def cpus_per_rank(self) -> int:
+        """This process's share of the CPUs it may run on (affinity-aware: SLURM, taskset)."""
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return max(1, cpus // max(1, self.local_world_size))
+
 
 def _env_int(env: dict, *names: str, default: int) -> int:
     for name in names:

@@ -23,15 +23,10 @@ from distres import checkpoint, config, data, dist, engine, models, optim, track
 from distres.errors import EXIT_USER_ERROR, UserError, format_error
 
 
-def _cpus_per_rank(ctx: dist.DistContext) -> int:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cpus // ctx.local_world_size)
-
-
 def _set_performance_flags(cfg, ctx) -> None:
     if ctx.device.type == "cpu":
         # N ranks on one CPU node would otherwise each start one thread per core and thrash.
-        torch.set_num_threads(_cpus_per_rank(ctx))
+        torch.set_num_threads(ctx.cpus_per_rank)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
@@ -182,7 +177,7 @@ def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
                                         img_s=f"{rec['images_per_sec']:.0f}", refresh=False)
                     loss_sum.zero_()
                     n_since, wait, t_log = 0, 0.0, time.perf_counter()
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and s < steps_per_epoch - 1:
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and s < steps_here - 1:
                     save(epoch, s + 1)
             if bar is not None:
                 bar.close()

@@ -18,9 +18,10 @@ def test_defaults_and_flags():
 
 def test_yaml_sets_defaults_and_the_cli_overrides(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text("arch: resnet18\nbatch-size: 64\nlr: 0.5\nchannels_last: false\n")
+    f.write_text("arch: resnet18\nbatch-size: 64\nlr: 0.5\nchannels_last: false\ncifar_stem: off\n")
     cfg = parse_args(["--config", str(f), "--lr", "0.2"])
     assert (cfg.arch, cfg.batch_size, cfg.lr, cfg.channels_last) == ("resnet18", 64, 0.2, False)
+    assert cfg.cifar_stem == "off"  # a bare YAML off is a bool; it still means "off"
 
 
 def test_saved_config_round_trips(tmp_path):

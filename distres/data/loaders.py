@@ -8,7 +8,6 @@ model's memory format; labels int64. ``len()`` is the number of batches left in 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -108,14 +107,12 @@ class DataBundle:
     image_size: int
 
 
-def default_workers(local_world_size: int, device: torch.device) -> int:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    per_rank = max(1, cpus // max(1, local_world_size))
+def default_workers(cpus_per_rank: int, device: torch.device) -> int:
     if device.type == "cpu":
         # On a CPU run the same cores do the training maths: one worker decodes ahead while the
         # main process computes, more only steal cores from the matrix multiplies.
-        return 1 if per_rank <= 4 else per_rank // 4
-    return min(per_rank, 12)
+        return 1 if cpus_per_rank <= 4 else cpus_per_rank // 4
+    return min(cpus_per_rank, 12)
 
 
 def build(cfg, ctx, memory_format: torch.memory_format) -> DataBundle:
@@ -165,7 +162,7 @@ def build(cfg, ctx, memory_format: torch.memory_format) -> DataBundle:
 
 
 def _dataloader(dataset, sampler, cfg, ctx) -> Callable[[], Iterable]:
-    workers = cfg.workers if cfg.workers >= 0 else default_workers(ctx.local_world_size, ctx.device)
+    workers = cfg.workers if cfg.workers >= 0 else default_workers(ctx.cpus_per_rank, ctx.device)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=workers,
         pin_memory=ctx.device.type == "cuda",
