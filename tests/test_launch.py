@@ -1,11 +1,12 @@
 import os
 import subprocess
+import sys
 
 from conftest import REPO, TINY, read_metrics
 
 
 def test_local_launcher_runs_two_cpu_ranks(tmp_path):
-    env = dict(os.environ, NPROC="2", PYTHON=os.environ.get("PYTHON", "") or __import__("sys").executable)
+    env = dict(os.environ, NPROC="2", PYTHON=sys.executable)  # the interpreter running the tests
     out = tmp_path / "run"
     r = subprocess.run([str(REPO / "launch" / "local.sh"), *TINY, "--batch-size", "4",
                         "--synthetic-samples", "32", "--max-steps", "3", "--output-dir", str(out)],
