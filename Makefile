@@ -10,17 +10,21 @@ DATA_DIR ?= .cache/data/cifar10
 RUN_DIR ?= runs/cifar10-cpu-$(shell date +%Y%m%d-%H%M%S)
 ARGS ?=
 
-.PHONY: setup test train clean
+.PHONY: setup sysdeps test train clean
 
 setup: $(VENV)/.installed
+
+# ffmpeg and a local SLURM (Debian packages) for the tests; a no-op when present or not root.
+sysdeps:
+	@bash tools/system-deps.sh
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,dali]'
 	touch $@
 
-test: setup
+test: setup sysdeps
 	$(PY) -m pytest -q tests
 
 # CIFAR-10 JPEGs unpacked once from the local tarball; without it the run uses synthetic data.

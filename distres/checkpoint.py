@@ -110,8 +110,19 @@ def rng_state() -> dict:
         "python": random.getstate(),
         "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # This rank's GPU only (dist.init made it the current device): the job may resume on
+        # nodes where each process sees a different number of GPUs.
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else [],
     }
+
+
+def rank_rng(state: dict, rank: int) -> dict:
+    """This rank's saved RNG state. Format 1 held rank 0's only; a job resumed on more
+    processes than it was saved from gives the extra ranks the last saved rank's state."""
+    rng = state["rng"]
+    if isinstance(rng, dict):
+        return rng
+    return rng[min(rank, len(rng) - 1)]
 
 
 def set_rng_state(state: dict) -> None:
@@ -120,7 +131,7 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"][0])
 
 
 def _tuples(x):

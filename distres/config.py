@@ -20,7 +20,7 @@ from distres.errors import UserError
 
 ARCHS = ("resnet50", "resnext50_32x4d", "resnet18")
 DATASETS = ("cifar10", "imagefolder", "synthetic")
-BACKENDS = ("auto", "torch", "synthetic")
+BACKENDS = ("auto", "torch", "gpu", "dali", "synthetic")
 
 
 def opt(default: Any, help: str, **kw: Any) -> Any:
@@ -49,11 +49,16 @@ class TrainConfig:
         None, "data folder; cifar10: holds cifar-10-batches-py/ or train/ + test/ JPEG folders "
         "(default ~/.cache/distres/cifar10); imagefolder: holds train/ and val/ (or test/)",
         group="data")
-    data_backend: str = opt("auto", "input pipeline; auto: synthetic for --data synthetic, else torch",
-                            choices=BACKENDS, group="data")
+    data_backend: str = opt(
+        "auto", "input pipeline: torch (DataLoader workers), gpu (whole data set in device memory, "
+        "images <= 64 px), dali (NVIDIA DALI, pip install -e '.[dali]'), synthetic; auto: synthetic "
+        "for --data synthetic, gpu for cifar10 on a CUDA device, else torch", choices=BACKENDS, group="data")
     image_size: int = opt(0, "training crop size; 0: 32 for cifar10, 224 otherwise", group="data")
-    workers: int = opt(-1, "DataLoader worker processes per rank; -1: from the CPUs available",
-                       group="data")
+    workers: int = opt(-1, "per rank: DataLoader worker processes (torch) or DALI threads (dali); "
+                       "-1: from the CPUs available", group="data")
+    on_bad_sample: str = opt("skip", "an image that cannot be decoded: skip it (named once in the log, "
+                             "counted as bad_samples in metrics.jsonl) or fail (stop, naming the file)",
+                             choices=("skip", "fail"), group="data")
     synthetic_classes: int = opt(1000, "number of classes of --data synthetic", group="data")
     synthetic_samples: int = opt(4096, "samples per epoch of --data synthetic (train)", group="data")
 
@@ -95,8 +100,10 @@ class TrainConfig:
     log_every: int = opt(50, "log (and reduce metrics across ranks) every N steps", group="run")
     eval_every: int = opt(1, "evaluate every N epochs (0: only at the end)", group="run")
     progress: bool = opt(True, "progress bar on rank 0", group="run")
-    wandb: str = opt("disabled", "Weights & Biases logging (rank 0 only)",
-                     choices=("online", "offline", "disabled"), group="run")
+    wandb: str = opt("auto", "Weights & Biases logging, one run per job from rank 0, files under "
+                     "OUTPUT_DIR/wandb; auto: WANDB_MODE if set, else online when an API key is configured "
+                     "(WANDB_API_KEY or ~/.netrc), else offline", choices=("auto", "online", "offline", "disabled"),
+                     group="run")
 
     # --- distributed
     device: str = opt("auto", "training device; auto: cuda when available", choices=("auto", "cpu", "cuda"),
@@ -105,6 +112,10 @@ class TrainConfig:
                             choices=("auto", "nccl", "gloo"), group="dist")
     bucket_cap_mb: float = opt(25.0, "DDP gradient bucket size in MB", group="dist")
     static_graph: bool = opt(False, "DDP static_graph (same graph every step)", group="dist")
+    bench_comm_probe: bool = opt(
+        False, "benchmark only (benchmarks/scaling.py): every other log window skips the gradient "
+        "all-reduce (DDP no_sync) to measure the exposed communication time; the ranks' weights "
+        "drift apart, so never for real training", group="dist")
 
     def validate(self) -> "TrainConfig":
         positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from distres.errors import UserError
+from distres.errors import RankError, UserError
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ class DistContext:
     local_world_size: int
     device: torch.device
     backend: str | None  # None: single process, no process group
+    restart: int = 0  # > 0: torchrun restarted the workers or SLURM requeued the job
 
     @property
     def is_main(self) -> bool:
@@ -67,6 +68,13 @@ def launch_info(env: dict | None = None) -> tuple[int, int, int, int]:
     return rank, local_rank, world, local_world
 
 
+def restart_count(env: dict | None = None) -> int:
+    """How often the launcher has started this job before: torchrun's worker-group restarts
+    (--max-restarts) or SLURM's requeues. A restarted job must resume, not start over."""
+    env = os.environ if env is None else env
+    return _env_int(env, "TORCHELASTIC_RESTART_COUNT", default=0) + _env_int(env, "SLURM_RESTART_COUNT", default=0)
+
+
 def rank_from_env() -> int:
     """The global rank without initialising anything (for deciding who prints an error)."""
     return launch_info()[0]
@@ -80,7 +88,7 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
             raise UserError("--device cuda was requested but no CUDA GPU is visible; use --device cpu")
         n = torch.cuda.device_count()
         if local_rank >= n:
-            raise UserError(
+            raise RankError(
                 f"local rank {local_rank} has no GPU (only {n} visible); "
                 f"launch at most {n} processes per node (torchrun --nproc_per_node {n})"
             )
@@ -96,8 +104,9 @@ def init(device: str = "auto", backend: str = "auto", timeout_s: int = 1800) -> 
     dev = resolve_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+    restart = restart_count()
     if world == 1:
-        return DistContext(rank, local_rank, world, local_world, dev, None)
+        return DistContext(rank, local_rank, world, local_world, dev, None, restart)
     if backend == "auto":
         backend = "nccl" if dev.type == "cuda" else "gloo"
     if backend == "nccl" and dev.type != "cuda":
@@ -110,16 +119,23 @@ def init(device: str = "auto", backend: str = "auto", timeout_s: int = 1800) -> 
         )
     os.environ.setdefault("RANK", str(rank))
     os.environ.setdefault("WORLD_SIZE", str(world))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+    # After torchrun restarts the workers (--max-restarts) they meet in the same store again, where
+    # the previous attempt's gloo addresses are still listed: a rank that starts before its
+    # peers would connect to a dead process. A key prefix per attempt keeps each attempt apart.
+    store = dist.PrefixStore(f"distres/attempt_{restart}", store)
     dist.init_process_group(
         backend=backend,
+        store=store,
         rank=rank,
         world_size=world,
-        timeout=datetime.timedelta(seconds=timeout_s),
+        timeout=timeout,
         # Binding the device lets NCCL set up its communicator eagerly and avoids the
         # "guessing device ID" warning; gloo ignores it.
         **({"device_id": dev} if dev.type == "cuda" else {}),
     )
-    return DistContext(rank, local_rank, world, local_world, dev, backend)
+    return DistContext(rank, local_rank, world, local_world, dev, backend, restart)
 
 
 def teardown() -> None:
@@ -136,6 +152,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def gather_objects(obj) -> list:
+    """Every rank's obj, in rank order, on every rank ([obj] for a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier() -> None:

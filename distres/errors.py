@@ -10,7 +10,20 @@ class UserError(Exception):
     """A problem with the user's input; the message names the problem and the fix."""
 
 
+class RankError(UserError):
+    """A UserError that only some ranks may meet (a bad file in their shard, a missing GPU).
+    Errors every rank meets are printed by rank 0 alone; these by the rank that raises them,
+    or the user would see only the launcher's "child failed"."""
+
+
 EXIT_USER_ERROR = 2
+# EX_TEMPFAIL from sysexits.h: "try again later". A SIGTERM/SIGUSR1 stopped the run after a
+# checkpoint; slurm/train.sbatch turns this status into `scontrol requeue`.
+EXIT_PREEMPTED = 75
+
+
+class Preempted(Exception):
+    """Raised on every rank once all ranks agreed to stop on a signal and the checkpoint is saved."""
 
 
 def format_error(err: BaseException) -> str:

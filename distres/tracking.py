@@ -1,17 +1,22 @@
 """Where metrics go. Only rank 0 writes; other ranks get the do-nothing base logger.
 
-``metrics.jsonl`` is always written (one JSON object per log step and per evaluation);
-Weights & Biases is optional and imported lazily.
+``metrics.jsonl`` is always written (one JSON object per log step, evaluation and epoch);
+Weights & Biases is imported lazily, and its trouble is a warning, never a failed run.
 """
 
 from __future__ import annotations
 
+import configparser
 import json
 import math
+import netrc
 import os
+import secrets
+import string
 import sys
 import warnings
 from pathlib import Path
+from urllib.parse import urlparse
 
 
 class Logger:
@@ -51,27 +56,122 @@ class JsonlLogger(Logger):
         self._f.close()
 
 
-class WandbLogger(Logger):
-    def __init__(self, mode: str, output_dir: Path, config: dict, run_name: str):
+# W&B's own modes; "auto" resolves to one of them (resolve_wandb_mode).
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+def _wandb_settings_base_url(env) -> str | None:
+    # wandb's settings file (written by `wandb login --host`) may point at a private server.
+    path = Path(env.get("WANDB_CONFIG_DIR") or Path.home() / ".config" / "wandb") / "settings"
+    parser = configparser.ConfigParser()
+    try:
+        parser.read(path)
+        return parser.get("default", "base_url", fallback=None)
+    except (configparser.Error, OSError):
+        return None
+
+
+def wandb_base_url(env=None) -> str:
+    env = os.environ if env is None else env
+    return env.get("WANDB_BASE_URL") or _wandb_settings_base_url(env) or "https://api.wandb.ai"
+
+
+def wandb_key_configured(env=None) -> bool:
+    """True when W&B would find an API key without asking: WANDB_API_KEY, or a netrc entry for
+    the W&B host (what `wandb login` writes). Reads files only; never prompts or connects."""
+    env = os.environ if env is None else env
+    if env.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(wandb_base_url(env)).hostname or ""
+    path = Path(env.get("NETRC") or Path(env.get("HOME") or Path.home()) / ".netrc")
+    try:
+        return netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_wandb_mode(requested: str, env=None) -> tuple[str, str | None]:
+    """(mode, note): auto follows WANDB_MODE if set, else online with an API key, else offline.
+    Online without a key would make wandb prompt for one; it becomes offline with a note."""
+    env = os.environ if env is None else env
+    mode = requested
+    if mode == "auto":
+        aliases = {"dryrun": "offline", "run": "online"}
+        mode = aliases.get(env.get("WANDB_MODE", ""), env.get("WANDB_MODE", ""))
+        if mode not in WANDB_MODES:
+            mode = "online" if wandb_key_configured(env) else "offline"
+    if mode == "online" and not wandb_key_configured(env):
+        return "offline", ("W&B: no API key (WANDB_API_KEY or a ~/.netrc entry from `wandb login`); "
+                           "logging offline, upload later with `wandb sync`")
+    return mode, None
+
+
+def _new_run_id() -> str:
+    # W&B's own id format: 8 characters of lowercase letters and digits.
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
+def open_wandb_run(requested: str, output_dir: Path, config: dict, name: str, *, resume: bool,
+                   job_type: str = "train"):
+    """A W&B run whose every file lies under ``output_dir/wandb``, or None.
+
+    The run id is kept in ``output_dir/wandb/run-id``: a resumed run (a requeued SLURM job,
+    ``--resume``) continues the same W&B run. Any W&B failure is a warning, never an error:
+    online trouble falls back to offline, and offline trouble to no W&B at all.
+    """
+    mode, note = resolve_wandb_mode(requested)
+    if note:
+        warnings.warn(note, stacklevel=2)
+    if mode == "disabled":
+        return None
+    base_url = wandb_base_url()  # read before WANDB_CONFIG_DIR moves under the output dir
+    try:
         wdir = output_dir / "wandb"
-        wdir.mkdir(parents=True, exist_ok=True)
         for var, sub in (("WANDB_DIR", ""), ("WANDB_CACHE_DIR", "cache"),
                          ("WANDB_CONFIG_DIR", "config"), ("WANDB_DATA_DIR", "data")):
-            os.environ.setdefault(var, str(wdir / sub))
-        self.run = None
+            (wdir / sub).mkdir(parents=True, exist_ok=True)
+            os.environ[var] = str(wdir / sub)
+        import wandb
+
+        id_file = wdir / "run-id"
+        run_id = id_file.read_text().strip() if resume and id_file.is_file() else _new_run_id()
+        id_file.write_text(run_id + "\n")
+    except Exception as e:
+        warnings.warn(f"W&B disabled: {type(e).__name__}: {e}", stacklevel=2)
+        return None
+    for attempt in (mode, "offline") if mode == "online" else (mode,):
         try:
-            import wandb
-            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "distres"), mode=mode,
-                                  dir=str(output_dir), config=config, name=run_name)
-        except Exception as e:  # W&B trouble never stops a training run
-            warnings.warn(f"W&B disabled: {type(e).__name__}: {e}", stacklevel=2)
+            return wandb.init(project=os.environ.get("WANDB_PROJECT", "distres"), mode=attempt,
+                              dir=str(output_dir), config=config, name=name, id=run_id, resume="allow",
+                              job_type=job_type,
+                              settings=wandb.Settings(init_timeout=90, base_url=base_url))
+        except Exception as e:
+            warnings.warn(f"W&B {attempt} start failed ({type(e).__name__}: {e})"
+                          + ("; trying offline" if attempt == "online" else "; continuing without W&B"),
+                          stacklevel=2)
+    return None
+
+
+class WandbLogger(Logger):
+    """Rank 0's records into one W&B run: train/*, eval/* and perf/* (epoch records)
+    history rows at the optimizer step, with ``epoch`` as a plain column."""
+
+    PREFIX = {"train": "train", "eval": "eval", "epoch": "perf"}
+
+    def __init__(self, mode: str, output_dir: Path, config: dict, run_name: str, resume: bool):
+        self.run = open_wandb_run(mode, output_dir, config, run_name, resume=resume)
 
     def log(self, record: dict) -> None:
-        if self.run is not None:
-            try:
-                self.run.log({k: v for k, v in record.items() if v is not None}, step=record.get("step"))
-            except Exception as e:
-                warnings.warn(f"W&B log failed: {e}", stacklevel=2)
+        if self.run is None:
+            return
+        prefix = self.PREFIX.get(record.get("kind"), "other")
+        row = {(k if k == "epoch" else f"{prefix}/{k}"): v for k, v in record.items()
+               if k not in ("kind", "step") and v is not None}
+        try:
+            self.run.log(row, step=record.get("step"))
+        except Exception as e:
+            warnings.warn(f"W&B log failed, no more W&B logging for this run: {e}", stacklevel=2)
+            self.run = None
 
     def close(self) -> None:
         if self.run is not None:
@@ -94,12 +194,16 @@ class MultiLogger(Logger):
             lg.close()
 
 
-def build(cfg, is_main: bool, output_dir: Path, resume_step: int | None) -> Logger:
+def build(cfg, is_main: bool, output_dir: Path, resume_step: int | None,
+          run_info: dict | None = None) -> Logger:
+    """metrics.jsonl (+ W&B) on rank 0, the no-op Logger elsewhere: one W&B run per job.
+    ``run_info`` (world size, device, ...) joins the resolved config in W&B's config."""
     if not is_main:
         return Logger()
     loggers: list[Logger] = [JsonlLogger(output_dir / "metrics.jsonl", resume_step)]
     if cfg.wandb != "disabled":
-        loggers.append(WandbLogger(cfg.wandb, output_dir, cfg.to_dict(), output_dir.name))
+        loggers.append(WandbLogger(cfg.wandb, output_dir, {**cfg.to_dict(), **(run_info or {})},
+                                   output_dir.name, resume=resume_step is not None))
     return MultiLogger(loggers)
 
 

@@ -5,14 +5,18 @@ world-th element starting at its rank, so the shards are disjoint and their unio
 with no padding duplicates (DistributedSampler pads, which double-counts in evaluation).
 
 Each sample also gets its own augmentation seed from (seed, epoch, index). Augmentation then
-does not depend on which worker process or which resumed run decodes it.
+does not depend on which backend, worker process or resumed run processes it.
 """
 
 from __future__ import annotations
 
+from typing import Iterator
+
+import numpy as np
 import torch
 
 _MIX = 1_000_003  # a prime spreading (seed, epoch) over distinct generator seeds
+_MASK63 = 0x7FFF_FFFF_FFFF_FFFF
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
@@ -29,7 +33,13 @@ def shard(num_samples: int, rank: int, world: int, seed: int = 0, epoch: int = 0
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
-    return ((seed * _MIX + epoch) * 1_000_000_007 + index) & 0x7FFF_FFFF_FFFF_FFFF
+    return ((seed * _MIX + epoch) * 1_000_000_007 + index) & _MASK63
+
+
+def sample_seeds(seed: int, epoch: int, indices: np.ndarray) -> np.ndarray:
+    """``sample_seed`` for an array of indices at once (uint64), for the batched backends."""
+    base = np.uint64(((seed * _MIX + epoch) * 1_000_000_007) & _MASK63)
+    return (np.asarray(indices, dtype=np.uint64) + base) & np.uint64(_MASK63)
 
 
 def train_batches_per_epoch(num_samples: int, world: int, batch_size: int) -> int:
@@ -65,8 +75,14 @@ class ShardSampler(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return max(0, self.num_batches() - self.start_batch)
 
-    def __iter__(self):
-        idx = shard(self.num_samples, self.rank, self.world, self.seed, self.epoch, self.shuffle)
+    def index_batches(self, start: int | None = None) -> Iterator[np.ndarray]:
+        """This epoch's batches from ``start`` (default: the resume point) as arrays of sample
+        indices."""
+        idx = epoch_order(self.num_samples, self.seed, self.epoch, self.shuffle)[self.rank::self.world].numpy()
         b = self.batch_size
-        for i in range(self.start_batch, self.num_batches()):
-            yield [(j, sample_seed(self.seed, self.epoch, j)) for j in idx[i * b:(i + 1) * b]]
+        for i in range(self.start_batch if start is None else start, self.num_batches()):
+            yield idx[i * b:(i + 1) * b]
+
+    def __iter__(self):
+        for batch in self.index_batches():
+            yield list(zip(batch.tolist(), sample_seeds(self.seed, self.epoch, batch).tolist()))

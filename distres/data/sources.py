@@ -1,5 +1,6 @@
 """Where samples come from: an ImageFolder tree of image files, or in-memory uint8 arrays
-(the torchvision CIFAR-10 files). Both hand out (uint8 CHW tensor, int label) by index."""
+(the torchvision CIFAR-10 files). Both hand out (uint8 CHW tensor, int label) by index and a
+name for the log; a broken file raises one of ``decode.DECODE_ERRORS``."""
 
 from __future__ import annotations
 
@@ -8,20 +9,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_image, read_file
 
+from distres.data import decode
+from distres.data.formats import CIFAR10_CLASSES, IMAGE_EXTENSIONS
 from distres.errors import UserError
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
-                   "dog", "frog", "horse", "ship", "truck")
 
 
 class FolderSource:
-    """root/<class>/<image>; classes sorted by name, as torchvision's ImageFolder does."""
+    """root/<class>/<image>; classes sorted by name, as torchvision's ImageFolder does.
 
-    def __init__(self, root: Path, classes: list[str] | None = None):
-        self.root = root
+    ``classes`` given (a validation split) uses the training split's classes; a class folder
+    without images is then only noted, while in the training split it is an error (its label
+    would exist with nothing to learn it from)."""
+
+    def __init__(self, root: Path, classes: list[str] | None = None, decoder: str = "torchvision"):
+        self.root, self.decoder = root, decode.DECODERS[decoder]
         if not root.is_dir():
             raise UserError(f"data folder {root} does not exist; check --data-dir")
         found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
@@ -29,36 +31,55 @@ class FolderSource:
         if not self.classes:
             raise UserError(f"{root} has no class sub-folders; expected {root}/<class>/<image>.jpg")
         self.paths: list[str] = []
+        self.notes: list[str] = []  # printed once by the caller (rank 0)
         labels: list[int] = []
+        empty: list[str] = []
+        ignored: list[str] = []
         for label, name in enumerate(self.classes):
             folder = root / name
-            files = sorted(e.path for e in os.scandir(folder)
-                           if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)) \
+            entries = [e for e in os.scandir(folder) if e.is_file() and not e.name.startswith(".")] \
                 if folder.is_dir() else []
+            files = sorted(e.path for e in entries if e.name.lower().endswith(IMAGE_EXTENSIONS))
+            ignored += sorted(e.path for e in entries if not e.name.lower().endswith(IMAGE_EXTENSIONS))
+            if not files:
+                empty.append(name)
             self.paths += files
             labels += [label] * len(files)
         if not self.paths:
             raise UserError(f"{root} holds no image files ({', '.join(IMAGE_EXTENSIONS)}); check --data-dir")
+        if empty and classes is None:
+            raise UserError(f"class folder(s) {', '.join(empty[:5])} in {root} hold no image files; "
+                            "add images or remove the empty folder(s)")
+        if empty:
+            self.notes.append(f"distres: note: {root} has no images of class(es) {', '.join(empty[:5])}")
+        if ignored:
+            self.notes.append(f"distres: note: ignored {len(ignored)} non-image file(s) in {root} "
+                              f"(e.g. {ignored[0]}); images end in {', '.join(IMAGE_EXTENSIONS)}")
         self.labels = torch.tensor(labels, dtype=torch.int64)
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def name(self, i: int) -> str:
+        return self.paths[i]
+
     def load(self, i: int) -> tuple[torch.Tensor, int]:
-        img = decode_image(read_file(self.paths[i]), mode=ImageReadMode.RGB)
-        return img, int(self.labels[i])
+        return self.decoder(self.paths[i]), int(self.labels[i])
 
 
 class ArraySource:
     """uint8 images held in memory as N x H x W x C (the layout of the CIFAR-10 pickles)."""
 
-    def __init__(self, images: np.ndarray, labels, classes: list[str]):
+    def __init__(self, images: np.ndarray, labels, classes: list[str], name: str = "cifar10"):
         self.images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
         self.labels = torch.as_tensor(labels, dtype=torch.int64)
-        self.classes = classes
+        self.classes, self._name, self.notes = classes, name, []
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def name(self, i: int) -> str:
+        return f"{self._name}[{i}]"
 
     def load(self, i: int) -> tuple[torch.Tensor, int]:
         return self.images[i], int(self.labels[i])
@@ -92,7 +113,8 @@ def cifar10_splits(root: Path, download: bool) -> tuple:
     splits = []
     for train in (True, False):
         ds = CIFAR10(str(root), train=train, download=False)
-        splits.append(ArraySource(ds.data, ds.targets, list(CIFAR10_CLASSES)))
+        splits.append(ArraySource(ds.data, ds.targets, list(CIFAR10_CLASSES),
+                                  name=f"cifar10-{'train' if train else 'test'}"))
     return tuple(splits)
 
 

@@ -1,73 +1,156 @@
-"""Augmentation on uint8 CHW tensors, driven by an explicit per-sample generator.
+"""Augmentation: where the random numbers come from, and the crops on uint8 CHW tensors.
+
+The random parameters of every sample (crop box, flip) are a pure function of its
+augmentation seed from ``sharding.sample_seeds``, computed for a whole batch at once with
+numpy. The torch, gpu and dali backends all draw them here, so for the same (seed, epoch,
+index) they cut the same box; a resumed run draws exactly what the uninterrupted one did.
 
 Working on uint8 keeps worker-to-trainer traffic at a quarter of float32; the conversion to
-float and the normalisation happen on the training device (see ``to_device``).
+float and the normalisation happen on the training device (see ``loaders.Normalize``).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 EVAL_CROP_RATIO = 0.875  # resize 256 -> centre crop 224
+SMALL_IMAGES = 64  # at or below this size: CIFAR-style pad-crop-flip instead of RandomResizedCrop
+RRC_SCALE, RRC_RATIO, RRC_ATTEMPTS = (0.08, 1.0), (3 / 4, 4 / 3), 10
 
 
-def _uniform(g: torch.Generator, lo: float, hi: float) -> float:
-    return lo + (hi - lo) * torch.rand((), generator=g).item()
+def uniforms(seeds: np.ndarray, n: int) -> np.ndarray:
+    """(len(seeds), n) floats in [0, 1): n independent streams of each sample seed.
+
+    splitmix64 of (seed, stream) is a counter-based generator: no state to carry between
+    samples, and fast to vectorise (uint64 arithmetic wraps, as the hash expects)."""
+    z = np.asarray(seeds, dtype=np.uint64)[:, None] * np.uint64(n) + np.arange(n, dtype=np.uint64)
+    z = (z + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
 
 
-def _maybe_flip(img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    return img.flip(-1) if torch.rand((), generator=g).item() < 0.5 else img
+@dataclass
+class Boxes:
+    """Per-sample crop windows in source pixels (int64 arrays) and horizontal flips.
+
+    A window may reach past the image (pad-crop): the outside is zero."""
+
+    top: np.ndarray
+    left: np.ndarray
+    height: np.ndarray
+    width: np.ndarray
+    flip: np.ndarray
+
+    def __getitem__(self, i: int) -> tuple[int, int, int, int, bool]:
+        return (int(self.top[i]), int(self.left[i]), int(self.height[i]), int(self.width[i]),
+                bool(self.flip[i]))
 
 
-def pad_crop_flip(img: torch.Tensor, g: torch.Generator, size: int, pad: int = 4) -> torch.Tensor:
-    """CIFAR training augmentation: zero-pad, random crop back to size, horizontal flip."""
-    img = TF.pad(img, [pad]) if pad else img
-    h, w = img.shape[-2:]
-    top = int(torch.randint(0, h - size + 1, (), generator=g))
-    left = int(torch.randint(0, w - size + 1, (), generator=g))
-    return _maybe_flip(img[..., top:top + size, left:left + size], g)
+def pad_crop_boxes(seeds: np.ndarray, size: int, pad: int) -> Boxes:
+    """CIFAR training augmentation on a size x size image: zero-pad, random crop, flip."""
+    u = uniforms(seeds, 3)
+    offsets = np.floor(u[:, :2] * (2 * pad + 1)).astype(np.int64) - pad
+    full = np.full(len(u), size, dtype=np.int64)
+    return Boxes(offsets[:, 0], offsets[:, 1], full, full.copy(), u[:, 2] < 0.5)
 
 
-def random_resized_crop_flip(img: torch.Tensor, g: torch.Generator, size: int,
-                             scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
-    """ImageNet training augmentation (torchvision's RandomResizedCrop sampling) + flip."""
-    h, w = img.shape[-2:]
-    area = h * w
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * _uniform(g, *scale)
-        aspect = math.exp(_uniform(g, *log_ratio))
-        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
-        if 0 < cw <= w and 0 < ch <= h:
-            top = int(torch.randint(0, h - ch + 1, (), generator=g))
-            left = int(torch.randint(0, w - cw + 1, (), generator=g))
-            break
-    else:  # fall back to a centre crop at the nearest allowed aspect ratio
-        in_ratio = w / h
-        if in_ratio < ratio[0]:
-            cw, ch = w, round(w / ratio[0])
-        elif in_ratio > ratio[1]:
-            ch, cw = h, round(h * ratio[1])
-        else:
-            cw, ch = w, h
-        top, left = (h - ch) // 2, (w - cw) // 2
-    img = TF.resized_crop(img, top, left, ch, cw, [size, size], antialias=True)
-    return _maybe_flip(img, g)
+def rrc_boxes(seeds: np.ndarray, heights: np.ndarray, widths: np.ndarray) -> Boxes:
+    """ImageNet training augmentation: torchvision's RandomResizedCrop sampling (10 attempts
+    at a random area and aspect ratio, else a centre crop) for a batch, + flip."""
+    h = np.asarray(heights, dtype=np.float64)[:, None]
+    w = np.asarray(widths, dtype=np.float64)[:, None]
+    u = uniforms(seeds, 4 * RRC_ATTEMPTS + 1)
+    us, ur, ut, ul = (u[:, k * RRC_ATTEMPTS:(k + 1) * RRC_ATTEMPTS] for k in range(4))
+    target = h * w * (RRC_SCALE[0] + (RRC_SCALE[1] - RRC_SCALE[0]) * us)
+    lo, hi = math.log(RRC_RATIO[0]), math.log(RRC_RATIO[1])
+    aspect = np.exp(lo + (hi - lo) * ur)
+    cw, ch = np.rint(np.sqrt(target * aspect)), np.rint(np.sqrt(target / aspect))
+    ok = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+    pick = ok.argmax(axis=1)[:, None]  # the first attempt that fits
+    cw, ch = np.take_along_axis(cw, pick, 1), np.take_along_axis(ch, pick, 1)
+    top = np.floor(np.take_along_axis(ut, pick, 1) * (h - ch + 1))
+    left = np.floor(np.take_along_axis(ul, pick, 1) * (w - cw + 1))
+    # No attempt fitted: a centre crop at the nearest allowed aspect ratio (as torchvision).
+    ratio = w / h
+    fw = np.where(ratio < RRC_RATIO[0], w, np.where(ratio > RRC_RATIO[1], np.rint(h * RRC_RATIO[1]), w))
+    fh = np.where(ratio < RRC_RATIO[0], np.rint(w / RRC_RATIO[0]), h)
+    found = ok.any(axis=1, keepdims=True)
+    cw, ch = np.where(found, cw, fw), np.where(found, ch, fh)
+    top = np.where(found, top, (h - ch) // 2)
+    left = np.where(found, left, (w - cw) // 2)
+    as_int = (lambda a: a[:, 0].astype(np.int64))
+    return Boxes(as_int(top), as_int(left), as_int(ch), as_int(cw), u[:, -1] < 0.5)
+
+
+def resized_crop_flip(img: torch.Tensor, box: tuple[int, int, int, int, bool], size: int) -> torch.Tensor:
+    """Cut one (RandomResizedCrop) box out of a CHW image, resize it to size x size, maybe flip."""
+    top, left, h, w, flip = box
+    img = TF.resized_crop(img, top, left, h, w, [size, size], antialias=True)
+    return img.flip(-1) if flip else img
+
+
+def gather_pad_crops(padded: torch.Tensor, index: torch.Tensor, boxes: Boxes, pad: int) -> torch.Tensor:
+    """The pad-crop boxes of a whole batch in one gather, on any device. ``padded`` is
+    N x H x W x C, every image already inside a ``pad``-pixel zero border; ``index`` picks the
+    batch's images. Returns B x S x S x C, the columns reversed for the flipped images."""
+    device, size = padded.device, int(boxes.height[0])
+    params = torch.from_numpy(np.stack([boxes.top, boxes.left, boxes.flip.astype(np.int64)]))
+    top, left, flip = params.to(device, non_blocking=True)
+    steps = torch.arange(size, device=device)
+    rows = (top + pad)[:, None] + steps  # B x S source rows
+    cols = (left + pad)[:, None] + steps
+    cols = torch.where(flip[:, None].bool(), cols.flip(1), cols)
+    return padded[index[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def pad_nhwc(images: torch.Tensor, pad: int) -> torch.Tensor:
+    """A zero border of ``pad`` pixels around N x H x W x C images."""
+    return torch.nn.functional.pad(images, (0, 0, pad, pad, pad, pad))
+
+
+def pad_for(size: int) -> int:
+    return max(1, size // 8)  # 4 px at CIFAR's 32
+
+
+def train_boxes(seeds: np.ndarray, sizes: np.ndarray, size: int) -> Boxes:
+    """The training boxes of a batch; ``sizes`` is (B, 2) of (height, width) of the images
+    the boxes apply to (for small images: after ``resize_center_crop``)."""
+    if size <= SMALL_IMAGES:
+        return pad_crop_boxes(seeds, size, pad_for(size))
+    return rrc_boxes(seeds, sizes[:, 0], sizes[:, 1])
+
+
+def eval_size(size: int) -> int:
+    """Evaluation resizes the shorter side to this, then centre-crops size."""
+    return size if size <= SMALL_IMAGES else round(size / EVAL_CROP_RATIO)
+
+
+def fit_geometry(sizes: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """What ``resize_center_crop`` does to images of these (height, width) rows, as numbers
+    (for backends that cannot call it): the resized (height, width), with torchvision's
+    rounding, and the centre crop's (top, left)."""
+    h, w = sizes[:, 0].astype(np.float64), sizes[:, 1].astype(np.float64)
+    s = eval_size(size)
+    new_long = (s * np.maximum(h, w) / np.minimum(h, w)).astype(np.int64)
+    new_h = np.where(w <= h, new_long, s)
+    new_w = np.where(w <= h, s, new_long)
+    top, left = np.round((new_h - size) / 2.0), np.round((new_w - size) / 2.0)  # half to even, as round()
+    return np.stack([new_h, new_w], 1), np.stack([top, left], 1).astype(np.int64)
 
 
 def resize_center_crop(img: torch.Tensor, size: int) -> torch.Tensor:
-    """Evaluation: shorter side to size / 0.875, centre crop size."""
-    img = TF.resize(img, [round(size / EVAL_CROP_RATIO)], antialias=True)
-    return TF.center_crop(img, [size, size])
-
-
-def fit(img: torch.Tensor, size: int) -> torch.Tensor:
-    """Evaluation for small images: only resize when the stored size differs."""
-    if img.shape[-2:] == (size, size):
+    """Evaluation (and gpu-backend storage): shorter side to ``eval_size``, centre crop size;
+    an image already size x size is left alone."""
+    if img.shape[-2:] == (size, size) and size <= SMALL_IMAGES:
         return img
-    return TF.center_crop(TF.resize(img, [size], antialias=True), [size, size])
+    img = TF.resize(img, [eval_size(size)], antialias=True)
+    return TF.center_crop(img, [size, size])

@@ -1,0 +1,185 @@
+"""The ``dali`` backend: NVIDIA DALI decodes, crops and normalises (optional extra:
+``pip install -e '.[dali]'``).
+
+With a GPU, the decoders (``fn.decoders.image``, and its region-of-interest form
+``fn.decoders.image_slice``) run on ``"mixed"`` (nvJPEG, the hardware decoder where the GPU has
+one) and every later stage on the GPU; without one the same pipeline runs on the CPU with
+``device_id=None``, which is how the tests run it. Training: each sample's box from
+``transforms`` (RandomResizedCrop: only the box is decoded, then ``fn.resize``; small images:
+resize and centre crop as in evaluation, then the pad-crop via ``fn.slice``), flip and
+normalisation in ``fn.crop_mirror_normalize``, straight into NHWC for channels_last.
+Evaluation: ``fn.resize`` to torchvision's sizes, centre crop with ``fn.slice``.
+
+Why an external source instead of ``fn.readers.file(shard_id=, num_shards=, random_shuffle=)``:
+DALI's reader shuffles with its own buffer and its augmentation ops draw from per-pipeline
+generators, so neither the order nor the crops can be restarted at a given batch. Here the
+host feeds DALI this rank's files in the ``ShardSampler``'s order together with each sample's
+box and flip, so the order, the crops, the per-rank sharding and the exact evaluation counts
+(the last batch is simply shorter: DALI takes variable batch sizes) are those of the other
+backends, and a resumed run continues at the batch it stopped at. It costs the host a file
+read and a JPEG header walk per image; measured on the 2-core CPU with 500x375 JPEGs it ran
+as fast as ``fn.readers.file`` with ``fn.random_resized_crop`` (``benchmarks/results/loaders-cpu.md``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from distres.data import transforms
+from distres.data.decode import DECODE_ERRORS, describe, decode_torchvision, image_size, read_bytes
+from distres.data.loaders import Loader, Spec, all_bad
+from distres.data.sharding import sample_seeds
+from distres.data.sources import FolderSource
+from distres.errors import UserError
+
+
+def import_dali():
+    try:
+        from nvidia import dali  # noqa: F401
+        from nvidia.dali import fn, types
+    except ImportError:
+        raise UserError("--data-backend dali needs NVIDIA DALI, which is not installed; "
+                        "pip install -e '.[dali]' (or use --data-backend torch)") from None
+    return dali.Pipeline, fn, types
+
+
+class _Feed:
+    """DALI's external source for one pass over this epoch from batch ``start``: file bytes,
+    labels and (training) each sample's box and flip, one batch per call."""
+
+    def __init__(self, loader: "DaliLoader", start: int):
+        self.loader, self.batch = loader, start
+        self.batches = loader.sampler.index_batches(start)
+        self.files: dict[int, list[str]] = {}  # batch number -> the paths it fed
+        self.bad: dict[int, list[tuple[str, str]]] = {}
+
+    def __call__(self):
+        idx = next(self.batches)  # StopIteration ends DALI's epoch
+        ld, k = self.loader, self.batch
+        self.batch += 1
+        datas, kept, sizes, bad = [], [], [], []
+        for i in idx.tolist():
+            path = ld.source.paths[i]
+            reason = ld.known_bad.get(path)
+            if reason is None:
+                try:
+                    data = read_bytes(path)
+                    hw = image_size(data)
+                    reason = None if hw else "not a complete image file"
+                except OSError as e:
+                    reason = describe(e)
+            if reason is not None:
+                bad.append((path, reason))
+                continue
+            datas.append(np.frombuffer(data, dtype=np.uint8))
+            kept.append(i)
+            sizes.append(hw)
+        self.files[k], self.bad[k] = [ld.source.paths[i] for i in kept], bad
+        if not datas:
+            raise all_bad(bad, len(idx))
+        kept, sizes = np.array(kept), np.array(sizes)
+        out = [datas, ld.source.labels[kept].numpy()]
+        if not ld.random_resized_crop:
+            resized, anchor = transforms.fit_geometry(sizes, ld.size)
+            out += [resized.astype(np.float32), anchor.astype(np.int32)]
+        if ld.train:
+            boxes = transforms.train_boxes(sample_seeds(ld.sampler.seed, ld.sampler.epoch, kept), sizes, ld.size)
+            out += [np.stack([boxes.top, boxes.left], 1).astype(np.int32),
+                    np.stack([boxes.height, boxes.width], 1).astype(np.int32), boxes.flip.astype(np.int32)]
+        return out
+
+
+class DaliLoader(Loader):
+    def __init__(self, spec: Spec):
+        self.Pipeline, self.fn, self.types = import_dali()
+        if not isinstance(spec.source, FolderSource):
+            raise UserError("--data-backend dali reads image files; write them with "
+                            "`python -m distres.prepare cifar10 SRC DST` and pass --data-dir DST")
+        super().__init__(spec.sampler(len(spec.source)), len(spec.source), spec.norm.device, spec.bad)
+        self.source, self.train, self.size, self.norm = spec.source, spec.train, spec.image_size, spec.norm
+        self.batch_size, self.threads = spec.batch_size, max(1, spec.workers)
+        self.hwc = spec.norm.memory_format == torch.channels_last
+        self.random_resized_crop = self.train and self.size > transforms.SMALL_IMAGES
+        self.known_bad: dict[str, str] = {}  # files DALI failed on, found by re-decoding them
+
+    def _pipeline(self, feed: _Feed):
+        fn, types = self.fn, self.types
+        gpu = self.device.type == "cuda"
+        device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) \
+            if gpu else None  # None: DALI's CPU-only mode, no CUDA needed
+        pipe = self.Pipeline(batch_size=self.batch_size, num_threads=self.threads, device_id=device_id,
+                             prefetch_queue_depth=2)
+        size = [self.size, self.size]
+        outputs = 2 + 2 * (not self.random_resized_crop) + 3 * self.train
+        with pipe:
+            jpegs, labels, *geometry = fn.external_source(source=feed, num_outputs=outputs, batch=True)
+            decoder = {"device": "mixed" if gpu else "cpu", "output_type": types.RGB}
+            mirror = geometry[-1] if self.train else 0
+            if self.random_resized_crop:
+                # Decode only the box (libjpeg-turbo and nvJPEG skip the rest: the boxes average
+                # half the image), then resize it to size x size.
+                images = fn.decoders.image_slice(jpegs, geometry[0], geometry[1], axis_names="HW",
+                                                 normalized_anchor=False, normalized_shape=False, **decoder)
+                images = fn.resize(images, size=size, antialias=True)
+            else:  # resize_center_crop, with torchvision's sizes and rounding from the host
+                images = fn.decoders.image(jpegs, **decoder)
+                resized, anchor = geometry[:2]
+                images = fn.resize(images, size=resized, antialias=True)
+                images = fn.slice(images, start=anchor, shape=size, axis_names="HW")
+                if self.train:  # then the small-image pad-crop box, zero outside the image
+                    images = fn.slice(images, start=geometry[2], shape=geometry[3], axis_names="HW",
+                                      out_of_bounds_policy="pad", fill_values=0)
+            images = fn.crop_mirror_normalize(
+                images, mirror=mirror, mean=self.norm.mean_255, std=self.norm.std_255,
+                dtype=types.FLOAT, output_layout="HWC" if self.hwc else "CHW")
+            pipe.set_outputs(images, labels)
+        pipe.build()
+        return pipe
+
+    def _batches(self):
+        # A pipeline per pass: it builds in milliseconds, and a fresh one never holds batches
+        # it prefetched for another epoch or position (an epoch cut short by --max-steps).
+        k = self.sampler.start_batch
+        while k < self.sampler.num_batches():
+            feed = _Feed(self, k)
+            pipe = self._pipeline(feed)
+            try:
+                for k in range(k, self.sampler.num_batches()):
+                    try:
+                        images, labels = pipe.run()
+                    except RuntimeError:
+                        # A file whose header looked fine failed to decode: find it, then
+                        # rebuild the pipeline and feed this batch again without it.
+                        if not self._find_bad(feed.files[k]):
+                            raise
+                        break
+                    self.bad.report_all(feed.bad.pop(k))
+                    yield to_torch(images, labels, self.device, self.hwc)
+                else:
+                    return
+            finally:
+                del pipe
+
+    def _find_bad(self, paths: list[str]) -> bool:
+        found = False
+        for path in paths:
+            try:
+                decode_torchvision(path)
+            except DECODE_ERRORS as e:
+                self.known_bad[path], found = describe(e), True
+        return found
+
+
+def to_torch(images, labels, device: torch.device, hwc: bool):
+    """A DALI pipeline's (images, labels) outputs as torch tensors on the device: a copy, since
+    DALI reuses its output buffers; NHWC output becomes an N x C x H x W view with
+    channels_last strides."""
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+    t = images.as_tensor()
+    out = torch.empty(t.shape(), dtype=torch.float32, device=device)
+    feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(device) if device.type == "cuda" else None)
+    if hwc:
+        out = out.permute(0, 3, 1, 2)
+    labels = torch.from_numpy(np.array(labels.as_tensor())).reshape(-1).long()
+    return out, labels.to(device, non_blocking=True)

@@ -1,0 +1,90 @@
+"""The ``gpu`` backend: the whole (small) data set as one uint8 tensor on the training device.
+
+CIFAR-10's 50,000 training images are 150 MB as uint8 N x H x W x C, a rounding error on a
+GPU. They are decoded once at start-up; afterwards a training batch is one gather from that
+tensor that does the pad-crop and the flip of every image at once, with no worker processes
+and no host-to-device image traffic. The crops are ``transforms.pad_crop_boxes``
+of each sample's seed, the same as the torch backend's, and the gather reads its output in
+N x H x W x C order, which is channels_last without a copy. The same code runs on a CPU device.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from distres.data import transforms
+from distres.data.decode import DECODE_ERRORS, describe
+from distres.data.loaders import Loader, Spec
+from distres.data.sharding import sample_seeds
+from distres.data.sources import ArraySource
+from distres.errors import UserError
+
+MEMORY_SHARE = 0.5  # of the device's free memory the data set may take; the model needs the rest
+
+
+def _check_fits(n: int, size: int, device: torch.device) -> None:
+    need = n * 3 * size * size
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > MEMORY_SHARE * free:
+        raise UserError(f"--data-backend gpu would hold {n} images of {size}x{size} px ({need / 2**30:.1f} GiB) "
+                        f"on {device.type}, more than half of its {free / 2**30:.1f} GiB free; "
+                        "use --data-backend torch or dali, or a smaller --image-size")
+
+
+def load_all(source, size: int, bad, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image of source at size x size (``resize_center_crop``), as N x H x W x C uint8
+    on the CPU, and the labels; undecodable files are left out (and reported)."""
+    if isinstance(source, ArraySource) and tuple(source.images.shape[-2:]) == (size, size):
+        return source.images.permute(0, 2, 3, 1).contiguous(), source.labels
+
+    def one(i: int):
+        try:
+            img, _ = source.load(i)
+        except DECODE_ERRORS as e:
+            return None, (source.name(i), describe(e))
+        return transforms.resize_center_crop(img, size).permute(1, 2, 0), None
+
+    # Decoding releases the GIL, so threads keep all the cores busy without pickling images.
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        results = list(pool.map(one, range(len(source)), chunksize=256))
+    keep = [i for i, (img, _) in enumerate(results) if img is not None]
+    bad.report_all([b for _, b in results if b is not None])
+    if not keep:
+        raise UserError(f"none of the {len(source)} images could be decoded; check --data-dir")
+    images = torch.stack([results[i][0] for i in keep])
+    return images, source.labels[torch.tensor(keep)]
+
+
+class GpuLoader(Loader):
+    def __init__(self, spec: Spec):
+        size = spec.image_size
+        if size > transforms.SMALL_IMAGES:
+            raise UserError(f"--data-backend gpu is for small images (<= {transforms.SMALL_IMAGES} px, "
+                            f"pad-crop-flip augmentation); for --image-size {size} use --data-backend torch or dali")
+        device = spec.norm.device
+        # Training images are stored with their zero border already added (CIFAR: 40 x 40, 240 MB
+        # instead of 150), so that a batch is a single gather with no padding kernel.
+        self.pad = transforms.pad_for(size) if spec.train else 0
+        _check_fits(len(spec.source), size + 2 * self.pad, device)
+        images, labels = load_all(spec.source, size, spec.bad, len(os.sched_getaffinity(0)))
+        self.images = transforms.pad_nhwc(images, self.pad).to(device)  # N x H x W x C
+        self.labels = labels.to(device)
+        super().__init__(spec.sampler(len(labels)), len(labels), device, spec.bad)
+        self.norm, self.train, self.size = spec.norm, spec.train, size
+
+    def _batches(self):
+        for idx in self.sampler.index_batches():
+            i = torch.from_numpy(idx).to(self.device, non_blocking=True)
+            if self.train:
+                seeds = sample_seeds(self.sampler.seed, self.sampler.epoch, idx)
+                boxes = transforms.pad_crop_boxes(seeds, self.size, self.pad)
+                images = transforms.gather_pad_crops(self.images, i, boxes, self.pad)
+            else:
+                images = self.images[i]
+            yield self.norm(images.permute(0, 3, 1, 2), self.labels[i])

@@ -1,0 +1,326 @@
+"""Data set preparation: video frames, smaller copies of image folders, CIFAR-10 as files.
+
+    python -m distres.prepare video SRC DST --fps 2 --size 256     # class folders of videos -> JPEG frames
+    python -m distres.prepare resize SRC DST --size 256            # an ImageFolder with shorter side 256
+    python -m distres.prepare cifar10 SRC DST                      # cifar-10-batches-py -> train/ + test/ PNGs
+
+Every command mirrors SRC's folder tree into DST (so SRC may be a class-folder root or hold
+train/ and val/), runs ``--workers`` tasks at a time with a progress bar, and can be run again
+after an interruption: outputs that already exist are skipped, and each output appears only
+when it is complete (written under a temporary name, then renamed). An input that cannot be
+read does not stop the run; such inputs are listed with the reason and counted at the end.
+Video decoding uses the ``ffmpeg`` binary (Debian: ``apt-get install ffmpeg``) through the
+ffmpeg-python package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import shutil
+import sys
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from distres.data.formats import CIFAR10_CLASSES, IMAGE_EXTENSIONS
+from distres.errors import EXIT_USER_ERROR, UserError, format_error
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts")
+JPEG_QUALITY = 90
+FFMPEG_QSCALE = 2  # ffmpeg's MJPEG scale (2 best .. 31 worst); 2 is close to JPEG quality 90-95
+
+
+class Unreadable(Exception):
+    """An input that cannot be turned into output; the run goes on and lists it."""
+
+
+@dataclass
+class Task:
+    name: str  # the input, as listed when it fails
+    done: Callable[[], bool]
+    run: Callable[[], None]
+
+
+def run_tasks(tasks: list[Task], workers: int, what: str) -> int:
+    """Run the tasks not done yet, in parallel, with a progress bar; list the failures.
+
+    Threads are enough: the work happens in ffmpeg processes or in PIL/zlib code that
+    releases the GIL, and threads need no pickling of images."""
+    from tqdm import tqdm
+
+    todo = [t for t in tasks if not t.done()]
+    failed: list[tuple[str, str]] = []
+    with ThreadPoolExecutor(max(1, workers)) as pool, \
+            tqdm(total=len(todo), desc=what, unit="file", file=sys.stderr, dynamic_ncols=True,
+                 mininterval=0.5 if sys.stderr.isatty() else 30.0) as bar:
+        futures = {pool.submit(t.run): t for t in todo}
+        for fut in as_completed(futures):
+            try:
+                fut.result()
+            except (Unreadable, OSError, ValueError, SyntaxError, pickle.UnpicklingError, EOFError) as e:
+                failed.append((futures[fut].name, " ".join(str(e).split())[:300] or type(e).__name__))
+            bar.update(1)
+    done = len(todo) - len(failed)
+    print(f"distres.prepare: {what}: {done} written, {len(tasks) - len(todo)} already there, "
+          f"{len(failed)} unreadable", flush=True)
+    for name, reason in sorted(failed):
+        print(f"  unreadable: {name}: {reason}", flush=True)
+    if failed and done == 0 and len(todo) == len(tasks):
+        raise UserError(f"none of the {len(tasks)} inputs could be read (listed above); check SRC")
+    return 0
+
+
+def _atomic(dst: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary name in the same folder, then rename: an interrupted run
+    never leaves a half-written file that a later run would take as done."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    write(tmp)
+    os.replace(tmp, dst)
+
+
+def _inputs(src: Path, extensions: tuple[str, ...], kind: str) -> list[Path]:
+    if not src.is_dir():
+        raise UserError(f"{src} is not a folder; pass SRC as a folder of class folders")
+    found, other = [], []
+    for dirpath, dirnames, filenames in os.walk(src):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for f in sorted(filenames):
+            if f.startswith("."):
+                continue
+            (found if f.lower().endswith(extensions) else other).append(Path(dirpath) / f)
+    if other:
+        print(f"distres.prepare: {len(other)} file(s) are not {kind}s and are left out "
+              f"(e.g. {other[0]}); {kind}s end in {', '.join(extensions)}", flush=True)
+    if not found:
+        raise UserError(f"{src} holds no {kind} files ({', '.join(extensions)}); expected SRC/<class>/<file>")
+    for folder in sorted({p.parent for p in found}):
+        if folder == src:
+            raise UserError(f"{kind}s lie directly in {src}; put them in class folders, SRC/<class>/<file>")
+    return found
+
+
+# --- video -------------------------------------------------------------------------------------
+
+def _ffmpeg():
+    try:
+        import ffmpeg
+    except ImportError:
+        raise UserError("the video command needs ffmpeg-python; pip install ffmpeg-python") from None
+    if not hasattr(ffmpeg, "probe"):  # the unrelated PyPI package 'ffmpeg' shadows the module
+        raise UserError("the installed Python package 'ffmpeg' is not ffmpeg-python; "
+                        "pip uninstall ffmpeg && pip install ffmpeg-python")
+    if shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None:
+        raise UserError("the ffmpeg program is not installed; install it (Debian: apt-get install ffmpeg)")
+    return ffmpeg
+
+
+def _ffmpeg_reason(err, video: Path) -> str:
+    lines = [ln for ln in (err.stderr or b"").decode(errors="replace").splitlines() if ln.strip()]
+    return lines[-1].removeprefix(f"{video}: ") if lines else "ffmpeg failed"
+
+
+def extract_frames(ffmpeg, video: Path, out_dir: Path, fps: float, size: int) -> int:
+    """Frames at ``fps`` per second, shorter side ``size`` (the other rounded to even), as
+    out_dir/<video stem>_NNNNNN.jpg. Written to a hidden folder first, moved when complete."""
+    try:
+        info = ffmpeg.probe(str(video))
+    except ffmpeg.Error as e:
+        raise Unreadable(_ffmpeg_reason(e, video)) from None
+    if not any(s.get("codec_type") == "video" for s in info.get("streams", [])):
+        raise Unreadable("no video stream")
+    tmp = out_dir / f".{video.stem}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    scale = (f"if(lt(iw,ih),{size},-2)", f"if(lt(iw,ih),-2,{size})")
+    try:
+        (ffmpeg.input(str(video)).filter("fps", fps=fps).filter("scale", *scale)
+         .output(str(tmp / f"{video.stem}_%06d.jpg"), **{"q:v": FFMPEG_QSCALE})
+         .global_args("-nostdin", "-loglevel", "error")
+         .run(capture_stdout=True, capture_stderr=True))
+    except ffmpeg.Error as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise Unreadable(_ffmpeg_reason(e, video)) from None
+    frames = sorted(tmp.iterdir())
+    if not frames:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise Unreadable("no frames could be decoded")
+    for f in frames:
+        os.replace(f, out_dir / f.name)
+    tmp.rmdir()  # last: its absence marks the video as done
+    return len(frames)
+
+
+def video_tasks(src: Path, dst: Path, fps: float, size: int) -> list[Task]:
+    ffmpeg = _ffmpeg()
+    tasks = []
+    for video in _inputs(src, VIDEO_EXTENSIONS, "video"):
+        out_dir = dst / video.parent.relative_to(src)
+        done = (lambda v=video, o=out_dir: (o / f"{v.stem}_000001.jpg").exists()
+                and not (o / f".{v.stem}.partial").exists())
+        tasks.append(Task(str(video), done,
+                          lambda v=video, o=out_dir: extract_frames(ffmpeg, v, o, fps, size)))
+    return tasks
+
+
+# --- resize ------------------------------------------------------------------------------------
+
+def resize_image(src: Path, dst: Path, size: int, quality: int) -> None:
+    """A JPEG copy with the shorter side ``size``; a smaller image is not enlarged."""
+    from PIL import Image
+    try:
+        with Image.open(src) as im:
+            w, h = im.size
+            scale = size / min(w, h)
+            if scale >= 1 and src.suffix.lower() in (".jpg", ".jpeg"):
+                im.load()  # reads the whole file: a truncated one fails here
+                _atomic(dst, lambda tmp: shutil.copyfile(src, tmp))
+                return
+            # JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale straight from the DCT
+            # coefficients, several times faster, while staying >= the target size.
+            im.draft("RGB", (max(1, int(w * scale + 1)), max(1, int(h * scale + 1))))
+            im = im.convert("RGB")
+            if scale < 1:
+                target = (max(1, round(w * scale)), max(1, round(h * scale)))
+                im = im.resize(target, Image.Resampling.LANCZOS)
+            _atomic(dst, lambda tmp: im.save(tmp, "JPEG", quality=quality))
+    except (OSError, ValueError, SyntaxError) as e:  # PIL: unidentified, truncated, bad header
+        raise Unreadable(" ".join(str(e).split()) or type(e).__name__) from None
+
+
+def resize_tasks(src: Path, dst: Path, size: int, quality: int) -> list[Task]:
+    tasks = []
+    for image in _inputs(src, IMAGE_EXTENSIONS, "image"):
+        rel = image.relative_to(src)
+        out = dst / (rel if rel.suffix.lower() in (".jpg", ".jpeg") else rel.with_suffix(".jpg"))
+        tasks.append(Task(str(image), out.exists, lambda i=image, o=out: resize_image(i, o, size, quality)))
+    return tasks
+
+
+# --- cifar10 -----------------------------------------------------------------------------------
+
+CIFAR_FILES = {"train": [f"data_batch_{k}" for k in range(1, 6)], "test": ["test_batch"]}
+CIFAR_CHUNK = 1000  # images per task: enough work to amortise the task, small for the progress bar
+
+
+def _cifar_root(src: Path) -> Path:
+    for root in (src / "cifar-10-batches-py", src):
+        if (root / "test_batch").is_file() or (root / "data_batch_1").is_file():
+            return root
+    raise UserError(f"no CIFAR-10 files in {src}; expected {src}/cifar-10-batches-py/data_batch_1 ... test_batch "
+                    "(torchvision's download)")
+
+
+def _load_batch(path: Path) -> tuple[np.ndarray, list[int]]:
+    with open(path, "rb") as f:
+        d = pickle.load(f, encoding="latin1")
+    images = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return images, list(d["labels"])
+
+
+def _write_pngs(images: np.ndarray, names: list[Path]) -> None:
+    from PIL import Image
+    for img, name in zip(images, names):
+        if not name.exists():
+            _atomic(name, lambda tmp, img=img: Image.fromarray(img).save(tmp, "PNG"))
+
+
+def _unreadable(name: str, reason: str) -> Task:
+    """A task that only reports its input as unreadable (found while listing the inputs)."""
+    def run():
+        raise Unreadable(reason)
+    return Task(name, lambda: False, run)
+
+
+def cifar10_tasks(src: Path, dst: Path) -> list[Task]:
+    """PNG (lossless: the exact CIFAR-10 pixels) as DST/train|test/<class>/NNNNN.png."""
+    root = _cifar_root(src)
+    classes = list(CIFAR10_CLASSES)
+    if (root / "batches.meta").is_file():
+        with open(root / "batches.meta", "rb") as f:
+            classes = list(pickle.load(f, encoding="latin1")["label_names"])
+    tasks = []
+    for split, files in CIFAR_FILES.items():
+        for k, fname in enumerate(files):
+            path = root / fname
+            try:
+                images, labels = _load_batch(path)
+            except (OSError, ValueError, KeyError, pickle.UnpicklingError, EOFError) as e:
+                tasks.append(_unreadable(str(path), " ".join(str(e).split()) or type(e).__name__))
+                continue
+            for lo in range(0, len(labels), CIFAR_CHUNK):
+                # numbered through the split (each file holds 10,000), whatever else fails
+                names = [dst / split / classes[labels[i]] / f"{k * 10000 + i:05d}.png"
+                         for i in range(lo, min(lo + CIFAR_CHUNK, len(labels)))]
+                part = slice(lo, lo + len(names))
+                tasks.append(Task(f"{path}[{lo}:{lo + len(names)}]", lambda n=names: all(x.exists() for x in n),
+                                  lambda im=images[part], n=names: _write_pngs(im, n)))
+    return tasks
+
+
+# --- command line ------------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump
+        raise UserError(f"{message}; see python -m distres.prepare --help")
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0 (got {text})")
+        return value
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="distres.prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+    def common(sp):
+        sp.add_argument("src", type=Path, help="input folder")
+        sp.add_argument("dst", type=Path, help="output folder (created; existing outputs are kept)")
+        sp.add_argument("--workers", type=_positive(int), default=cpus,
+                        help="parallel tasks (default: the CPUs available)")
+
+    v = sub.add_parser("video", help="class folders of videos -> an ImageFolder of JPEG frames")
+    common(v)
+    v.add_argument("--fps", type=_positive(float), required=True, help="frames kept per second of video")
+    v.add_argument("--size", type=_positive(int), required=True, help="shorter side of the frames in pixels")
+    r = sub.add_parser("resize", help="a copy of an ImageFolder with the shorter side S (cheaper decoding)")
+    common(r)
+    r.add_argument("--size", type=_positive(int), required=True, help="shorter side in pixels (never enlarged)")
+    r.add_argument("--quality", type=_positive(int), default=JPEG_QUALITY, help="JPEG quality of resized images")
+    c = sub.add_parser("cifar10", help="torchvision's CIFAR-10 files -> train/ and test/ PNG class folders")
+    common(c)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        a = build_parser().parse_args(argv)
+        if a.src.resolve() == a.dst.resolve():
+            raise UserError("DST must differ from SRC; pick a new output folder")
+        if a.command == "video":
+            tasks = video_tasks(a.src, a.dst, a.fps, a.size)
+        elif a.command == "resize":
+            tasks = resize_tasks(a.src, a.dst, a.size, a.quality)
+        else:
+            tasks = cifar10_tasks(a.src, a.dst)
+        return run_tasks(tasks, a.workers, a.command)
+    except UserError as e:
+        print(format_error(e), file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Preemption by signal, elastic restarts after a killed worker, and a kill during a checkpoint
+write: each must end in exactly the state of a run that was never interrupted."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, TINY, read_metrics, run_train, start_train, wait_for
+from distres import checkpoint
+
+# 2 gloo ranks x batch 4 over 256 samples: 32 steps per epoch, 64 in all; deterministic kernels
+# and fp32 so that "the same computation" means bitwise equal results.
+ARGS = TINY + ["--batch-size", "4", "--synthetic-samples", "256", "--epochs", "2", "--amp", "none",
+               "--deterministic", "--checkpoint-every", "8", "--eval-every", "0"]
+STEPS = 64
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    r = run_train(ARGS + ["--output-dir", str(out)], nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return torch.load(out / "checkpoints" / checkpoint.LAST, weights_only=True)
+
+
+def _last_step(out) -> int:
+    try:
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    steps = [json.loads(x)["step"] for x in lines if x.endswith("}")]
+    return steps[-1] if steps else 0
+
+
+def _worker_pid(torchrun_pid: int, rank: int) -> int:
+    """The pid of the worker with this RANK among torchrun's children."""
+    children = subprocess.run(["pgrep", "-P", str(torchrun_pid)], capture_output=True, text=True).stdout.split()
+    for pid in map(int, children):
+        try:
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env:
+            return pid
+    return 0
+
+
+def _assert_same_final_state(out, expected):
+    got = torch.load(out / "checkpoints" / checkpoint.LAST, weights_only=True)
+    assert got["step"] == expected["step"] == STEPS
+    for k, v in expected["model"].items():
+        assert torch.equal(v, got["model"][k]), k
+    for pid, st in expected["optimizer"]["state"].items():
+        assert torch.equal(st["momentum_buffer"], got["optimizer"]["state"][pid]["momentum_buffer"])
+    # resumed runs append to metrics.jsonl: every step exactly once
+    assert [x["step"] for x in read_metrics(out) if x["kind"] == "train"] == list(range(1, STEPS + 1))
+
+
+def test_signal_to_one_rank_stops_all_at_one_step_and_resume_is_bitwise_exact(tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    proc = start_train(ARGS + ["--output-dir", str(out)], nproc=2, log=tmp_path / "log")
+    wait_for(lambda: _last_step(out) >= 5, 120, "step 5")
+    os.kill(wait_for(lambda: _worker_pid(proc.pid, 1), 10, "rank 1"), signal.SIGUSR1)  # rank 1 only
+    proc.wait(timeout=120)
+    log = (tmp_path / "log").read_text()
+    assert "exitcode  : 75" in log, log[-3000:]  # the worker's status for "preempted, requeue me"
+    assert "preempted (signal on another rank): stopped after step" in log  # rank 0 reports it
+    state = torch.load(out / "checkpoints" / checkpoint.LAST, weights_only=True)
+    assert 0 < state["step"] < STEPS and state["step_in_epoch"] > 0, "expected a mid-epoch stop"
+    assert len(state["rng"]) == 2  # every rank's RNG state
+
+    r = run_train(ARGS + ["--output-dir", str(out), "--resume"], nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"at step {state['step']}" in r.stderr
+    _assert_same_final_state(out, uninterrupted)
+
+
+def test_killed_worker_is_restarted_by_torchrun_and_resumes_from_the_newest_checkpoint(tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    log = tmp_path / "log"
+    proc = start_train(ARGS + ["--output-dir", str(out)], nproc=2, extra_torchrun=["--max-restarts", "1"], log=log)
+    wait_for(lambda: _last_step(out) >= 11, 120, "step 11")  # past the step-8 checkpoint
+    victim = wait_for(lambda: _worker_pid(proc.pid, 1), 10, "rank 1")
+    newest_before = checkpoint.step_checkpoints(out / "checkpoints")[-1]
+    os.kill(victim, signal.SIGKILL)
+    assert proc.wait(timeout=240) == 0, log.read_text()[-3000:]
+    resumed = [int(m) for m in re.findall(r"resumed from \S+ at step (\d+)", log.read_text())]
+    assert len(resumed) == 1, log.read_text()[-3000:]
+    # only the steps after the newest checkpoint are computed again
+    assert resumed[0] % 8 == 0 and resumed[0] >= int(newest_before.stem.split("-")[1])
+    _assert_same_final_state(out, uninterrupted)
+
+
+_SLOW_SAVE = """
+import os, sys, time, torch
+from distres import checkpoint
+# Block after the bytes are written and before the rename: the parent kills us there.
+os.fsync = lambda fd: time.sleep(600)
+checkpoint.save({"model": {"w": torch.zeros(1000)}, "step": 2}, __import__("pathlib").Path(sys.argv[1]), 2, keep=3)
+"""
+
+
+def test_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
+    folder = tmp_path / "ck"
+    checkpoint.save({"model": {"w": torch.ones(1000)}, "step": 1}, folder, 1, keep=3)
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_SAVE, str(folder)], cwd=REPO,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    wait_for(lambda: [p for p in os.listdir(folder) if ".tmp" in p], 60, "the temporary file")
+    proc.kill()
+    proc.wait()
+    state, path = checkpoint.load_latest(folder)
+    assert state["step"] == 1 and path.name == checkpoint.LAST
+    assert torch.equal(state["model"]["w"], torch.ones(1000))
+    # the next save of the resumed run goes through and the stale temporary file is harmless
+    checkpoint.save({"model": {"w": torch.zeros(1000)}, "step": 2}, folder, 2, keep=3)
+    assert checkpoint.load_latest(folder)[0]["step"] == 2
+
+
+def test_incompatible_checkpoint_is_a_one_line_error_and_stays_intact(tmp_path):
+    out = tmp_path / "run"
+    base = TINY + ["--batch-size", "4", "--synthetic-samples", "16", "--max-steps", "2", "--output-dir", str(out)]
+    assert run_train(base).returncode == 0
+    before = (out / "checkpoints" / checkpoint.LAST).read_bytes()
+    r = run_train(base + ["--arch", "resnet50", "--resume"])
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("distres: error: checkpoint ")
+    assert "does not fit this run (saved with --arch resnet18" in r.stderr
+    assert (out / "checkpoints" / checkpoint.LAST).read_bytes() == before
