@@ -15,13 +15,13 @@ machine out of the difference.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import resource
 import sys
 
 import torch
 import torch.nn as nn
 
-from distres import config
 from distres.tracking import console
 
 # At or above this share of step time spent waiting for the next batch, the input pipeline is
@@ -33,11 +33,12 @@ HOST_BOUND_UTIL = 70.0
 
 def levers(cfg, device_type: str) -> tuple[str, str]:
     """The first thing to try when input-bound, and when compute-bound, for this config."""
-    if device_type == "cuda" and "gpu" in config.BACKENDS and cfg.data == "cifar10" \
-            and cfg.data_backend != "gpu":
+    if device_type == "cuda" and cfg.data == "cifar10" and cfg.data_backend != "gpu":
         data = "--data-backend gpu (the whole data set resident on the GPU)"
-    elif device_type == "cuda" and "dali" in config.BACKENDS and cfg.data_backend != "dali":
-        data = "--data-backend dali"
+    elif device_type == "cuda" and cfg.data_backend != "dali":
+        installed = importlib.util.find_spec("nvidia") is not None and \
+            importlib.util.find_spec("nvidia.dali") is not None
+        data = "--data-backend dali" + ("" if installed else " (pip install -e '.[dali]')")
     else:
         data = "more --workers" + (f" (now {cfg.workers})" if cfg.workers >= 0 else "")
     if cfg.amp == "none":

@@ -102,6 +102,6 @@ def test_levers_follow_the_config():
     cfg = TrainConfig(data="imagefolder", data_dir="x", workers=4)
     data, compute = perf.levers(cfg, "cuda")
     assert compute == "--compile"
-    assert data in ("--data-backend dali", "more --workers (now 4)")
+    assert data.startswith("--data-backend dali")
     cfg.compile = True
     assert perf.levers(cfg, "cuda")[1].startswith("more GPUs")
