@@ -4,7 +4,6 @@ no traceback, nothing already done lost."""
 import subprocess
 import sys
 
-import pytest
 
 from conftest import REPO, TINY, make_imagefolder, run_train
 from distres.train import main
