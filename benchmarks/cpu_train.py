@@ -19,14 +19,9 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+from benchmarks import machine_info  # noqa: E402
 
 
 def run_distres(data_dir: str, steps: int, extra: list[str]) -> dict:
@@ -68,7 +63,7 @@ def main() -> None:
     ours = run_distres(a.data_dir, a.steps, [])
     result = {
         "device": f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "cpu_model": _cpu_model(), "torch": torch.__version__, "commit": _commit(),
+        "cpu_model": machine_info.cpu_model(), "torch": torch.__version__, "commit": machine_info.code_version(),
         "benchmark_command": "python benchmarks/cpu_train.py " + " ".join(sys.argv[1:]),
         "seed_loop": seed, "distres": ours, "speedup": ours["images_per_sec"] / seed["images_per_sec"],
     }
@@ -102,16 +97,6 @@ def render(r: dict) -> str:
         f"({', '.join(map(str, d['windows']))}); seed figure: the faster of 0 and 2 DataLoader workers.",
         "",
     ])
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from benchmarks import machine_info  # noqa: E402
 
 # --- the ImageNet-like set ---------------------------------------------------------------------
 
@@ -269,12 +270,7 @@ def interleaved(cases: list[tuple], rounds: int) -> list[dict]:
 
 def machine(device) -> dict:
     import torch
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                   if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = machine_info.cpu_model()
     try:
         import nvidia.dali as dali
         dali_version = dali.__version__
@@ -284,17 +280,6 @@ def machine(device) -> dict:
             "dali": dali_version, "device": str(device),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "load_average": [round(x, 2) for x in os.getloadavg()]}
-
-
-def commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True,
-                               check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return f"working tree on top of {head}" if dirty else head
 
 
 def _rate(result: dict, backend: str, data: str) -> float | None:
@@ -334,7 +319,7 @@ def render(r: dict) -> str:
         f"# Input pipelines: images/s per backend ({'GPU' if m['gpu'] else 'CPU'})", "",
         f"Device: {dev}{m['cpu_model']}, {m['cpus']} CPUs available; torch {m['torch']}, DALI {m['dali']}; "
         f"load average at the start {m['load_average']}.",
-        f"Commit: {r['commit']}.",
+        f"Code: {r['commit']}.",
         f"Command: `{r['command']}`", "",
         "Decode + training augmentation + transfer + normalisation, no model. Each figure is the median "
         f"of {r['repeats']} rounds (all rounds in the last column); in a round every case runs once, in a "
@@ -423,7 +408,7 @@ def main() -> None:
     import torch
     device = torch.device("cuda", 0) if a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available()) \
         else torch.device("cpu")
-    result = {"machine": machine(device), "commit": commit(),
+    result = {"machine": machine(device), "commit": machine_info.code_version(),
               "command": "python benchmarks/loaders.py " + " ".join(sys.argv[1:]),
               "batches": a.batches, "warmup": a.warmup, "repeats": a.repeats, "runs": [], "datasets": {}}
     if a.command == "run":
