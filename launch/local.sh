@@ -9,14 +9,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [[ -z "${PYTHON:-}" ]]; then
-  if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
-fi
-gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
+source launch/common.sh
+gpus=$(visible_gpus)
 if [[ -z "${NPROC:-}" ]]; then
   if (( gpus > 0 )); then NPROC=$gpus; else NPROC=2; fi
 fi
-# torchrun would set 1 thread per process; on CPU runs give each rank its share of the cores.
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
+share_threads "$(nproc)" "$NPROC"
 
 exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m distres.train "$@"

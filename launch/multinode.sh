@@ -14,14 +14,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 : "${MASTER_ADDR:?set MASTER_ADDR to a host every node can reach (e.g. the first node)}"
-if [[ -z "${PYTHON:-}" ]]; then
-  if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
-fi
+source launch/common.sh
 if [[ -z "${NPROC_PER_NODE:-}" ]]; then
-  gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
+  gpus=$(visible_gpus)
   if (( gpus > 0 )); then NPROC_PER_NODE=$gpus; else NPROC_PER_NODE=1; fi
 fi
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC_PER_NODE > 0 ? $(nproc) / NPROC_PER_NODE : 1 ))}
+share_threads "$(nproc)" "$NPROC_PER_NODE"
 
 exec "$PYTHON" -m torch.distributed.run --nnodes "${NNODES:-2}" --nproc_per_node "$NPROC_PER_NODE" \
   --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:${MASTER_PORT:-29500}" --rdzv-id "${RUN_ID:-distres}" \

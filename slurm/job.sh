@@ -23,9 +23,7 @@
 set -uo pipefail
 
 cd "${DISTRES_HOME:-${SLURM_SUBMIT_DIR:-.}}" || exit 1
-if [[ -z "${PYTHON:-}" ]]; then
-  if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
-fi
+source launch/common.sh
 DEVICE=${DEVICE:-cuda}
 if [[ -z "${NPROC_PER_NODE:-}" ]]; then
   if [[ $DEVICE == cpu ]]; then NPROC_PER_NODE=1
@@ -40,7 +38,7 @@ head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 
 # Each worker gets its share of the task's CPUs (torchrun would otherwise set 1 thread).
 cpus=${SLURM_CPUS_PER_TASK:-$(nproc)}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cpus / NPROC_PER_NODE > 0 ? cpus / NPROC_PER_NODE : 1 ))}
+share_threads "$cpus" "$NPROC_PER_NODE"
 # torchrun forwards these to its workers; SIGUSR1 is not among its defaults, and without it
 # SIGUSR1 would kill torchrun itself (and, on clusters that track processes by cgroup, the
 # workers with it, before they save). PET_* sets torchrun's --signals-to-handle; older
