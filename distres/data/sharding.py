@@ -32,12 +32,8 @@ def shard(num_samples: int, rank: int, world: int, seed: int = 0, epoch: int = 0
     return epoch_order(num_samples, seed, epoch, shuffle)[rank::world].tolist()
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    return ((seed * _MIX + epoch) * 1_000_000_007 + index) & _MASK63
-
-
 def sample_seeds(seed: int, epoch: int, indices: np.ndarray) -> np.ndarray:
-    """``sample_seed`` for an array of indices at once (uint64), for the batched backends."""
+    """Each sample's augmentation seed, (seed, epoch) mixed with its index (uint64 array)."""
     base = np.uint64(((seed * _MIX + epoch) * 1_000_000_007) & _MASK63)
     return (np.asarray(indices, dtype=np.uint64) + base) & np.uint64(_MASK63)
 
