@@ -1,4 +1,5 @@
-"""CPU training throughput: the README's `make train` path vs the seed documents' loop.
+"""CPU training throughput: the README's `make train` path vs a plain PyTorch loop
+(``benchmarks/seed_loop.py``, the "seed loop": what a CPU tutorial writes).
 
 Both train torchvision ResNet-50 (ImageNet stem) on the same CIFAR-10 JPEG folder on this
 machine, one after the other. distres runs through its real CLI with configs/cifar10-cpu.yaml;

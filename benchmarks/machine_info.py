@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -18,9 +19,15 @@ def cpu_model() -> str:
 
 
 def code_version() -> str:
-    """'commit <sha>', or 'working tree on top of <sha>' when tracked files have changes."""
+    """'commit <sha>', or 'working tree on top of <sha>' when tracked files have changes.
+    Without git or a .git folder (a copied checkout): $DISTRES_CODE_VERSION, else 'unknown'."""
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    head = git("rev-parse", "HEAD") or "unknown"
+        try:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        except OSError:
+            return ""
+    head = git("rev-parse", "HEAD")
+    if not head:
+        return os.environ.get("DISTRES_CODE_VERSION", "unknown (no git)")
     dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     return f"working tree on top of {head}" if dirty else f"commit {head}"

@@ -7,7 +7,8 @@ start-up and torch.compile are excluded), the step-time breakdown (waiting for d
 and for N > 1 the exposed communication), the scaling efficiency against the 1-unit run of
 the same kind, and peak memory. Exposed communication is measured with ``--bench-comm-probe``:
 every other window skips the gradient all-reduce (DDP ``no_sync``), and the exposed time is the
-difference of the non-waiting step time between synced and unsynced windows.
+difference of the step time between synced and unsynced windows (on CUDA the probe also waits
+for the GPU after every step, so that the host clock times the GPU's work).
 
 Beside the measured rows it prints projected ones (benchmarks/allreduce_model.py) for NVLink,
 PCIe and InfiniBand. Writes NAME.json, NAME.md and NAME.png into --out and logs them to W&B as
@@ -25,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -37,7 +39,8 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks import allreduce_model, machine_info  # noqa: E402
 from distres import config  # noqa: E402
-from distres.errors import EXIT_USER_ERROR, UserError, format_error  # noqa: E402
+from distres.errors import EXIT_USER_ERROR, ArgumentParser, UserError, format_error  # noqa: E402
+from distres.host import available_cpus  # noqa: E402
 
 UNITS = ("cpu1", "cpuN", "gpu1", "gpuN", "nodes")
 QUICK = {"units": "cpu1,cpuN", "arch": "resnet18", "batch_size": 32, "data": "synthetic", "image_size": 32,
@@ -98,6 +101,8 @@ def plan(names: list[str], cpu_procs: int, gpus: int, slurm: Slurm | None) -> li
         elif name == "cpuN":
             units.append(Unit("cpuN", "cpu", cpu_procs, hardware=len(cores),
                               label=f"CPU, {cpu_procs} processes (gloo), {len(cores)} cores"))
+        elif name == "gpuN" and gpus == 1:
+            print("scaling: gpuN skipped: one GPU visible (gpu1 is that run)", file=sys.stderr, flush=True)
         elif name in ("gpu1", "gpuN"):
             if gpus < 1:
                 raise UserError(f"--units {name} needs a CUDA GPU and none is visible; drop {name} or run on a GPU node")
@@ -162,6 +167,20 @@ def command(a, unit: Unit, out: Path, slurm: Slurm | None) -> list[str]:
     return run + ["-m", "distres.train", *train_args(a, unit, out)]
 
 
+def kill_group(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
+    """SIGTERM to the process group (torchrun passes it on and waits), SIGKILL after grace_s."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def run_unit(a, unit: Unit, work: Path, slurm: Slurm | None) -> tuple[list[dict], dict]:
     out = work / unit.name
     if out.exists():
@@ -174,9 +193,13 @@ def run_unit(a, unit: Unit, work: Path, slurm: Slurm | None) -> tuple[list[dict]
           file=sys.stderr, flush=True)
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
     with open(log, "w") as f:
+        # Its own process session: on a timeout the whole group goes (torchrun and its workers),
+        # or orphaned workers would hold the GPU through the next run.
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=a.timeout)
+            proc.wait(timeout=a.timeout)
         except subprocess.TimeoutExpired:
+            kill_group(proc)
             raise UserError(f"the {unit.name} run took longer than --timeout {a.timeout} s; log: {log}")
     if proc.returncode != 0:
         errors = [x for x in log.read_text().splitlines() if x.startswith("distres: error:")]
@@ -204,10 +227,9 @@ def analyse(records: list[dict], window: int, warmup: int) -> dict:
         raise UserError(f"no steady-state window in {len(train)} logged windows; raise --windows")
     step_time = statistics.median(r["step_time"] for r in synced)
     wait = statistics.median(r["step_time"] * r["data_wait_frac"] for r in synced)
-    busy = statistics.median(r["step_time"] * (1 - r["data_wait_frac"]) for r in synced)
     comm_raw = None
-    if unsynced:
-        comm_raw = busy - statistics.median(r["step_time"] * (1 - r["data_wait_frac"]) for r in unsynced)
+    if unsynced:  # whole step times: on a GPU the host clock only sees a step as a whole
+        comm_raw = step_time - statistics.median(r["step_time"] for r in unsynced)
     exposed = max(0.0, comm_raw or 0.0)
     return {
         "images_per_sec": statistics.median(r["images_per_sec"] for r in synced),
@@ -235,10 +257,6 @@ def with_efficiency(rows: list[dict]) -> list[dict]:
     return rows
 
 
-def image_size(cfg) -> int:
-    return cfg.image_size or (32 if cfg.data == "cifar10" else 224)
-
-
 def gradient_param_bytes(cfg) -> list[int]:
     """fp32 gradient bytes per parameter of the runs' model, in registration order (DDP
     all-reduces fp32 gradients whatever the autocast dtype)."""
@@ -249,7 +267,7 @@ def gradient_param_bytes(cfg) -> list[int]:
         classes = 10
     else:
         classes = sum(d.is_dir() for d in (Path(cfg.data_dir) / "train").iterdir())
-    net = models.build_model(cfg.arch, classes, models.use_cifar_stem(cfg.cifar_stem, image_size(cfg)))
+    net = models.build_model(cfg.arch, classes, models.use_cifar_stem(cfg.cifar_stem, cfg.train_image_size()))
     return [p.numel() * 4 for p in net.parameters() if p.requires_grad]
 
 
@@ -277,7 +295,7 @@ def projections(rows: list[dict], a, cfg) -> tuple[dict, list[dict]]:
 def machine() -> dict:
     import torch
     return {"cpu": machine_info.cpu_model(),
-            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "cores": available_cpus(),
             "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
             "torch": torch.__version__, "python": platform.python_version(), "host": platform.node(),
             "code": machine_info.code_version()}
@@ -318,7 +336,7 @@ def render_markdown(result: dict) -> str:
               "core against cpu1 for CPU rows (both CPU runs use all cores, so it is cpuN / cpu1), per GPU "
               "against gpu1 for GPU rows. x CPU = total / the fastest CPU row. "
               "Compute = step time - data wait - exposed communication. Exposed communication = step time "
-              "without data wait in windows with the gradient all-reduce minus that in interleaved windows "
+              "in windows with the gradient all-reduce minus that in interleaved windows "
               "without it (DDP no_sync, `--bench-comm-probe`); the raw differences were "
               + (", ".join(f"{r['name']} {r['comm_delta_ms']:.1f} ms" for r in result["measured"]
                            if r["comm_delta_ms"] is not None) or "not measured (no N > 1 run)")
@@ -417,7 +435,7 @@ def write_outputs(result: dict, out: Path, name: str) -> dict:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # distres's parser: a bad flag is one "distres: error: ..." line, as for distres.train.
-    p = config._Parser(prog="benchmarks/scaling.py", description=__doc__,
+    p = ArgumentParser(prog="python benchmarks/scaling.py", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--units", default="auto",
                    help=f"comma-separated, from {', '.join(UNITS)}; auto: cpu1,cpuN plus gpu1/gpuN when GPUs "
@@ -482,23 +500,27 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config.parse_args(train_args(a, units[-1], work / "check"))
         t0 = time.perf_counter()
         rows = []
+        out = Path(a.out) if a.out else work
+        out.mkdir(parents=True, exist_ok=True)
         for u in units:
             recs, info = run_unit(a, u, work, slurm)
             rows.append({"name": u.name, "label": u.label, "device": u.device, "world": u.world,
                          "nnodes": u.nnodes, "hardware": u.hardware, "ref": u.ref, **info,
                          **analyse(recs, a.window, a.warmup_windows)})
+            # Each finished run on disk at once: a later run that fails or times out loses nothing.
+            (out / f"{a.name}.json").write_text(json.dumps({"partial": True, "measured": rows}, indent=2) + "\n")
         rows = with_efficiency(rows)
         proj_info, proj = projections(rows, a, cfg)
         result = {
             "command": "python benchmarks/scaling.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "machine": machine(),
             "settings": {"arch": a.arch, "batch_size": a.batch_size, "amp": a.amp, "data": a.data,
-                         "image_size": image_size(cfg), "window": a.window, "warmup_windows": a.warmup_windows,
+                         "image_size": cfg.train_image_size(), "window": a.window, "warmup_windows": a.warmup_windows,
                          "windows": a.windows, "train_args": a.train_args},
             "measured": rows, "projection": proj_info, "projected": proj,
             "seconds": round(time.perf_counter() - t0, 1),
         }
-        paths = write_outputs(result, Path(a.out) if a.out else work, a.name)
+        paths = write_outputs(result, out, a.name)
         wandb_dir = log_wandb(result, paths, a, work)
         print(render_markdown(result))
         print(f"scaling: wrote {', '.join(str(p) for p in paths.values())}"

@@ -1,4 +1,5 @@
-"""The seed documents' CPU training loop, kept as the baseline that distres is measured against.
+"""A plain single-process PyTorch training loop, as a CPU tutorial writes it: the baseline that
+distres's CPU path is measured against (``benchmarks/cpu_train.py``).
 
 torchvision resnet50 (ImageNet stem), batch 64, Adam lr 1e-3, fp32, NCHW, ImageFolder +
 DataLoader with ToTensor + Normalize. Prints a JSON line with the steady-state images/s.

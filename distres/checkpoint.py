@@ -1,9 +1,15 @@
-"""Checkpoints that a crash cannot corrupt.
+"""The training state on disk: which checkpoint a run starts from, every key it holds, and
+how it is read back.
 
-Each save goes to a temporary file in the same folder, is fsynced, and is renamed into place
-(rename is atomic on POSIX), so ``last.pt`` is always a whole checkpoint. Step checkpoints are
-kept as a short history; ``last.pt`` is a hard link to the newest one (no second write).
-Loads use ``weights_only=True``: a checkpoint cannot run code.
+``Checkpointer`` is the trainer's side: at start it finds the checkpoint to resume from (the
+newest one after a restart or requeue, the one --resume names, or none, refusing to overwrite
+an earlier run), ``restore`` loads it into the run's ``TrainingState`` and returns the step to
+continue at, and ``save`` writes the state (a collective: every rank's RNG state is gathered).
+
+Writes cannot be corrupted by a crash: each goes to a temporary file in the same folder, is
+fsynced, and is renamed into place (rename is atomic on POSIX), so ``last.pt`` is always a
+whole checkpoint. Step checkpoints are kept as a short history; ``last.pt`` is a hard link to
+the newest one (no second write). Loads use ``weights_only=True``: a checkpoint cannot run code.
 """
 
 from __future__ import annotations
@@ -11,13 +17,19 @@ from __future__ import annotations
 import os
 import random
 import re
+import threading
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 
-from distres.errors import UserError
+from distres import dist
+from distres.errors import UserError, console
+
+FORMAT = 2
 
 LAST = "last.pt"
 _STEP_RE = re.compile(r"^step-(\d+)\.pt$")
@@ -104,15 +116,15 @@ def load_latest(folder: Path) -> tuple[dict, Path] | None:
     return None
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device | None = None) -> dict:
     np_state = np.random.get_state()
     return {
         "python": random.getstate(),
         "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
         "torch": torch.get_rng_state(),
-        # This rank's GPU only (dist.init made it the current device): the job may resume on
-        # nodes where each process sees a different number of GPUs.
-        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else [],
+        # This rank's GPU only: the job may resume on nodes where each process sees a different
+        # number of GPUs. A CPU rank never asks CUDA (that alone would create a CUDA context).
+        "cuda": [torch.cuda.get_rng_state(device)] if device is not None and device.type == "cuda" else [],
     }
 
 
@@ -125,14 +137,183 @@ def rank_rng(state: dict, rank: int) -> dict:
     return rng[min(rank, len(rng) - 1)]
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
     random.setstate(_tuples(state["python"]))
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"][0])
+    if state.get("cuda") and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"][0], device)
 
 
 def _tuples(x):
     return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+@dataclass
+class TrainingState:
+    """What a checkpoint restores besides the RNG: the plain model (not its DDP or compile
+    wrapper), optimizer, lr schedule, GradScaler, and the training loader, whose position
+    is where training stands within an epoch."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    loader: object  # data.Loader
+
+
+def data_order(cfg, world_size: int) -> dict:
+    """What the sample order depends on (data/sharding.py derives it from these alone)."""
+    return {"seed": cfg.seed, "world_size": world_size, "batch_size": cfg.batch_size,
+            "grad_accum": cfg.grad_accum, "data": cfg.data, "data_dir": cfg.data_dir}
+
+
+class Checkpointer:
+    def __init__(self, cfg, ctx, folder: Path):
+        self.cfg, self.ctx, self.folder = cfg, ctx, folder
+        self.found = self._find()  # (state, path) to resume from, or None
+        # A resume that found no checkpoint still continues the output directory (the logger
+        # drops the records of an attempt that died before its first checkpoint).
+        self.resume_step: int | None = 0 if cfg.resume is not None or ctx.restart > 0 else None
+        self._writer: threading.Thread | None = None  # rank 0's background write
+        self._error: BaseException | None = None
+
+    def _find(self) -> tuple[dict, Path] | None:
+        resume = self.cfg.resume
+        if self.ctx.restart > 0:
+            # torchrun --max-restarts restarted the workers, or SLURM requeued the job, with the
+            # original command line: continue from this run's newest checkpoint, also when that
+            # command line named an older one with --resume PATH (the first attempt's start).
+            found = load_latest(self.folder)
+            if found is not None:
+                return found
+            resume = resume or "latest"
+        if resume is None:
+            if step_checkpoints(self.folder) or (self.folder / LAST).exists():
+                raise UserError(f"{self.folder} already holds checkpoints; pass --resume to continue that run "
+                                "or choose a new --output-dir")
+            return None
+        if resume == "latest":
+            found = load_latest(self.folder)
+            if found is None and self.ctx.is_main:
+                console(f"distres: no checkpoint in {self.folder}; starting from scratch")
+            return found
+        return load(Path(resume)), Path(resume)
+
+    def restore(self, ts: TrainingState) -> int:
+        """Load the found checkpoint into ts (and the RNG); the optimizer step to continue at."""
+        step = 0
+        if self.found is not None:
+            state, path = self.found
+            self._load(state, path, ts)
+            step = self.resume_step = state["step"]
+            if self.ctx.is_main:
+                console(f"distres: resumed from {path} at step {step} (epoch {ts.loader.epoch + 1})")
+            self.found = None  # the state's tensors are in the run now; free the copy
+        # Each rank found its checkpoint itself. Where the output directory is not one shared
+        # folder (node-local disks, stale NFS caches) they could differ, and the first
+        # collective would hang.
+        steps = sorted(set(dist.gather_objects(step)))
+        if len(steps) > 1:
+            raise UserError(f"the processes resumed from different steps {steps}; put --output-dir on a "
+                            "file system that every node shares")
+        return step
+
+    def _load(self, state: dict, path: Path, ts: TrainingState) -> None:
+        cfg, saved = self.cfg, state.get("config", {})
+        if saved.get("amp", cfg.amp) != cfg.amp:
+            raise UserError(f"checkpoint {path} was trained with --amp {saved['amp']}; resume with --amp "
+                            f"{saved['amp']} or start a new --output-dir")
+        try:
+            ts.model.load_state_dict(state["model"])
+            ts.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UserError(f"checkpoint {path} does not fit this run (saved with --arch {saved.get('arch')} "
+                            f"--optimizer {saved.get('optimizer')}; {str(e).splitlines()[0][:120]}); resume with "
+                            "the settings of its config.yaml or start a new --output-dir") from None
+        ts.scheduler.load_state_dict(state["scheduler"])
+        ts.scaler.load_state_dict(state["scaler"])
+        set_rng_state(rank_rng(state, self.ctx.rank), self.ctx.device)
+        in_epoch = state["step_in_epoch"]
+        saved_order = state.get("data_order", {"world_size": state["world_size"]})
+        now = data_order(cfg, self.ctx.world_size)
+        changed = sorted(k for k, v in now.items() if k in saved_order and saved_order[k] != v)
+        if changed and in_epoch:
+            warnings.warn(f"{', '.join(changed)} changed since the checkpoint, so the order of the "
+                          "interrupted epoch differs: that epoch restarts from its beginning", stacklevel=1)
+            in_epoch = 0
+        ts.loader.set_epoch(state["epoch"], start_batch=in_epoch * cfg.grad_accum)
+
+    def save(self, ts: TrainingState, step: int, wait: bool = False) -> None:
+        """Write the training state after optimizer step ``step``. A collective: every rank calls it.
+
+        Rank 0 copies the state to host memory (on CUDA: queued copies into pinned memory, no
+        wait) and a background thread writes it, so training goes on during the write; the
+        next save, ``wait=True`` (a preemption: the job must not exit before the file is
+        whole) and ``close`` wait for it."""
+        rng = dist.gather_objects(rng_state(self.ctx.device))
+        if not self.ctx.is_main:
+            return
+        self.wait()  # one write at a time, and its error (a full disk) surfaces here
+        position = ts.loader.state_dict()
+        state = _host_copy({
+            "format": FORMAT,
+            "model": ts.model.state_dict(),
+            "optimizer": ts.optimizer.state_dict(),
+            "scheduler": ts.scheduler.state_dict(),
+            "scaler": ts.scaler.state_dict(),
+            "epoch": position["epoch"],
+            "step_in_epoch": position["batch"] // self.cfg.grad_accum,  # optimizer steps done in `epoch`
+            "step": step,
+            "world_size": self.ctx.world_size,
+            "data_order": data_order(self.cfg, self.ctx.world_size),
+            "config": self.cfg.to_dict(),
+            "rng": rng,  # one entry per rank
+        })
+        copied = torch.cuda.Event() if self.ctx.device.type == "cuda" else None
+        if copied is not None:
+            copied.record()
+        self._writer = threading.Thread(target=self._write, args=(state, step, copied),
+                                        name="distres-checkpoint", daemon=False)
+        self._writer.start()
+        if wait:
+            self.wait()
+
+    def _write(self, state: dict, step: int, copied) -> None:
+        try:
+            if copied is not None:
+                copied.synchronize()  # the device-to-host copies have landed
+            save(state, self.folder, step, self.cfg.keep_checkpoints)
+        except BaseException as e:  # handed to the training thread by wait()
+            self._error = e
+
+    def wait(self) -> None:
+        """Block until the checkpoint being written is on disk; raise what its write raised."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            if isinstance(error, OSError):
+                raise UserError(f"cannot write a checkpoint to {self.folder} ({error.strerror or error}); "
+                                "free space or fix permissions there, then resume with --resume") from None
+            raise error
+
+    close = wait
+
+
+def _host_copy(obj):
+    """obj with every tensor copied to host memory, detached from the live training state
+    (which the next optimizer step changes in place). CUDA tensors go to pinned memory with
+    non_blocking copies: the caller records an event and the writer waits on it."""
+    if isinstance(obj, torch.Tensor):
+        if obj.device.type == "cuda":
+            host = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=True)
+            return host.copy_(obj.detach(), non_blocking=True)
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_host_copy(v) for v in obj)
+    return obj

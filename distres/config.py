@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from distres.errors import UserError
+from distres.errors import ArgumentParser, UserError
 
 ARCHS = ("resnet50", "resnext50_32x4d", "resnet18")
 DATASETS = ("cifar10", "imagefolder", "synthetic")
@@ -108,10 +108,15 @@ class TrainConfig:
     # --- distributed
     device: str = opt("auto", "training device; auto: cuda when available", choices=("auto", "cpu", "cuda"),
                       group="dist")
-    dist_backend: str = opt("auto", "process-group backend; auto: nccl on CUDA, gloo on CPU",
+    dist_backend: str = opt("auto", "process-group backend; auto: nccl on CUDA, gloo on CPU, none for a single "
+                            "process (naming one gives a single process a group of one, and DDP)",
                             choices=("auto", "nccl", "gloo"), group="dist")
     bucket_cap_mb: float = opt(25.0, "DDP gradient bucket size in MB", group="dist")
     static_graph: bool = opt(False, "DDP static_graph (same graph every step)", group="dist")
+    broadcast_buffers: bool = opt(
+        True, "DDP re-broadcasts rank 0's BatchNorm buffers (running mean/var) before every forward; "
+        "--no-broadcast-buffers skips that copy, each rank then keeps its own running statistics "
+        "(evaluation and checkpoints use each rank's / rank 0's)", group="dist")
     bench_comm_probe: bool = opt(
         False, "benchmark only (benchmarks/scaling.py): every other log window skips the gradient "
         "all-reduce (DDP no_sync) to measure the exposed communication time; the ranks' weights "
@@ -140,6 +145,10 @@ class TrainConfig:
         except ValueError:
             raise UserError(f"--lr-steps must be comma-separated epochs like 30,60,80 (got {self.lr_steps!r})")
         return self
+
+    def train_image_size(self) -> int:
+        """The training crop: --image-size, else the data set's native size."""
+        return self.image_size or (32 if self.data == "cifar10" else 224)
 
     def lr_step_epochs(self) -> list[int]:
         return [int(s) for s in str(self.lr_steps).split(",") if s.strip()]
@@ -177,17 +186,12 @@ def load_yaml(path: str) -> dict:
     values = {}
     for key, value in raw.items():
         name = str(key).replace("-", "_")
-        if name not in FIELDS or name == "config":
+        if name not in FIELDS:
             close = difflib.get_close_matches(name, FIELDS, n=1)
             hint = f"did you mean '{close[0]}'?" if close else "see --help for the options"
             raise UserError(f"unknown key '{key}' in --config {path}; {hint}")
         values[name] = value
     return values
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage dump
-        raise UserError(f"{message}; see --help")
 
 
 def _bool(text: str) -> bool:
@@ -200,8 +204,8 @@ def _bool(text: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="distres.train",
+    p = ArgumentParser(
+        prog="python -m distres.train",
         description="Train ResNet-50 / ResNeXt-50 with DistributedDataParallel. "
         "Run as `python -m distres.train` or `torchrun --nproc_per_node N -m distres.train`.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -251,6 +255,6 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def _config_only() -> argparse.ArgumentParser:
-    p = _Parser(add_help=False)
+    p = ArgumentParser(add_help=False)
     p.add_argument("--config", default=None)
     return p

@@ -80,51 +80,69 @@ def rank_from_env() -> int:
     return launch_info()[0]
 
 
+def gpu_index(local_rank: int, visible: int, env: dict | None = None) -> int:
+    """Which of the visible GPUs this process trains on: its local rank, except under
+    ``srun --gpus-per-task=1`` (no torchrun), where SLURM shows each task only its own GPU,
+    as cuda:0, whatever its SLURM_LOCALID."""
+    env = os.environ if env is None else env
+    if local_rank < visible:
+        return local_rank
+    if visible == 1 and "RANK" not in env and "SLURM_PROCID" in env:
+        return 0
+    raise RankError(
+        f"local rank {local_rank} has no GPU (only {visible} visible); "
+        f"launch at most {visible} processes per node (torchrun --nproc_per_node {visible})"
+    )
+
+
 def resolve_device(requested: str, local_rank: int) -> torch.device:
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda":
         if not torch.cuda.is_available():
             raise UserError("--device cuda was requested but no CUDA GPU is visible; use --device cpu")
-        n = torch.cuda.device_count()
-        if local_rank >= n:
-            raise RankError(
-                f"local rank {local_rank} has no GPU (only {n} visible); "
-                f"launch at most {n} processes per node (torchrun --nproc_per_node {n})"
-            )
-        return torch.device("cuda", local_rank)
+        return torch.device("cuda", gpu_index(local_rank, torch.cuda.device_count()))
     if requested == "cpu":
         return torch.device("cpu")
     raise UserError(f"unknown --device {requested!r}; use auto, cpu or cuda")
 
 
-def init(device: str = "auto", backend: str = "auto", timeout_s: int = 1800) -> DistContext:
+def init(device: str = "auto", backend: str = "auto", timeout_s: int = 1800,
+         deterministic: bool = False) -> DistContext:
     """Read the environment, pick the device and backend, and join the process group."""
+    if deterministic:
+        # cuBLAS reads it when it first starts on a device: set it before any CUDA work.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     rank, local_rank, world, local_world = launch_info()
     dev = resolve_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     restart = restart_count()
-    if world == 1:
+    if world == 1 and backend == "auto":
         return DistContext(rank, local_rank, world, local_world, dev, None, restart)
     if backend == "auto":
         backend = "nccl" if dev.type == "cuda" else "gloo"
     if backend == "nccl" and dev.type != "cuda":
         raise UserError("--dist-backend nccl needs CUDA GPUs; use --dist-backend gloo on CPUs")
-    env = os.environ
-    if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
-        raise UserError(
-            "a multi-process launch needs MASTER_ADDR and MASTER_PORT; start with torchrun "
-            "(or launch/ and slurm/ scripts), which set them"
-        )
-    os.environ.setdefault("RANK", str(rank))
-    os.environ.setdefault("WORLD_SIZE", str(world))
     timeout = datetime.timedelta(seconds=timeout_s)
-    store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
-    # After torchrun restarts the workers (--max-restarts) they meet in the same store again, where
-    # the previous attempt's gloo addresses are still listed: a rank that starts before its
-    # peers would connect to a dead process. A key prefix per attempt keeps each attempt apart.
-    store = dist.PrefixStore(f"distres/attempt_{restart}", store)
+    if world == 1:
+        # A backend named for a single process: a process group of one, so the run goes through
+        # DDP and the collectives exactly as a multi-process run does (and their cost is measurable).
+        store = dist.HashStore()
+    else:
+        env = os.environ
+        if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
+            raise UserError(
+                "a multi-process launch needs MASTER_ADDR and MASTER_PORT; start with torchrun "
+                "(or launch/ and slurm/ scripts), which set them"
+            )
+        os.environ.setdefault("RANK", str(rank))
+        os.environ.setdefault("WORLD_SIZE", str(world))
+        store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+        # After torchrun restarts the workers (--max-restarts) they meet in the same store again,
+        # where the previous attempt's gloo addresses are still listed: a rank that starts before
+        # its peers would connect to a dead process. A key prefix per attempt keeps them apart.
+        store = dist.PrefixStore(f"distres/attempt_{restart}", store)
     dist.init_process_group(
         backend=backend,
         store=store,

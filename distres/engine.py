@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from distres import dist
-from distres.models import unwrap
+from distres.models import find_ddp, unwrap
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -35,12 +35,12 @@ def train_step(model: nn.Module, micro_batches, loss_fn, optimizer, precision: P
     no host sync: reading it is left to the logging step)."""
     scaler = precision.scaler
     n = len(micro_batches)
+    ddp = find_ddp(model)
     total = None
     for i, (images, labels) in enumerate(micro_batches):
         # Skip the gradient all-reduce on all but the last micro-batch; DDP then averages the
         # accumulated gradients once.
-        sync = i == n - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
-        with contextlib.nullcontext() if sync else model.no_sync():
+        with ddp.no_sync() if ddp is not None and i < n - 1 else contextlib.nullcontext():
             with precision.autocast():
                 loss = loss_fn(model(images), labels) / n
             scaler.scale(loss).backward()
@@ -50,18 +50,21 @@ def train_step(model: nn.Module, micro_batches, loss_fn, optimizer, precision: P
         nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
     scaler.step(optimizer)
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    # Under DDP the gradients are views into its all-reduce buckets (gradient_as_bucket_view):
+    # zeroing them in place keeps those views; set_to_none would drop them every step.
+    optimizer.zero_grad(set_to_none=ddp is None)
     return total
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(model: nn.Module, loader, precision: Precision, device: torch.device) -> dict:
     """Top-1/top-5 and loss over exactly the validation set: each rank scores its disjoint
     shard, and the sums (not per-rank means) are added across ranks."""
     net = unwrap(model)  # no DDP hooks or buffer broadcasts during evaluation
     was_training = net.training
     net.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top1, top5
+    count = 0  # counted on the host: a device counter would cost a host-to-device copy per batch
     for images, labels in loader:
         with precision.autocast():
             logits = net(images)
@@ -69,12 +72,11 @@ def evaluate(model: nn.Module, loader, precision: Precision, device: torch.devic
         loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top5 == labels[:, None]
-        sums += torch.stack([loss.double(), hits[:, 0].sum().double(),
-                             hits.any(dim=1).sum().double(),
-                             torch.tensor(float(len(labels)), dtype=torch.float64, device=device)])
-    dist.all_reduce_sum(sums)
+        sums += torch.stack([loss.double(), hits[:, 0].sum().double(), hits.any(dim=1).sum().double()])
+        count += len(labels)
+    totals = dist.all_reduce_sum(torch.cat([sums, torch.tensor([float(count)], dtype=torch.float64, device=device)]))
     net.train(was_training)
-    loss, top1, top5, count = sums.tolist()
+    loss, top1, top5, count = totals.tolist()
     count = int(count)
     return {"val_loss": loss / max(count, 1), "top1": 100.0 * top1 / max(count, 1),
             "top5": 100.0 * top5 / max(count, 1), "eval_samples": count}

@@ -1,9 +1,15 @@
-"""User-facing errors.
+"""User-facing errors and the console.
 
 Every mistake a user can make (bad flag, missing data, impossible batch split) raises
-``UserError``; ``distres.train.main`` turns it into one line on stderr
-(``distres: error: ...``) and exit status 2, without a traceback.
+``UserError``; each CLI's ``main`` turns it into one line on stderr (``distres: error: ...``)
+and exit status 2, without a traceback. ``ArgumentParser`` does the same for argparse's own
+errors, and ``console`` is how every module prints a line for the user.
 """
+
+from __future__ import annotations
+
+import argparse
+import sys
 
 
 class UserError(Exception):
@@ -29,3 +35,15 @@ class Preempted(Exception):
 def format_error(err: BaseException) -> str:
     # One line, always: a multi-line message would be cut by log scrapers and SLURM mails.
     return "distres: error: " + " ".join(str(err).split())
+
+
+def console(msg: str) -> None:
+    """A line for the user, on stderr (stdout stays free for what a command outputs)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the one-line error instead of a usage dump (the CLI's main prints it)."""
+
+    def error(self, message: str):
+        raise UserError(f"{message}; see {self.prog} --help")

@@ -1,4 +1,6 @@
-"""Model construction: torchvision ResNets, the CIFAR stem, memory format, DDP, compile."""
+"""The model of a run: a torchvision ResNet (with the CIFAR stem for small images) in the chosen
+memory format, then ``parallelize`` wraps it for training: DDP across processes, then
+``torch.compile``. ``unwrap`` and ``find_ddp`` see through those wrappers."""
 
 from __future__ import annotations
 
@@ -44,28 +46,54 @@ def prepare(model: nn.Module, device: torch.device, channels_last: bool, sync_bn
             distributed: bool) -> nn.Module:
     """Move to the device in the chosen memory format; convert BN to SyncBN when asked."""
     if sync_bn and distributed:
+        if device.type != "cuda":
+            raise UserError("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU kernel); "
+                            "drop --sync-bn on CPU runs")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model.to(device=device, memory_format=memory_format(channels_last))
 
 
-def wrap_ddp(model: nn.Module, device: torch.device, bucket_cap_mb: float,
-             static_graph: bool) -> nn.Module:
-    return nn.parallel.DistributedDataParallel(
-        model,
-        device_ids=[device.index] if device.type == "cuda" else None,
-        bucket_cap_mb=bucket_cap_mb,
-        # Gradients become views into the all-reduce buckets: one copy less per step.
-        gradient_as_bucket_view=True,
-        static_graph=static_graph,
-    )
+def build(cfg, num_classes: int, image_size: int, ctx) -> nn.Module:
+    """The run's model, on its device, ready to load a checkpoint into."""
+    model = build_model(cfg.arch, num_classes, use_cifar_stem(cfg.cifar_stem, image_size), cfg.zero_init_residual)
+    return prepare(model, ctx.device, cfg.channels_last, cfg.sync_bn, ctx.distributed)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under DDP and/or torch.compile (for checkpoints and evaluation)."""
+def parallelize(model: nn.Module, cfg, ctx) -> nn.Module:
+    """DDP across the processes (when there are several), then torch.compile (when asked)."""
+    if ctx.distributed:
+        model = nn.parallel.DistributedDataParallel(
+            model,
+            device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+            bucket_cap_mb=cfg.bucket_cap_mb,
+            # Gradients become views into the all-reduce buckets: one copy less per step.
+            gradient_as_bucket_view=True,
+            static_graph=cfg.static_graph,
+            broadcast_buffers=cfg.broadcast_buffers,
+        )
+    if cfg.compile:
+        model = torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+    return model
+
+
+def _layers(model: nn.Module):
+    """The model and every module it wraps, outermost first (torch.compile wraps DDP)."""
     while True:
+        yield model
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
         elif hasattr(model, "_orig_mod"):
             model = model._orig_mod
         else:
-            return model
+            return
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP and/or torch.compile (for checkpoints and evaluation)."""
+    *_, plain = _layers(model)
+    return plain
+
+
+def find_ddp(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
+    """The DDP wrapper inside model (itself, or under torch.compile), or None."""
+    return next((m for m in _layers(model) if isinstance(m, nn.parallel.DistributedDataParallel)), None)

@@ -1,11 +1,15 @@
-"""Optimizer (no weight decay on BatchNorm and bias), learning-rate schedule, loss."""
+"""The run's plan (steps, epochs, global batch, peak lr), the optimizer (no weight decay on
+BatchNorm and bias), the learning-rate schedule and the loss."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+
+from distres.errors import UserError
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -17,6 +21,30 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             (no_decay if p.ndim <= 1 else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
+
+
+@dataclass(frozen=True)
+class Plan:
+    steps_per_epoch: int  # optimizer steps
+    epochs: int
+    total_steps: int
+    global_batch: int  # images per optimizer step, all processes
+    lr: float  # peak learning rate
+
+
+def plan(cfg, batches_per_epoch: int, world_size: int) -> Plan:
+    """How long the run is, from --epochs / --max-steps and this rank's batches per epoch."""
+    steps_per_epoch = batches_per_epoch // cfg.grad_accum
+    if steps_per_epoch == 0:
+        raise UserError(f"--grad-accum {cfg.grad_accum} needs more batches than the "
+                        f"{batches_per_epoch} each rank has per epoch; lower it or --batch-size")
+    epochs = cfg.epochs if cfg.epochs > 0 else math.ceil(cfg.max_steps / steps_per_epoch)
+    total_steps = epochs * steps_per_epoch
+    if cfg.max_steps > 0:
+        total_steps = min(total_steps, cfg.max_steps)
+        epochs = min(epochs, math.ceil(total_steps / steps_per_epoch))
+    return Plan(steps_per_epoch, epochs, total_steps, cfg.batch_size * cfg.grad_accum * world_size,
+                peak_lr(cfg, world_size))
 
 
 def peak_lr(cfg, world_size: int) -> float:
@@ -51,12 +79,13 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str,
     return 1.0
 
 
-def build_scheduler(cfg, optimizer, total_steps: int, steps_per_epoch: int):
-    warmup = min(round(cfg.warmup_epochs * steps_per_epoch), max(0, total_steps - 1))
+def build_scheduler(cfg, optimizer, plan: Plan):
+    warmup = min(round(cfg.warmup_epochs * plan.steps_per_epoch), max(0, plan.total_steps - 1))
     milestones = cfg.lr_step_epochs()
 
     def factor(step: int) -> float:
-        return lr_factor(step, total_steps, warmup, cfg.schedule, steps_per_epoch, milestones, cfg.lr_gamma)
+        return lr_factor(step, plan.total_steps, warmup, cfg.schedule, plan.steps_per_epoch, milestones,
+                         cfg.lr_gamma)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 

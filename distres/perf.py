@@ -1,9 +1,12 @@
 """Where a training step's time goes, and what to do about it.
 
-``StepMeter`` adds the step-time fields to each logged window (``step_time`` seconds per step,
-``peak_mem_mb``, and ``synced`` under ``--bench-comm-probe``), adds the windows up per epoch,
-and at each epoch end logs a ``kind: epoch`` record with the epoch's data-wait fraction, the
-GPU telemetry summary and the verdict: input-bound or compute-bound, with the lever to try.
+``StepMeter`` owns the log window: it times the fetch of each step's batches (the data wait),
+adds up the loss on the device, and at a log step flushes one ``kind: train`` record (the
+window's loss reduced across ranks, images/s, data-wait fraction, ``step_time``,
+``peak_mem_mb``, and ``synced`` under ``--bench-comm-probe``). It adds the windows up per
+epoch, and at each epoch end logs a ``kind: epoch`` record with the epoch's data-wait
+fraction, the GPU telemetry summary and the verdict: input-bound or compute-bound, with the
+lever to try for the backend the run actually uses.
 
 The comm probe is how benchmarks/scaling.py measures the *exposed* communication time: with
 ``--bench-comm-probe`` every other log window runs its steps inside DDP's ``no_sync()`` (no
@@ -18,11 +21,15 @@ import contextlib
 import importlib.util
 import resource
 import sys
+import time
 
 import torch
 import torch.nn as nn
 
-from distres.tracking import console
+from distres import dist
+from distres.errors import console
+from distres.models import find_ddp
+from distres.tracking import Logger
 
 # At or above this share of step time spent waiting for the next batch, the input pipeline is
 # the bottleneck: faster compute would only make the wait longer.
@@ -31,11 +38,16 @@ INPUT_BOUND_FRAC = 0.10
 HOST_BOUND_UTIL = 70.0
 
 
-def levers(cfg, device_type: str) -> tuple[str, str]:
-    """The first thing to try when input-bound, and when compute-bound, for this config."""
-    if device_type == "cuda" and cfg.data == "cifar10" and cfg.data_backend != "gpu":
+def levers(cfg, device_type: str, backend: str) -> tuple[str, str]:
+    """The first thing to try when input-bound, and when compute-bound, for this config and
+    the data backend it resolved to (``data.loaders.resolve_backend``)."""
+    if backend in ("synthetic", "gpu"):
+        # No decoding to speed up: a batch is a gather on the device, so the wait is the
+        # host's per-batch work, which a larger batch amortises.
+        data = f"a larger --batch-size (the {backend} backend makes batches on the device)"
+    elif device_type == "cuda" and cfg.data == "cifar10":
         data = "--data-backend gpu (the whole data set resident on the GPU)"
-    elif device_type == "cuda" and cfg.data_backend != "dali":
+    elif device_type == "cuda" and backend == "torch":
         installed = importlib.util.find_spec("nvidia") is not None and \
             importlib.util.find_spec("nvidia.dali") is not None
         data = "--data-backend dali" + ("" if installed else " (pip install -e '.[dali]')")
@@ -75,23 +87,33 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
 
 
-def _ddp(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
-    while not isinstance(model, nn.parallel.DistributedDataParallel):
-        if not hasattr(model, "_orig_mod"):  # torch.compile wraps DDP
-            return None
-        model = model._orig_mod
-    return model
-
-
 class StepMeter:
-    def __init__(self, cfg, ctx, model: nn.Module, global_batch: int):
-        self.ctx, self.log_every, self.global_batch = ctx, cfg.log_every, global_batch
-        self.ddp = _ddp(model) if cfg.bench_comm_probe else None
-        self.levers = levers(cfg, ctx.device.type)
-        self._reset()
+    def __init__(self, cfg, ctx, model: nn.Module, global_batch: int, backend: str, logger: Logger | None = None):
+        self.ctx, self.log_every, self.grad_accum, self.global_batch = ctx, cfg.log_every, cfg.grad_accum, global_batch
+        self.logger = logger if logger is not None else Logger()
+        self.ddp = find_ddp(model) if cfg.bench_comm_probe else None
+        # The probe compares step times; on CUDA the host runs ahead of the GPU, so it waits
+        # for the GPU after every step and the host clock times the GPU's work.
+        self.sync_steps = cfg.bench_comm_probe and ctx.device.type == "cuda"
+        self.levers = levers(cfg, ctx.device.type, backend)
+        self.t_run = time.perf_counter()
+        self._loss = torch.zeros((), device=ctx.device)  # summed on the device: no host sync per step
+        self._reset_epoch()
+        self.start_window()
 
-    def _reset(self) -> None:
+    def _reset_epoch(self) -> None:
         self.steps, self.elapsed, self.wait = 0, 0.0, 0.0
+
+    def start_window(self) -> None:
+        self._n, self._wait, self._t0 = 0, 0.0, time.perf_counter()
+        self._loss.zero_()
+
+    def fetch(self, batches) -> list:
+        """The next optimizer step's micro-batches; the time spent waiting for them is data wait."""
+        t0 = time.perf_counter()
+        micro = [next(batches) for _ in range(self.grad_accum)]
+        self._wait += time.perf_counter() - t0
+        return micro
 
     def _probing(self, step: int) -> bool:
         # step: optimizer steps done before this one; windows end at multiples of log_every.
@@ -101,15 +123,44 @@ class StepMeter:
         """no_sync() for the steps of every other window under --bench-comm-probe."""
         return self.ddp.no_sync() if self._probing(step) else contextlib.nullcontext()
 
+    def add(self, loss: torch.Tensor) -> None:
+        """One optimizer step's mean loss (a device tensor, not read here)."""
+        self._loss += loss
+        self._n += 1
+        if self.sync_steps:
+            torch.cuda.synchronize(self.ctx.device)
+
+    def flush(self, step: int, epoch: float, lr: float, bad_samples: int) -> dict:
+        """Log the window ending at optimizer step ``step``, start the next one; the record.
+
+        Note: the one host-device sync of the window (and, with N ranks, an all-reduce); kept
+        off the other steps so the GPU queue never drains."""
+        if self.ctx.device.type == "cuda":
+            # The host runs ahead of the GPU: without waiting here the clock would stop when
+            # the last step was queued, not when it finished.
+            torch.cuda.synchronize(self.ctx.device)
+        elapsed = time.perf_counter() - self._t0
+        counts = torch.tensor([float(self._n), float(bad_samples)], device=self.ctx.device)
+        red = dist.all_reduce_sum(torch.cat([self._loss.reshape(1).float(), counts]))
+        rec = {"kind": "train", "step": step, "epoch": epoch, "loss": (red[0] / red[1]).item(), "lr": lr,
+               "images_per_sec": self._n * self.global_batch / elapsed,
+               "data_wait_frac": self._wait / elapsed, "time": time.perf_counter() - self.t_run,
+               "bad_samples": int(red[2].item()),  # undecodable images skipped so far, all ranks
+               **self.window(self._n, elapsed, self._wait, step)}
+        self.logger.log(rec)
+        self.start_window()
+        return rec
+
     def window(self, steps: int, elapsed: float, wait: float, step: int) -> dict:
-        """Fields for a logged window of ``steps`` steps ending at optimizer step ``step``."""
+        """Step-time fields for a window of ``steps`` steps ending at optimizer step ``step``;
+        adds it to the epoch's totals."""
         self.steps, self.elapsed, self.wait = self.steps + steps, self.elapsed + elapsed, self.wait + wait
         rec = {"step_time": elapsed / steps, "peak_mem_mb": peak_memory_mb(self.ctx.device)}
         if self.ddp is not None:
             rec["synced"] = not self._probing(step - 1)
         return rec
 
-    def epoch_end(self, logger, telemetry, step: int, epoch: int) -> dict | None:
+    def epoch_end(self, telemetry, step: int, epoch: int) -> dict | None:
         """Log the epoch record and print the verdict (rank 0). Every rank must call it: the
         telemetry summary is a collective on CUDA runs."""
         gpu = telemetry.epoch_summary()
@@ -122,8 +173,8 @@ class StepMeter:
                "images_per_sec": self.steps * self.global_batch / self.elapsed if self.elapsed > 0 else 0.0,
                "peak_mem_mb": peak_memory_mb(self.ctx.device), "verdict": label, "verdict_detail": detail,
                **gpu}
-        logger.log(rec)
+        self.logger.log(rec)
         if self.ctx.is_main:
             console(f"distres: epoch {epoch}: {detail}")
-        self._reset()
+        self._reset_epoch()
         return rec

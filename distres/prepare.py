@@ -28,7 +28,8 @@ from typing import Callable
 import numpy as np
 
 from distres.data.formats import CIFAR10_CLASSES, IMAGE_EXTENSIONS
-from distres.errors import EXIT_USER_ERROR, UserError, format_error
+from distres.errors import EXIT_USER_ERROR, ArgumentParser, UserError, format_error
+from distres.host import available_cpus
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts")
 JPEG_QUALITY = 90
@@ -46,7 +47,7 @@ class Task:
     run: Callable[[], None]
 
 
-def run_tasks(tasks: list[Task], workers: int, what: str) -> int:
+def run_tasks(tasks: list[Task], workers: int, what: str) -> None:
     """Run the tasks not done yet, in parallel, with a progress bar; list the failures.
 
     Threads are enough: the work happens in ffmpeg processes or in PIL/zlib code that
@@ -72,7 +73,6 @@ def run_tasks(tasks: list[Task], workers: int, what: str) -> int:
         print(f"  unreadable: {name}: {reason}", flush=True)
     if failed and done == 0 and len(todo) == len(tasks):
         raise UserError(f"none of the {len(tasks)} inputs could be read (listed above); check SRC")
-    return 0
 
 
 def _atomic(dst: Path, write: Callable[[Path], None]) -> None:
@@ -265,11 +265,6 @@ def cifar10_tasks(src: Path, dst: Path) -> list[Task]:
 
 # --- command line ------------------------------------------------------------------------------
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage dump
-        raise UserError(f"{message}; see python -m distres.prepare --help")
-
-
 def _positive(kind):
     def parse(text: str):
         value = kind(text)
@@ -280,9 +275,9 @@ def _positive(kind):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="distres.prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    p = ArgumentParser(prog="python -m distres.prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+    cpus = available_cpus()
 
     def common(sp):
         sp.add_argument("src", type=Path, help="input folder")
@@ -314,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
             tasks = resize_tasks(a.src, a.dst, a.size, a.quality)
         else:
             tasks = cifar10_tasks(a.src, a.dst)
-        return run_tasks(tasks, a.workers, a.command)
+        run_tasks(tasks, a.workers, a.command)
+        return 0
     except UserError as e:
         print(format_error(e), file=sys.stderr, flush=True)
         return EXIT_USER_ERROR

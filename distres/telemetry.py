@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from distres.tracking import console
+from distres.errors import console
 
 SAMPLE_EVERY_S = 2.0
 # What one sample holds; each is averaged and maxed per epoch.

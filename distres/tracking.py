@@ -13,7 +13,6 @@ import netrc
 import os
 import secrets
 import string
-import sys
 import warnings
 from pathlib import Path
 from urllib.parse import urlparse
@@ -205,7 +204,3 @@ def build(cfg, is_main: bool, output_dir: Path, resume_step: int | None,
         loggers.append(WandbLogger(cfg.wandb, output_dir, {**cfg.to_dict(), **(run_info or {})},
                                    output_dir.name, resume=resume_step is not None))
     return MultiLogger(loggers)
-
-
-def console(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)

@@ -54,7 +54,7 @@ export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-120}
 #   export NCCL_DEBUG=INFO               # topology and transport chosen, once per rank
 #   export NCCL_IB_DISABLE=1             # no InfiniBand: use sockets
 #   export GLOO_SOCKET_IFNAME=ib0        # the preemption flag's small gloo group, also on GPU runs
-export NCCL_ASYNC_ERROR_HANDLING=${NCCL_ASYNC_ERROR_HANDLING:-1}  # a dead peer fails, not hangs
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}  # a dead peer fails, not hangs
 
 echo "distres: job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}:" \
      "${SLURM_NTASKS} node task(s) x ${NPROC_PER_NODE} ${DEVICE} process(es), rendezvous ${head_node}:${RDZV_PORT}," \

@@ -193,3 +193,53 @@ def test_decoder_reads_what_torchvision_cannot_and_refuses_broken_files(tmp_path
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     with pytest.raises(DECODE_ERRORS):
         decode_torchvision(str(tmp_path / "bad.jpg"))
+
+
+def test_dali_keeps_one_pipeline_across_whole_epochs(coded):
+    """A pass that ran to its end leaves the pipeline reusable: the next epoch resets it
+    instead of building another, and its batches are still the torch backend's; a pass
+    abandoned halfway (its prefetched batches belong to that pass) is not reused."""
+    _need("dali")
+    ref, dali = (_bundle(coded, b, 0, world=1) for b in ("torch", "dali"))
+    _epoch(dali.train, 1)
+    pipe = dali.train._pipe
+    assert pipe is not None
+    for epoch in (2, 3):
+        want, got = _epoch(ref.train, epoch), _epoch(dali.train, epoch)
+        assert dali.train._pipe is pipe
+        assert len(want) == len(got) == 9
+        for (xa, ya), (xb, yb) in zip(want, got):
+            assert torch.equal(ya, yb)
+            torch.testing.assert_close(xb, xa, rtol=0, atol=1e-5)
+    dali.train.set_epoch(4)
+    it = iter(dali.train)
+    next(it)
+    it.close()  # abandoned after one batch
+    got = _epoch(dali.train, 4, start=1)
+    assert dali.train._pipe is not pipe
+    for (xa, ya), (xb, yb) in zip(_epoch(ref.train, 4, start=1), got):
+        assert torch.equal(ya, yb)
+        torch.testing.assert_close(xb, xa, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["gpu", "synthetic"])
+def test_device_resident_backends_copy_once_per_epoch(coded, backend, monkeypatch):
+    """The gpu and synthetic backends send the epoch's order (and crop boxes) to the device in
+    one copy per epoch, never one per batch: a per-batch host-to-device copy from pageable
+    memory would make the host wait for the GPU at every step."""
+    import importlib
+    module = importlib.import_module(f"distres.data.{backend}")
+    copies = []
+    real = module.to_device
+    monkeypatch.setattr(module, "to_device", lambda t, device: (copies.append(t.shape), real(t, device))[1])
+    if backend == "gpu":
+        loader = _bundle(coded, "gpu", 0, world=1).train
+    else:
+        cfg = parse_args(["--data", "synthetic", "--image-size", "32", "--synthetic-classes", "4",
+                          "--synthetic-samples", "64", "--batch-size", str(BATCH)])
+        loader = build(cfg, DistContext(0, 0, 1, 1, torch.device("cpu"), None), torch.channels_last).train
+    for epoch in (0, 1):
+        copies.clear()
+        batches = _epoch(loader, epoch)
+        assert len(batches) == loader.sampler.num_batches() > 3
+        assert len(copies) == (2 if backend == "gpu" else 1), copies  # order (+ boxes), once

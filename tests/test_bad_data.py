@@ -7,7 +7,7 @@ torch import per run."""
 
 import pytest
 
-from conftest import break_jpeg, make_imagefolder, read_metrics
+from tests.helpers import break_jpeg, make_imagefolder, read_metrics
 from distres.train import main
 
 ARGS = ["--arch", "resnet18", "--data", "imagefolder", "--image-size", "32", "--batch-size", "4",

@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from conftest import TINY, read_metrics, run_train
+from tests.helpers import TINY, read_metrics, run_train
 from distres import checkpoint
 from distres.errors import UserError
 
@@ -92,3 +92,78 @@ def test_mid_epoch_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
         assert torch.equal(st["momentum_buffer"], b["optimizer"]["state"][pid]["momentum_buffer"])
     assert [x["loss"] for x in read_metrics(full) if x["kind"] == "train"] == \
         [x["loss"] for x in read_metrics(cut) if x["kind"] == "train"]
+
+
+def test_resume_with_another_amp_is_a_one_line_error(tmp_path):
+    out = tmp_path / "run"
+    base = TINY + ["--batch-size", "4", "--synthetic-samples", "16", "--max-steps", "2", "--output-dir", str(out)]
+    assert run_train(base + ["--amp", "bf16"]).returncode == 0
+    before = (out / "checkpoints" / checkpoint.LAST).read_bytes()
+    r = run_train(base + ["--amp", "fp16", "--resume"])
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("distres: error: checkpoint ")
+    assert "trained with --amp bf16; resume with --amp bf16" in r.stderr and "Traceback" not in r.stderr
+    assert (out / "checkpoints" / checkpoint.LAST).read_bytes() == before
+
+
+def _checkpointer(tmp_path, keep=3):
+    from distres.config import TrainConfig
+    from distres.dist import DistContext
+
+    cfg = TrainConfig(output_dir=str(tmp_path), keep_checkpoints=keep)
+    ctx = DistContext(0, 0, 1, 1, torch.device("cpu"), None)
+    return checkpoint.Checkpointer(cfg, ctx, tmp_path / "checkpoints")
+
+
+class _Loader:
+    def state_dict(self):
+        return {"epoch": 1, "batch": 3}
+
+
+def test_background_write_holds_the_state_of_its_step(tmp_path, monkeypatch):
+    """save() returns while a thread writes; training then changes the weights and momentum in
+    place. The file must hold the state at the save, not what the thread sees later."""
+    import threading
+    mutated, write = threading.Event(), checkpoint.save
+    monkeypatch.setattr(checkpoint, "save", lambda *a, **k: (mutated.wait(10), write(*a, **k))[1])
+    model = torch.nn.Linear(64, 64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 64)).sum().backward()
+    opt.step()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    ts = checkpoint.TrainingState(model, opt, sched, torch.amp.GradScaler("cpu", enabled=False), _Loader())
+    ck = _checkpointer(tmp_path)
+    want_w = model.weight.detach().clone()
+    want_m = opt.state[model.weight]["momentum_buffer"].clone()
+    ck.save(ts, 7)
+    with torch.no_grad():  # the next steps, while the write may still run
+        model.weight.add_(1.0)
+        opt.state[model.weight]["momentum_buffer"].mul_(0)
+    mutated.set()
+    ck.wait()
+    state, path = checkpoint.load_latest(tmp_path / "checkpoints")
+    assert path.name == checkpoint.LAST and state["step"] == 7
+    assert (state["epoch"], state["step_in_epoch"]) == (1, 3)
+    assert torch.equal(state["model"]["weight"], want_w)
+    assert torch.equal(state["optimizer"]["state"][0]["momentum_buffer"], want_m)
+    assert not [p for p in os.listdir(tmp_path / "checkpoints") if ".tmp" in p]
+
+
+def test_a_failed_background_write_is_a_user_error_and_keeps_the_previous(tmp_path, monkeypatch):
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ts = checkpoint.TrainingState(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+                                  torch.amp.GradScaler("cpu", enabled=False), _Loader())
+    ck = _checkpointer(tmp_path)
+    ck.save(ts, 1, wait=True)
+
+    def full_disk(obj, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    ck.save(ts, 2)  # returns: the write fails in the background
+    with pytest.raises(UserError, match="cannot write a checkpoint to .*No space left on device"):
+        ck.wait()
+    monkeypatch.undo()
+    assert checkpoint.load_latest(tmp_path / "checkpoints")[0]["step"] == 1

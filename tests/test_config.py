@@ -4,7 +4,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO
+from tests.helpers import REPO
 from distres.config import TrainConfig, parse_args
 from distres.errors import UserError
 

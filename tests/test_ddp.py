@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from conftest import TINY, read_metrics, run_train, train_losses
+from tests.helpers import TINY, read_metrics, run_train, train_losses
 
 
 def _params(ckpt) -> dict:
@@ -66,3 +66,19 @@ def test_torchrun_two_processes_end_to_end(tmp_path):
     assert len(evals) == 4 and all(e["eval_samples"] == 16 for e in evals)
     assert (out / "config.yaml").is_file() and (out / "checkpoints" / "last.pt").is_file()
     assert "2 x cpu (gloo)" in r.stderr
+
+
+def test_a_named_backend_gives_one_process_a_group_of_one(tmp_path):
+    """--dist-backend gloo on a single process: DDP at world size 1 through the real loop
+    (how the cost of DDP itself is measured on one GPU), with the same result as no DDP."""
+    common = TINY + ["--batch-size", "2", "--synthetic-samples", "32", "--max-steps", "4", "--grad-accum", "2",
+                     "--amp", "none", "--checkpoint-every", "0", "--eval-every", "0", "--deterministic"]
+    ddp = run_train(common + ["--dist-backend", "gloo", "--output-dir", str(tmp_path / "ddp")])
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "on 1 x cpu (gloo)" in ddp.stderr
+    plain = run_train(common + ["--output-dir", str(tmp_path / "plain")])
+    assert plain.returncode == 0 and "(single process)" in plain.stderr
+    assert train_losses(tmp_path / "ddp") == train_losses(tmp_path / "plain")
+    a, b = _params(tmp_path / "ddp/checkpoints/last.pt"), _params(tmp_path / "plain/checkpoints/last.pt")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)

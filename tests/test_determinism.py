@@ -1,4 +1,4 @@
-from conftest import TINY, run_train, train_losses
+from tests.helpers import TINY, run_train, train_losses
 
 
 def test_same_seed_same_losses_and_other_seed_differs(tmp_path):

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 
-from conftest import REPO, TINY, make_imagefolder, run_train
+from tests.helpers import REPO, TINY, make_imagefolder, run_train
 from distres.train import main
 
 

@@ -2,7 +2,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO, TINY, read_metrics
+from tests.helpers import REPO, TINY, read_metrics
 
 
 def test_local_launcher_runs_two_cpu_ranks(tmp_path):
@@ -34,3 +34,23 @@ def test_multinode_launcher_joins_two_nodes_by_rendezvous(tmp_path):
     assert [p.returncode for p in nodes] == [0, 0], "\n".join(logs)[-3000:]
     assert any("2 x cpu (gloo)" in log for log in logs)
     assert [x["step"] for x in read_metrics(out) if x["kind"] == "train"] == [1, 2, 3]
+
+
+def test_gpu_of_each_process():
+    """torchrun: local rank r trains on cuda:r. srun --gpus-per-task=1 without torchrun: SLURM
+    shows each task only its own GPU, as cuda:0, whatever its SLURM_LOCALID. Too few GPUs
+    otherwise is an error that says how many processes fit."""
+    import pytest
+
+    from distres.dist import gpu_index
+    from distres.errors import RankError
+
+    torchrun = {"RANK": "3", "LOCAL_RANK": "3", "WORLD_SIZE": "8"}
+    srun = {"SLURM_PROCID": "3", "SLURM_LOCALID": "3", "SLURM_NTASKS": "8"}
+    assert gpu_index(3, 8, torchrun) == 3
+    assert gpu_index(3, 1, srun) == 0
+    assert gpu_index(3, 8, srun) == 3
+    with pytest.raises(RankError, match="launch at most 1 processes per node"):
+        gpu_index(3, 1, torchrun)  # 8 processes on one visible GPU: not silently shared
+    with pytest.raises(RankError, match="only 2 visible"):
+        gpu_index(3, 2, srun)

@@ -82,3 +82,34 @@ def test_evaluate_counts_top1_top5_exactly():
                           torch.device("cpu"))
     assert res["eval_samples"] == 3
     assert res["top1"] == pytest.approx(100 / 3) and res["top5"] == pytest.approx(200 / 3)
+
+
+def test_grad_accumulation_skips_the_allreduce_under_torch_compile(tmp_path):
+    """torch.compile wraps the DDP module; the step must still find DDP under it and run all
+    micro-batches but the last inside no_sync(): one gradient all-reduce per optimizer step."""
+    import torch.distributed as tdist
+
+    tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(nn.Linear(4, 3), gradient_as_bucket_view=True)
+        calls = []
+
+        def count(state, bucket):
+            calls.append(1)
+            fut = torch.futures.Future()
+            fut.set_result(bucket.buffer())
+            return fut
+
+        ddp.register_comm_hook(None, count)
+        compiled = torch.compile(ddp, backend="eager")  # dynamo's wrapper, without inductor's compile time
+        assert models.find_ddp(compiled) is ddp and models.unwrap(compiled) is ddp.module
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        prec = engine.Precision("none", torch.device("cpu"))
+        micro = [(torch.randn(4, 4), torch.randint(0, 3, (4,))) for _ in range(3)]
+        for step in range(2):
+            engine.train_step(compiled, micro, nn.CrossEntropyLoss(), opt, prec)
+            assert len(calls) == step + 1, f"{len(calls)} all-reduces after {step + 1} steps of 3 micro-batches"
+        # zero_grad under DDP zeroes in place: the gradients stay DDP's bucket views
+        assert all(p.grad is not None and not p.grad.any() for p in ddp.parameters())
+    finally:
+        tdist.destroy_process_group()

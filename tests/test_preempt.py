@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, TINY, read_metrics, run_train, start_train, wait_for
+from tests.helpers import REPO, TINY, read_metrics, run_train, start_train, wait_for
 from distres import checkpoint
 
 # 2 gloo ranks x batch 4 over 256 samples: 32 steps per epoch, 64 in all; deterministic kernels

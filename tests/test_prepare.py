@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, break_jpeg, make_imagefolder
+from tests.helpers import REPO, break_jpeg, make_imagefolder
 from distres.prepare import main
 
 needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None,

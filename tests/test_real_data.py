@@ -1,6 +1,6 @@
 """Real CIFAR-10 JPEGs (the shared tarball; skipped when absent)."""
 
-from conftest import read_metrics, run_train
+from tests.helpers import read_metrics, run_train
 
 
 def test_resnet18_cifar_stem_learns_real_cifar10(cifar10_subset, tmp_path):

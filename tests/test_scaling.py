@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks import allreduce_model as model
 from benchmarks import scaling
-from conftest import REPO, _env
+from tests.helpers import REPO, cli_env
 
 
 def test_quick_cpu_run(tmp_path, monkeypatch):
@@ -18,7 +18,7 @@ def test_quick_cpu_run(tmp_path, monkeypatch):
     work = tmp_path / "work"
     # The README's --quick with two measured windows instead of six: the same runs, shorter.
     r = subprocess.run([sys.executable, "benchmarks/scaling.py", "--quick", "--windows", "2", "--work-dir", str(work),
-                        "--name", "quick", "--wandb", "offline"], cwd=REPO, env=_env(), capture_output=True,
+                        "--name", "quick", "--wandb", "offline"], cwd=REPO, env=cli_env(), capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((work / "quick.json").read_text())
@@ -70,9 +70,9 @@ def test_analyse_measures_exposed_communication():
     assert got["windows"] == 2 and got["nosync_windows"] == 2
     assert got["images_per_sec"] == 105.0 and got["step_ms"] == pytest.approx(1100)
     assert got["data_wait_ms"] == pytest.approx(110)
-    # busy (non-waiting) time: synced median 0.99 s, unsynced median 0.765 s
-    assert got["exposed_comm_ms"] == pytest.approx(225)
-    assert got["compute_ms"] == pytest.approx(1100 - 110 - 225)
+    # whole step times: synced median 1.1 s, unsynced median 0.85 s
+    assert got["exposed_comm_ms"] == pytest.approx(250)
+    assert got["compute_ms"] == pytest.approx(1100 - 110 - 250)
     assert got["peak_mem_mb"] == 130.0
 
 
@@ -160,7 +160,8 @@ def test_comm_probe_skips_the_allreduce_every_other_window(tmp_path):
 
         ddp.register_comm_hook(None, count)
         ctx = DistContext(0, 0, 1, 1, torch.device("cpu"), "gloo")
-        meter = perf.StepMeter(TrainConfig(log_every=2, bench_comm_probe=True), ctx, ddp, global_batch=8)
+        meter = perf.StepMeter(TrainConfig(log_every=2, bench_comm_probe=True), ctx, ddp, global_batch=8,
+                               backend="synthetic")
         synced = []
         for step in range(8):
             before = len(calls)
@@ -170,7 +171,7 @@ def test_comm_probe_skips_the_allreduce_every_other_window(tmp_path):
         assert synced == [True, True, False, False, True, True, False, False]
         assert meter.window(2, 1.0, 0.1, step=2)["synced"] is True
         assert meter.window(2, 1.0, 0.1, step=4)["synced"] is False
-        plain = perf.StepMeter(TrainConfig(log_every=2), ctx, ddp, global_batch=8)
+        plain = perf.StepMeter(TrainConfig(log_every=2), ctx, ddp, global_batch=8, backend="synthetic")
         assert "synced" not in plain.window(2, 1.0, 0.1, step=4)  # no probe: every step all-reduces
     finally:
         tdist.destroy_process_group()
@@ -186,3 +187,18 @@ def test_multinode_command_is_one_torchrun_per_node(tmp_path):
     assert "--nnodes=2" in cmd and "--nproc_per_node=4" in cmd and "--standalone" not in cmd
     assert "--rdzv-endpoint=node-a:29511" in cmd and "--bench-comm-probe" in cmd
     assert cmd[cmd.index("--device") + 1] == "cuda"
+
+
+def test_gpu_kit_lists_parts_that_fit_the_command_limit():
+    """benchmarks/gpu.sh list runs nothing: every part with its minutes (each within a 10-minute
+    command, with room to start and pack), and an unknown part is refused."""
+    import re
+    out = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh"), "list"], capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0, out.stderr
+    parts = re.findall(r"^(\S+)\s+~(\d+) min\s+\S", out.stdout, re.M)
+    assert {p for p, _ in parts} >= {"smoke", "bare", "levers", "loaders", "cifar10", "scaling"}
+    assert all(1 <= int(m) <= 8 for _, m in parts), parts
+    bad = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh"), "nope"], capture_output=True, text=True,
+                         timeout=30)
+    assert bad.returncode == 2 and "unknown part" in bad.stderr

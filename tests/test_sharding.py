@@ -2,8 +2,15 @@
 
 import pytest
 
-from conftest import make_imagefolder, read_metrics, run_train
-from distres.data.sharding import ShardSampler, shard, train_batches_per_epoch
+from tests.helpers import make_imagefolder, read_metrics, run_train
+from distres.data.sharding import ShardSampler, train_batches_per_epoch
+
+
+def shard(n: int, rank: int, world: int, seed: int = 0, epoch: int = 0, shuffle: bool = True) -> list[int]:
+    """This rank's sample indices for one epoch, as the sampler hands them out."""
+    sampler = ShardSampler(n, max(1, n), rank, world, seed, shuffle=shuffle, drop_last=False)
+    sampler.set_epoch(epoch)
+    return [int(i) for batch in sampler.index_batches() for i in batch]
 
 
 @pytest.mark.parametrize("n,world", [(10, 1), (10, 2), (13, 3), (100, 8), (7, 8)])

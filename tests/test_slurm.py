@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, TINY, read_metrics, wait_for
+from tests.helpers import REPO, TINY, read_metrics, wait_for
 
 CLUSTER = REPO / "slurm" / "local-cluster.sh"
 

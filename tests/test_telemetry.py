@@ -97,11 +97,27 @@ def test_verdict_compute_bound_and_host_bound():
 
 
 def test_levers_follow_the_config():
-    cfg = TrainConfig(data="synthetic", amp="none")
-    assert perf.levers(cfg, "cpu") == ("more --workers", "--amp bf16")
+    cfg = TrainConfig(data="imagefolder", data_dir="x", amp="none")
+    assert perf.levers(cfg, "cpu", "torch") == ("more --workers", "--amp bf16")
     cfg = TrainConfig(data="imagefolder", data_dir="x", workers=4)
-    data, compute = perf.levers(cfg, "cuda")
+    data, compute = perf.levers(cfg, "cuda", "torch")
     assert compute == "--compile"
     assert data.startswith("--data-backend dali")
     cfg.compile = True
-    assert perf.levers(cfg, "cuda")[1].startswith("more GPUs")
+    assert perf.levers(cfg, "cuda", "torch")[1].startswith("more GPUs")
+
+
+@pytest.mark.parametrize("data,device,wrong", [("cifar10", "cuda", "--data-backend gpu"),
+                                               ("synthetic", "cuda", "--data-backend dali"),
+                                               ("synthetic", "cpu", "--workers")])
+def test_levers_follow_the_resolved_backend(data, device, wrong):
+    """With the default --data-backend auto, CIFAR-10 on CUDA already runs on the gpu backend and
+    synthetic data on the synthetic one: neither is told to switch to what it already uses, nor
+    to DALI or more workers, which would not touch its data path."""
+    from distres.data.loaders import resolve_backend
+    cfg = TrainConfig(data=data)
+    backend = resolve_backend(cfg.data_backend, data, torch.device(device))
+    advice, _ = perf.levers(cfg, device, backend)
+    assert wrong not in advice and "dali" not in advice and "--workers" not in advice
+    assert advice.startswith("a larger --batch-size")
+    assert perf.levers(cfg, device, "torch")[0] != advice  # the torch backend gets other advice

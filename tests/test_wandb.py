@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, read_metrics, run_train
+from tests.helpers import TINY, read_metrics, run_train
 from distres import tracking
 
 WANDB_CLI = Path(sys.executable).with_name("wandb")

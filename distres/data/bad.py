@@ -7,8 +7,7 @@ million-image folder should not cost a multi-day run. ``fail``: stop with the pa
 
 from __future__ import annotations
 
-from distres.errors import RankError, UserError
-from distres.tracking import console
+from distres.errors import RankError, UserError, console
 
 POLICIES = ("skip", "fail")
 

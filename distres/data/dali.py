@@ -17,18 +17,21 @@ host feeds DALI this rank's files in the ``ShardSampler``'s order together with 
 box and flip, so the order, the crops, the per-rank sharding and the exact evaluation counts
 (the last batch is simply shorter: DALI takes variable batch sizes) are those of the other
 backends, and a resumed run continues at the batch it stopped at. It costs the host a file
-read and a JPEG header walk per image; measured on the 2-core CPU with 500x375 JPEGs it ran
-as fast as ``fn.readers.file`` with ``fn.random_resized_crop`` (``benchmarks/results/loaders-cpu.md``).
+read and a JPEG header walk per image (``benchmarks/results/loaders-cpu.md`` compares it with
+``fn.readers.file`` and ``fn.random_resized_crop``).
 """
 
 from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from distres.data import transforms
 from distres.data.decode import DECODE_ERRORS, describe, decode_torchvision, image_size, read_bytes
-from distres.data.loaders import Loader, Spec, all_bad
+from distres.data.base import Loader, Spec, all_bad
 from distres.data.sharding import sample_seeds
 from distres.data.sources import FolderSource
 from distres.errors import UserError
@@ -45,19 +48,50 @@ def import_dali():
 
 
 class _Feed:
-    """DALI's external source for one pass over this epoch from batch ``start``: file bytes,
-    labels and (training) each sample's box and flip, one batch per call."""
+    """DALI's external source: file bytes, labels and (training) each sample's box and flip,
+    one batch per call, for the current pass over the epoch (``restart``). A thread prepares
+    the next batches ahead (file reads, JPEG header walks, boxes), off the training thread
+    that calls ``pipe.run()``."""
 
-    def __init__(self, loader: "DaliLoader", start: int):
-        self.loader, self.batch = loader, start
-        self.batches = loader.sampler.index_batches(start)
+    AHEAD = 2  # batches prepared ahead: DALI's own prefetch queue takes two at a time
+
+    def __init__(self, loader: "DaliLoader"):
+        self.loader = loader
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="distres-dali-feed")
+        self.pending: deque = deque()
         self.files: dict[int, list[str]] = {}  # batch number -> the paths it fed
         self.bad: dict[int, list[tuple[str, str]]] = {}
+        self.restart(0)
+
+    def restart(self, start: int) -> None:
+        """Feed this epoch's batches from ``start`` on (the sampler's epoch and order)."""
+        for fut in self.pending:
+            fut.cancel()
+        self.pending.clear()
+        self.files.clear()
+        self.bad.clear()
+        ld = self.loader
+        self.numbers = iter(range(start, ld.sampler.num_batches()))
+        self.indices = ld.sampler.index_batches(start)
+        self.epoch = ld.sampler.epoch
+        for _ in range(self.AHEAD):
+            self._submit()
+
+    def _submit(self) -> None:
+        idx = next(self.indices, None)
+        if idx is not None:
+            self.pending.append(self.pool.submit(self._prepare, next(self.numbers), idx, self.epoch))
 
     def __call__(self):
-        idx = next(self.batches)  # StopIteration ends DALI's epoch
-        ld, k = self.loader, self.batch
-        self.batch += 1
+        if not self.pending:
+            raise StopIteration  # ends DALI's epoch
+        k, out, files, bad = self.pending.popleft().result()
+        self._submit()
+        self.files[k], self.bad[k] = files, bad
+        return out
+
+    def _prepare(self, k: int, idx, epoch: int):
+        ld = self.loader
         datas, kept, sizes, bad = [], [], [], []
         for i in idx.tolist():
             path = ld.source.paths[i]
@@ -75,7 +109,6 @@ class _Feed:
             datas.append(np.frombuffer(data, dtype=np.uint8))
             kept.append(i)
             sizes.append(hw)
-        self.files[k], self.bad[k] = [ld.source.paths[i] for i in kept], bad
         if not datas:
             raise all_bad(bad, len(idx))
         kept, sizes = np.array(kept), np.array(sizes)
@@ -84,10 +117,10 @@ class _Feed:
             resized, anchor = transforms.fit_geometry(sizes, ld.size)
             out += [resized.astype(np.float32), anchor.astype(np.int32)]
         if ld.train:
-            boxes = transforms.train_boxes(sample_seeds(ld.sampler.seed, ld.sampler.epoch, kept), sizes, ld.size)
+            boxes = transforms.train_boxes(sample_seeds(ld.sampler.seed, epoch, kept), sizes, ld.size)
             out += [np.stack([boxes.top, boxes.left], 1).astype(np.int32),
                     np.stack([boxes.height, boxes.width], 1).astype(np.int32), boxes.flip.astype(np.int32)]
-        return out
+        return k, out, [ld.source.paths[i] for i in kept], bad
 
 
 class DaliLoader(Loader):
@@ -96,14 +129,16 @@ class DaliLoader(Loader):
         if not isinstance(spec.source, FolderSource):
             raise UserError("--data-backend dali reads image files; write them with "
                             "`python -m distres.prepare cifar10 SRC DST` and pass --data-dir DST")
-        super().__init__(spec.sampler(len(spec.source)), len(spec.source), spec.norm.device, spec.bad)
-        self.source, self.train, self.size, self.norm = spec.source, spec.train, spec.image_size, spec.norm
+        super().__init__(spec, len(spec.source))
+        self.source, self.train, self.size = spec.source, spec.train, spec.image_size
         self.batch_size, self.threads = spec.batch_size, max(1, spec.workers)
         self.hwc = spec.norm.memory_format == torch.channels_last
         self.random_resized_crop = self.train and self.size > transforms.SMALL_IMAGES
         self.known_bad: dict[str, str] = {}  # files DALI failed on, found by re-decoding them
+        self.feed = _Feed(self)
+        self._pipe, self._pass_done = None, False
 
-    def _pipeline(self, feed: _Feed):
+    def _pipeline(self):
         fn, types = self.fn, self.types
         gpu = self.device.type == "cuda"
         device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) \
@@ -113,7 +148,7 @@ class DaliLoader(Loader):
         size = [self.size, self.size]
         outputs = 2 + 2 * (not self.random_resized_crop) + 3 * self.train
         with pipe:
-            jpegs, labels, *geometry = fn.external_source(source=feed, num_outputs=outputs, batch=True)
+            jpegs, labels, *geometry = fn.external_source(source=self.feed, num_outputs=outputs, batch=True)
             decoder = {"device": "mixed" if gpu else "cpu", "output_type": types.RGB}
             mirror = geometry[-1] if self.train else 0
             if self.random_resized_crop:
@@ -133,33 +168,52 @@ class DaliLoader(Loader):
             images = fn.crop_mirror_normalize(
                 images, mirror=mirror, mean=self.norm.mean_255, std=self.norm.std_255,
                 dtype=types.FLOAT, output_layout="HWC" if self.hwc else "CHW")
-            pipe.set_outputs(images, labels)
+            # On the GPU the labels go with the images: no host-to-device copy per batch.
+            pipe.set_outputs(images, labels.gpu() if gpu else labels)
         pipe.build()
         return pipe
 
-    def _batches(self):
-        # A pipeline per pass: it builds in milliseconds, and a fresh one never holds batches
-        # it prefetched for another epoch or position (an epoch cut short by --max-steps).
-        k = self.sampler.start_batch
-        while k < self.sampler.num_batches():
-            feed = _Feed(self, k)
-            pipe = self._pipeline(feed)
+    def _start_pass(self, start: int):
+        """The pipeline for a pass from batch ``start``: the loader's one pipeline, reset for the
+        new pass, when its last pass ran to the end; else a new one (one that stopped halfway
+        still holds batches it prefetched for that pass)."""
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None and self._pass_done:
             try:
-                for k in range(k, self.sampler.num_batches()):
-                    try:
-                        images, labels = pipe.run()
-                    except RuntimeError:
-                        # A file whose header looked fine failed to decode: find it, then
-                        # rebuild the pipeline and feed this batch again without it.
-                        if not self._find_bad(feed.files[k]):
-                            raise
-                        break
-                    self.bad.report_all(feed.bad.pop(k))
-                    yield to_torch(images, labels, self.device, self.hwc)
-                else:
-                    return
-            finally:
-                del pipe
+                pipe.run()  # past its last batch: StopIteration, DALI's end of epoch
+                pipe = None  # it had more batches than fed: not reusable
+            except StopIteration:
+                pass
+        else:
+            pipe = None
+        self.feed.restart(start)
+        if pipe is None:
+            pipe = self._pipeline()
+        else:
+            pipe.reset()
+        self._pipe, self._pass_done = pipe, False
+        return pipe
+
+    def _batches(self):
+        k, n = self.sampler.start_batch, self.sampler.num_batches()
+        while k < n:
+            pipe = self._start_pass(k)
+            for k in range(k, n):
+                try:
+                    images, labels = pipe.run()
+                except RuntimeError:
+                    # A file whose header looked fine failed to decode: find it, then build a
+                    # new pipeline and feed this batch again without it.
+                    self._pipe = None
+                    if not self._find_bad(self.feed.files[k]):
+                        raise
+                    break
+                self.bad.report_all(self.feed.bad.pop(k))
+                self.feed.files.pop(k)
+                self._pass_done = k == n - 1
+                yield to_torch(images, labels, self.device, self.hwc)
+            else:
+                return
 
     def _find_bad(self, paths: list[str]) -> bool:
         found = False
@@ -173,13 +227,18 @@ class DaliLoader(Loader):
 
 def to_torch(images, labels, device: torch.device, hwc: bool):
     """A DALI pipeline's (images, labels) outputs as torch tensors on the device: a copy, since
-    DALI reuses its output buffers; NHWC output becomes an N x C x H x W view with
-    channels_last strides."""
+    DALI reuses its output buffers (on CUDA a device-to-device copy on the current stream);
+    NHWC output becomes an N x C x H x W view with channels_last strides."""
     from nvidia.dali.plugin.pytorch import feed_ndarray
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
     t = images.as_tensor()
     out = torch.empty(t.shape(), dtype=torch.float32, device=device)
-    feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(device) if device.type == "cuda" else None)
+    feed_ndarray(t, out, cuda_stream=stream)
     if hwc:
         out = out.permute(0, 3, 1, 2)
-    labels = torch.from_numpy(np.array(labels.as_tensor())).reshape(-1).long()
-    return out, labels.to(device, non_blocking=True)
+    if device.type == "cuda":
+        lt = labels.as_tensor()
+        ids = torch.empty(lt.shape(), dtype=torch.int64, device=device)
+        feed_ndarray(lt, ids, cuda_stream=stream)
+        return out, ids.reshape(-1)
+    return out, torch.from_numpy(np.array(labels.as_tensor())).reshape(-1).long()

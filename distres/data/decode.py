@@ -2,9 +2,8 @@
 
 Decoder choice, by measurement (``benchmarks/loaders.py``, results in
 ``benchmarks/results/loaders-cpu.md``): torchvision.io (libjpeg-turbo, straight into a uint8
-tensor) decoded CIFAR-10 JPEGs 1.7x and 500x375 JPEGs 1.2x faster than PIL on one core, with
-identical pixels, so it is the default; PIL stays as the fallback for formats torchvision
-cannot read and as the benchmark's comparison.
+tensor) decodes faster than PIL with identical pixels, so it is the default; PIL stays as the
+fallback for formats torchvision cannot read and as the benchmark's comparison.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import torch
 
 from distres.data import transforms
 from distres.data.decode import DECODE_ERRORS, describe
-from distres.data.loaders import Loader, Spec
+from distres.data.base import Loader, Spec, to_device
 from distres.data.sharding import sample_seeds
 from distres.data.sources import ArraySource
 from distres.errors import UserError
@@ -67,24 +67,30 @@ class GpuLoader(Loader):
         if size > transforms.SMALL_IMAGES:
             raise UserError(f"--data-backend gpu is for small images (<= {transforms.SMALL_IMAGES} px, "
                             f"pad-crop-flip augmentation); for --image-size {size} use --data-backend torch or dali")
-        device = spec.norm.device
+        device = spec.device
         # Training images are stored with their zero border already added (CIFAR: 40 x 40, 240 MB
         # instead of 150), so that a batch is a single gather with no padding kernel.
         self.pad = transforms.pad_for(size) if spec.train else 0
         _check_fits(len(spec.source), size + 2 * self.pad, device)
-        images, labels = load_all(spec.source, size, spec.bad, len(os.sched_getaffinity(0)))
+        images, labels = load_all(spec.source, size, spec.bad, spec.cpus)
         self.images = transforms.pad_nhwc(images, self.pad).to(device)  # N x H x W x C
         self.labels = labels.to(device)
-        super().__init__(spec.sampler(len(labels)), len(labels), device, spec.bad)
-        self.norm, self.train, self.size = spec.norm, spec.train, size
+        super().__init__(spec, len(labels))
+        self.train, self.size = spec.train, size
 
     def _batches(self):
-        for idx in self.sampler.index_batches():
-            i = torch.from_numpy(idx).to(self.device, non_blocking=True)
+        # The epoch's order and crop boxes go to the device in one copy per epoch; each batch is
+        # then a slice and a gather there, with nothing for the host to wait for.
+        order = self.sampler.epoch_indices()
+        index = to_device(torch.from_numpy(order), self.device)
+        if self.train:
+            seeds = sample_seeds(self.sampler.seed, self.sampler.epoch, order)
+            crops = to_device(transforms.pad_crop_params(transforms.pad_crop_boxes(seeds, self.size, self.pad)),
+                              self.device)
+        for part in self.sampler.batch_slices():
+            i = index[part]
             if self.train:
-                seeds = sample_seeds(self.sampler.seed, self.sampler.epoch, idx)
-                boxes = transforms.pad_crop_boxes(seeds, self.size, self.pad)
-                images = transforms.gather_pad_crops(self.images, i, boxes, self.pad)
+                images = transforms.gather_pad_crops(self.images, i, crops[:, part], self.size, self.pad)
             else:
                 images = self.images[i]
             yield self.norm(images.permute(0, 3, 1, 2), self.labels[i])

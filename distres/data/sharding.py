@@ -26,12 +26,6 @@ def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool) -> torch
     return torch.randperm(num_samples, generator=g)
 
 
-def shard(num_samples: int, rank: int, world: int, seed: int = 0, epoch: int = 0,
-          shuffle: bool = True) -> list[int]:
-    """This rank's sample indices for one epoch (lengths differ by at most one across ranks)."""
-    return epoch_order(num_samples, seed, epoch, shuffle)[rank::world].tolist()
-
-
 def sample_seeds(seed: int, epoch: int, indices: np.ndarray) -> np.ndarray:
     """Each sample's augmentation seed, (seed, epoch) mixed with its index (uint64 array)."""
     base = np.uint64(((seed * _MIX + epoch) * 1_000_000_007) & _MASK63)
@@ -71,13 +65,24 @@ class ShardSampler(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return max(0, self.num_batches() - self.start_batch)
 
+    def epoch_indices(self) -> np.ndarray:
+        """This rank's sample indices for the whole epoch, in order (batch k is the k-th slice of
+        batch_size of them; training leaves the tail that fills no batch unused)."""
+        return epoch_order(self.num_samples, self.seed, self.epoch, self.shuffle)[self.rank::self.world].numpy()
+
+    def batch_slices(self, start: int | None = None) -> Iterator[slice]:
+        """This epoch's batches from ``start`` (default: the resume point) as slices of
+        ``epoch_indices()``."""
+        b = self.batch_size
+        for i in range(self.start_batch if start is None else start, self.num_batches()):
+            yield slice(i * b, (i + 1) * b)
+
     def index_batches(self, start: int | None = None) -> Iterator[np.ndarray]:
         """This epoch's batches from ``start`` (default: the resume point) as arrays of sample
         indices."""
-        idx = epoch_order(self.num_samples, self.seed, self.epoch, self.shuffle)[self.rank::self.world].numpy()
-        b = self.batch_size
-        for i in range(self.start_batch if start is None else start, self.num_batches()):
-            yield idx[i * b:(i + 1) * b]
+        idx = self.epoch_indices()
+        for part in self.batch_slices(start):
+            yield idx[part]
 
     def __iter__(self):
         for batch in self.index_batches():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from distres.data.loaders import Loader, Spec
+from distres.data.base import Loader, Spec, to_device
 
 
 class SyntheticSource:
@@ -30,11 +30,13 @@ class SyntheticSource:
 
 class SyntheticLoader(Loader):
     def __init__(self, spec: Spec):
-        self.source, self.norm = spec.source, spec.norm
-        super().__init__(spec.sampler(len(spec.source)), len(spec.source), spec.norm.device, spec.bad)
+        super().__init__(spec, len(spec.source))
+        self.source = spec.source
 
     def _batches(self):
         src = self.source
-        for idx in self.sampler.index_batches():
-            i = torch.from_numpy(idx % len(src.labels)).to(src.images.device)
+        # One copy of the epoch's order per epoch, then device-side slices: no per-step host wait.
+        pool_index = to_device(torch.from_numpy(self.sampler.epoch_indices() % len(src.labels)), self.device)
+        for part in self.sampler.batch_slices():
+            i = pool_index[part]
             yield self.norm(src.images[i], src.labels[i])

@@ -1,11 +1,11 @@
 """The ``torch`` backend: a DataLoader whose worker processes decode and crop whole batches.
 
 Tuned for throughput on any machine: workers decode to uint8 (a quarter of float32's bytes
-through shared memory), batches are pinned and copied with non_blocking=True, and the
-conversion to float and the normalisation run on the training device. Workers stay alive
-across epochs (persistent_workers) and keep 4 batches each in flight; their number comes
-from the CPUs this process may use (``default_workers``). The decoder is torchvision.io's,
-the faster of the two measured (``decode.py``).
+through shared memory); batches are pinned and, on CUDA, copied one batch ahead on a side
+stream (``base.prefetch``); the conversion to float and the normalisation run on the device.
+Workers stay alive across epochs (persistent_workers) and keep 4 batches each in flight; their
+number comes from the CPUs this process may use (``default_workers``). The decoder is
+torchvision.io's (``decode.py`` says why).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 
 from distres.data import transforms
 from distres.data.decode import DECODE_ERRORS, describe
-from distres.data.loaders import Loader, Spec, all_bad
+from distres.data.base import Loader, Spec, all_bad, prefetch
 
 
 class BatchDataset(torch.utils.data.Dataset):
@@ -51,7 +51,8 @@ class BatchDataset(torch.utils.data.Dataset):
             pad = transforms.pad_for(self.size)
             boxes = transforms.pad_crop_boxes(seeds, self.size, pad)
             padded = transforms.pad_nhwc(torch.stack(images).permute(0, 2, 3, 1), pad)
-            batch = transforms.gather_pad_crops(padded, torch.arange(len(images)), boxes, pad).permute(0, 3, 1, 2)
+            batch = transforms.gather_pad_crops(padded, torch.arange(len(images)), transforms.pad_crop_params(boxes),
+                                                self.size, pad).permute(0, 3, 1, 2)
         else:
             boxes = transforms.rrc_boxes(seeds, [img.shape[-2] for img in images], [img.shape[-1] for img in images])
             batch = torch.stack([transforms.resized_crop_flip(img, boxes[k], self.size)
@@ -65,8 +66,7 @@ def _whole_batch(batch):
 
 class TorchLoader(Loader):
     def __init__(self, spec: Spec):
-        super().__init__(spec.sampler(len(spec.source)), len(spec.source), spec.norm.device, spec.bad)
-        self.norm = spec.norm
+        super().__init__(spec, len(spec.source))
         workers = spec.workers
         self.loader = torch.utils.data.DataLoader(
             BatchDataset(spec.source, spec.train, spec.image_size), batch_sampler=self.sampler,
@@ -75,8 +75,11 @@ class TorchLoader(Loader):
         )
 
     def _batches(self):
+        yield from prefetch(self._host_batches(), self.norm)
+
+    def _host_batches(self):
         for images, labels, bad in self.loader:
             self.bad.report_all(bad)
             if len(labels) == 0:
                 raise all_bad(bad, len(bad))
-            yield self.norm(images, labels)
+            yield images, labels

@@ -98,14 +98,19 @@ def resized_crop_flip(img: torch.Tensor, box: tuple[int, int, int, int, bool], s
     return img.flip(-1) if flip else img
 
 
-def gather_pad_crops(padded: torch.Tensor, index: torch.Tensor, boxes: Boxes, pad: int) -> torch.Tensor:
+def pad_crop_params(boxes: Boxes) -> torch.Tensor:
+    """The pad-crop boxes as one 3 x B int64 tensor (top, left, flip) for ``gather_pad_crops``."""
+    return torch.from_numpy(np.stack([boxes.top, boxes.left, boxes.flip.astype(np.int64)]))
+
+
+def gather_pad_crops(padded: torch.Tensor, index: torch.Tensor, params: torch.Tensor, size: int,
+                     pad: int) -> torch.Tensor:
     """The pad-crop boxes of a whole batch in one gather, on any device. ``padded`` is
     N x H x W x C, every image already inside a ``pad``-pixel zero border; ``index`` picks the
-    batch's images. Returns B x S x S x C, the columns reversed for the flipped images."""
-    device, size = padded.device, int(boxes.height[0])
-    params = torch.from_numpy(np.stack([boxes.top, boxes.left, boxes.flip.astype(np.int64)]))
-    top, left, flip = params.to(device, non_blocking=True)
-    steps = torch.arange(size, device=device)
+    batch's images and ``params`` (``pad_crop_params``, on padded's device) their boxes.
+    Returns B x S x S x C, the columns reversed for the flipped images."""
+    top, left, flip = params
+    steps = torch.arange(size, device=padded.device)
     rows = (top + pad)[:, None] + steps  # B x S source rows
     cols = (left + pad)[:, None] + steps
     cols = torch.where(flip[:, None].bool(), cols.flip(1), cols)

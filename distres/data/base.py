@@ -1,0 +1,162 @@
+"""The loader protocol every backend implements (the factory that picks one is ``loaders.py``).
+
+A ``Loader`` is an iterable over one epoch of this rank's batches. It yields
+``(images, labels)`` already on the training device: images normalised, float32 (the model's
+parameter dtype; autocast lowers it inside the model), in the model's memory format; labels
+int64. ``len()`` is the number of batches left in the epoch. ``set_epoch(epoch, start_batch)``
+picks the epoch and where in it to start; ``state_dict()`` is that position as the batches
+handed out so far, which the trainer checkpoints: the loader is the one record of where
+training stands within an epoch. Every backend takes its order from the same
+``ShardSampler`` and its random crops from ``transforms``, so backends differ only in speed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from distres.data.bad import BadSamples
+from distres.data.sharding import ShardSampler
+from distres.errors import RankError
+
+
+class Normalize:
+    """uint8 N x C x H x W images (any strides, any device) -> the model's input."""
+
+    def __init__(self, mean, std, device: torch.device, memory_format: torch.memory_format,
+                 dtype: torch.dtype = torch.float32):
+        self.device, self.memory_format, self.dtype = device, memory_format, dtype
+        self.mean_255 = [255 * m for m in mean]  # 0..255 units, as uint8 pixels come
+        self.std_255 = [255 * s for s in std]
+        self.mean = torch.tensor(self.mean_255, device=device, dtype=dtype).view(1, -1, 1, 1)
+        self.std = torch.tensor(self.std_255, device=device, dtype=dtype).view(1, -1, 1, 1)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor):
+        # uint8 crosses the bus (4x less than float32); non_blocking overlaps the copy with
+        # compute when the batch sits in pinned memory.
+        images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        images = images.to(self.dtype).sub_(self.mean).div_(self.std)
+        return images, labels.to(self.device, non_blocking=True)
+
+
+@dataclass
+class Spec:
+    """What every backend gets: one split, its transforms, and this rank's share."""
+
+    source: object  # sources.FolderSource / ArraySource / synthetic.SyntheticSource
+    train: bool
+    image_size: int
+    norm: Normalize
+    bad: BadSamples
+    batch_size: int
+    rank: int
+    world: int
+    seed: int
+    workers: int  # DataLoader processes (torch) or DALI threads
+    cpus: int  # this rank's share of the CPUs (threads for one-off work such as decoding a data set)
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.device
+
+    @property
+    def pin_memory(self) -> bool:
+        return self.device.type == "cuda"
+
+    def sampler(self, num_samples: int) -> ShardSampler:
+        return ShardSampler(num_samples, self.batch_size, self.rank, self.world, self.seed,
+                            shuffle=self.train, drop_last=self.train)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on the device without making the host wait: on CUDA the copy goes through
+    page-locked memory (a pageable source would make the copy synchronous), and torch's
+    pinned-memory cache keeps that buffer until the copy has run, then reuses it."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def prefetch(batches, norm: Normalize):
+    """Host (uint8 images, labels) batches -> device batches, on CUDA copied and normalised on a
+    side stream one batch ahead, so the copy of batch k+1 overlaps the compute of batch k."""
+    if norm.device.type != "cuda":
+        yield from (norm(images, labels) for images, labels in batches)
+        return
+    side = torch.cuda.Stream(norm.device)
+    ahead = None  # (batch, event recorded after its work on the side stream)
+    for images, labels in batches:
+        with torch.cuda.stream(side):
+            ready = (norm(images, labels), torch.cuda.Event())
+            ready[1].record(side)
+        if ahead is not None:
+            yield _handed_over(*ahead)
+        ahead = ready
+    if ahead is not None:
+        yield _handed_over(*ahead)
+
+
+def _handed_over(batch, done: torch.cuda.Event):
+    """Make the compute stream wait for batch's copy (only that: the next batch's copy may
+    already be queued behind it), and tell the caching allocator that the compute stream uses
+    its memory, or it could be handed out again while compute still reads it."""
+    compute = torch.cuda.current_stream(batch[0].device)
+    compute.wait_event(done)
+    for t in batch:
+        t.record_stream(compute)
+    return batch
+
+
+class Loader:
+    """The protocol. Backends implement ``_batches()`` over ``self.sampler``'s current epoch."""
+
+    def __init__(self, spec: Spec, num_samples: int):
+        self.sampler = spec.sampler(num_samples)
+        self.num_samples, self.device, self.norm, self.bad = num_samples, spec.device, spec.norm, spec.bad
+        self._position = 0  # batches of the current epoch handed out (incl. skipped on resume)
+
+    @property
+    def bad_samples(self) -> int:
+        """Samples left out so far on this process because they could not be decoded."""
+        return self.bad.count
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    @property
+    def position(self) -> int:
+        """Batches of the current epoch handed out so far (including those skipped on resume)."""
+        return self._position
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start_batch)
+        self._position = start_batch
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        self._position = self.sampler.start_batch
+        for batch in self._batches():
+            self._position += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        """Where this epoch stands: ``load_state_dict`` continues with the next batch, the same
+        samples and crops as an uninterrupted run."""
+        return {"epoch": self.sampler.epoch, "batch": self._position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.set_epoch(int(state["epoch"]), int(state["batch"]))
+
+    def _batches(self):
+        raise NotImplementedError
+
+
+def all_bad(bad, size: int) -> RankError:
+    """A batch of which nothing could be decoded cannot be skipped (every rank must step)."""
+    first = bad[0][0] if bad else "?"
+    return RankError(f"all {size} images of a batch are unreadable (first: {first}); "
+                     "check the data folder (python -m distres.prepare resize rewrites it and lists the bad files)")

@@ -1,0 +1,153 @@
+"""CUDA paths, run only where there is a GPU (`pytest -m gpu`; skipped elsewhere, as in CI).
+
+Each drives the real components: the CLI under nccl, the gpu backend against itself on the
+CPU, the RNG through a real checkpoint file, NVML on this GPU, and an audit of host-device
+synchronisation in steady-state training steps of every backend."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from tests.helpers import make_imagefolder, read_metrics, run_train, train_losses
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+SMALL = ["--arch", "resnet18", "--data", "synthetic", "--image-size", "32", "--synthetic-classes", "10",
+         "--device", "cuda", "--no-progress", "--wandb", "disabled", "--batch-size", "64",
+         "--synthetic-samples", "4096", "--eval-every", "0"]
+
+
+def test_nccl_group_of_one_through_the_real_loop(tmp_path):
+    out = tmp_path / "run"
+    r = run_train(SMALL + ["--dist-backend", "nccl", "--max-steps", "20", "--log-every", "5",
+                           "--checkpoint-every", "10", "--output-dir", str(out)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "on 1 x cuda (nccl)" in r.stderr
+    assert [x["step"] for x in read_metrics(out) if x["kind"] == "train"] == [5, 10, 15, 20]
+    state = torch.load(out / "checkpoints/last.pt", weights_only=True)
+    assert len(state["rng"]) == 1 and len(state["rng"][0]["cuda"]) == 1  # this rank's GPU only
+
+
+def test_fp16_with_gradscaler_and_clipping(tmp_path):
+    out = tmp_path / "run"
+    r = run_train(SMALL + ["--amp", "fp16", "--clip-grad-norm", "1.0", "--max-steps", "20", "--log-every", "5",
+                           "--output-dir", str(out)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    losses = train_losses(out)
+    assert len(losses) == 4 and all(map(lambda x: x == x and abs(x) < 100, losses))
+    scaler = torch.load(out / "checkpoints/last.pt", weights_only=True)["scaler"]
+    assert scaler["scale"] > 0
+
+
+def test_compiled_ddp_with_gradient_accumulation_resumes(tmp_path):
+    """torch.compile over DDP (a group of one, nccl) with 2 micro-batches per step; stopped and
+    resumed on the GPU, the run ends where an uninterrupted one does."""
+    common = SMALL + ["--dist-backend", "nccl", "--compile", "--grad-accum", "2", "--log-every", "4",
+                      "--checkpoint-every", "0", "--epochs", "1", "--synthetic-samples", "1024",
+                      "--schedule", "constant", "--warmup-epochs", "0"]
+    r = run_train(common + ["--max-steps", "4", "--output-dir", str(tmp_path / "run")], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_train(common + ["--resume", "--output-dir", str(tmp_path / "run")], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stderr and "at step 4" in r.stderr
+    assert [x["step"] for x in read_metrics(tmp_path / "run") if x["kind"] == "train"] == [4, 8]
+
+
+def _bundle(root, device: str, backend: str, workers: int = 0):
+    from distres.config import parse_args
+    from distres.data import build
+    from distres.dist import DistContext
+
+    cfg = parse_args(["--data", "imagefolder", "--data-dir", str(root), "--image-size", "32", "--seed", "3",
+                      "--batch-size", "16", "--data-backend", backend, "--workers", str(workers)])
+    ctx = DistContext(0, 0, 1, 1, torch.device(device, 0) if device == "cuda" else torch.device("cpu"), None)
+    return build(cfg, ctx, torch.channels_last)
+
+
+def test_gpu_backend_on_the_gpu_matches_itself_on_the_cpu(tmp_path):
+    root = make_imagefolder(tmp_path / "data", {"train": {"a": 40, "b": 40}, "val": {"a": 10, "b": 11}})
+    gpu, cpu = _bundle(root, "cuda", "gpu"), _bundle(root, "cpu", "gpu")
+    for split in ("train", "val"):
+        for epoch in (0, 1):
+            for loader in (getattr(gpu, split), getattr(cpu, split)):
+                loader.set_epoch(epoch)
+            pairs = list(zip(getattr(gpu, split), getattr(cpu, split)))
+            assert len(pairs) == getattr(cpu, split).sampler.num_batches() > 0
+            for (xg, yg), (xc, yc) in pairs:
+                assert xg.is_cuda and xg.is_contiguous(memory_format=torch.channels_last)
+                assert torch.equal(yg.cpu(), yc) and torch.equal(xg.cpu(), xc)
+
+
+def test_cuda_rng_round_trips_through_a_checkpoint(tmp_path):
+    from distres import checkpoint
+
+    device = torch.device("cuda", 0)
+    torch.cuda.manual_seed(5)
+    checkpoint.atomic_save({"rng": checkpoint.rng_state(device)}, tmp_path / "r.pt")
+    expected = torch.rand(4, device=device)
+    torch.rand(100, device=device)  # move the generator on
+    checkpoint.set_rng_state(torch.load(tmp_path / "r.pt", weights_only=True)["rng"], device)
+    assert torch.equal(torch.rand(4, device=device), expected)
+
+
+def test_nvml_telemetry_samples_this_gpu():
+    pytest.importorskip("pynvml")
+    from distres import telemetry
+    from distres.dist import DistContext
+
+    ctx = DistContext(0, 0, 1, 1, torch.device("cuda", 0), None)
+    sampler = telemetry.start(ctx, interval_s=0.1)
+    try:
+        assert isinstance(sampler, telemetry.Sampler)
+        x = torch.randn(4096, 4096, device="cuda")
+        for _ in range(50):
+            x = x @ x / 4096
+        torch.cuda.synchronize()
+        summary = sampler.epoch_summary()
+    finally:
+        sampler.close()
+    assert summary["gpu_count"] == 1 and summary["gpu_mem_used_mb_max"] > 0
+    assert 0 <= summary["gpu_util_mean"] <= 100
+
+
+@pytest.mark.parametrize("backend", ["synthetic", "gpu", "torch", "dali"])
+def test_no_host_sync_in_steady_state_steps(tmp_path, backend, monkeypatch):
+    """Between two log steps a training step must never make the host wait for the GPU: not in
+    the loader (a pageable copy), not in the step. Log steps synchronise once, by design."""
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali", reason="NVIDIA DALI not installed")
+    from distres import engine, train
+
+    if backend == "synthetic":
+        args = SMALL[:]
+    else:
+        root = make_imagefolder(tmp_path / "data", {"train": {"a": 600, "b": 600}, "val": {"a": 8, "b": 8}})
+        args = ["--arch", "resnet18", "--data", "imagefolder", "--data-dir", str(root), "--image-size", "32",
+                "--data-backend", backend, "--workers", "2", "--device", "cuda", "--batch-size", "32"]
+    steps, log_every = 30, 10
+    marks, real = [], engine.train_step
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+
+        def counted(*a, **k):
+            marks.append(len(caught))  # warnings before step len(marks)
+            return real(*a, **k)
+
+        monkeypatch.setattr(engine, "train_step", counted)
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            code = train.main(args + ["--output-dir", str(tmp_path / "run"), "--max-steps", str(steps),
+                                      "--log-every", str(log_every), "--checkpoint-every", "0",
+                                      "--eval-every", "0", "--no-progress", "--wandb", "disabled"])
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert code == 0 and len(marks) == steps
+    syncs = lambda i: [str(w.message) for w in caught[marks[i]:marks[i + 1]] if "synchroniz" in str(w.message)]  # noqa: E731
+    # From step 3 on (warm-up over), every step but the log steps (whose flush synchronises).
+    steady = [i for i in range(2, steps - 1) if (i + 1) % log_every != 0]
+    bad = {i + 1: syncs(i) for i in steady if syncs(i)}
+    assert not bad, f"host-device syncs in steady-state steps: {bad}"
