@@ -42,9 +42,85 @@ def memory_format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
+class MatmulConv2d(nn.Conv2d):
+    """A Conv2d that computes as one matrix product on the small feature maps where oneDNN's
+    CPU convolutions are slow: a ResNet on 32-px images with the ImageNet stem runs layer3 at
+    2x2 and layer4 at 1x1, and there oneDNN's backward took several times as long as the same
+    products as matmuls (``benchmarks/cpu_train.py`` measures the whole step). Maps of at most
+    ``TINY_MAP`` pixels under bf16 autocast, 1-pixel maps in fp32 (where oneDNN's fp32
+    convolutions at 2x2 were the faster). The same parameters, the same result up to summation
+    order; everything else goes to the convolution."""
+
+    TINY_MAP = 4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.groups != 1 or self.dilation != (1, 1) or self.padding_mode != "zeros" or x.dim() != 4 \
+                or x.shape[-2] * x.shape[-1] > self._map_limit(x):
+            return super().forward(x)
+        if self.kernel_size == (1, 1) and self.padding == (0, 0):
+            sh, sw = self.stride
+            x = x[:, :, ::sh, ::sw] if (sh, sw) != (1, 1) else x
+            n, c, h, w = x.shape
+            # N x H x W x C rows (a view for channels_last input), one output channel per column.
+            y = nn.functional.linear(x.permute(0, 2, 3, 1).reshape(-1, c), self.weight.flatten(1), self.bias)
+            return y.view(n, h, w, -1).permute(0, 3, 1, 2)
+        return self._tiny_map(x)
+
+    def _map_limit(self, x: torch.Tensor) -> int:
+        if x.device.type != "cpu":
+            return 0
+        bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        return self.TINY_MAP if bf16 else 1
+
+    def _tiny_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Every output pixel from every input pixel: y[n, (o, cout)] = sum over (p, cin) of
+        W[cout, cin, tap(o, p)] x[n, (p, cin)], the tap 0 where the kernel does not reach
+        (that is the zero padding)."""
+        n, c, h, w = x.shape
+        taps, (ho, wo) = _tap_index(h, w, self.kernel_size, self.stride, self.padding, x.device)
+        cout = self.out_channels
+        weight = torch.cat([self.weight.flatten(2), self.weight.new_zeros(cout, c, 1)], dim=2)
+        big = weight[:, :, taps].permute(2, 0, 3, 1).reshape(ho * wo * cout, h * w * c)
+        y = nn.functional.linear(x.permute(0, 2, 3, 1).reshape(n, -1), big,
+                                 None if self.bias is None else self.bias.repeat(ho * wo))
+        return y.view(n, ho, wo, cout).permute(0, 3, 1, 2)
+
+
+_TAPS: dict = {}
+
+
+def _tap_index(h: int, w: int, kernel, stride, padding, device) -> tuple[torch.Tensor, tuple[int, int]]:
+    """[output pixel, input pixel] -> index into the flattened kernel (k*k: outside it)."""
+    key = (h, w, kernel, stride, padding, device)
+    if key not in _TAPS:
+        (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+        ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+        taps = torch.full((ho * wo, h * w), kh * kw, dtype=torch.long)
+        for i in range(ho):
+            for j in range(wo):
+                for r in range(h):
+                    for q in range(w):
+                        a, b = r - i * sh + ph, q - j * sw + pw
+                        if 0 <= a < kh and 0 <= b < kw:
+                            taps[i * wo + j, r * w + q] = a * kw + b
+        _TAPS[key] = taps.to(device), (ho, wo)
+    return _TAPS[key]
+
+
+def matmul_convs(model: nn.Module) -> nn.Module:
+    """Every Conv2d of model as a MatmulConv2d (same module, parameters and state_dict)."""
+    for m in model.modules():
+        if type(m) is nn.Conv2d:
+            m.__class__ = MatmulConv2d
+    return model
+
+
 def prepare(model: nn.Module, device: torch.device, channels_last: bool, sync_bn: bool,
             distributed: bool) -> nn.Module:
-    """Move to the device in the chosen memory format; convert BN to SyncBN when asked."""
+    """Move to the device in the chosen memory format; convert BN to SyncBN when asked; on
+    CPUs, convolutions as matrix products where those are faster (``MatmulConv2d``)."""
+    if device.type == "cpu":
+        matmul_convs(model)
     if sync_bn and distributed:
         if device.type != "cuda":
             raise UserError("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU kernel); "

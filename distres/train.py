@@ -62,7 +62,7 @@ def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
     bundle = data.build(cfg, ctx, models.memory_format(cfg.channels_last))
     net = models.build(cfg, bundle.num_classes, bundle.image_size, ctx)
     plan = optim.plan(cfg, bundle.train.sampler.num_batches(), ctx.world_size)
-    optimizer = optim.build_optimizer(cfg, net, plan.lr, ctx.device)
+    optimizer = optim.build_optimizer(cfg, net, plan.lr)
     precision = engine.Precision(cfg.amp, ctx.device)
     state = checkpoint.TrainingState(net, optimizer, optim.build_scheduler(cfg, optimizer, plan),
                                      precision.scaler, bundle.train)

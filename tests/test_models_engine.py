@@ -60,7 +60,7 @@ def test_one_step_path_for_every_precision(amp):
     torch.manual_seed(0)
     m = models.build_model("resnet18", 10, cifar_stem=True)
     cfg = TrainConfig(optimizer="sgd", lr=0.05, clip_grad_norm=1.0)
-    opt = optim.build_optimizer(cfg, m, 0.05, torch.device("cpu"))
+    opt = optim.build_optimizer(cfg, m, 0.05)
     prec = engine.Precision(amp, torch.device("cpu"))
     assert prec.scaler.is_enabled() == (amp == "fp16")  # GradScaler only for fp16
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))  # small: CPU fp16 kernels are slow
@@ -113,3 +113,51 @@ def test_grad_accumulation_skips_the_allreduce_under_torch_compile(tmp_path):
         assert all(p.grad is not None and not p.grad.any() for p in ddp.parameters())
     finally:
         tdist.destroy_process_group()
+
+
+@pytest.mark.parametrize("cin,cout,hw,k,stride,pad,bias", [
+    (8, 16, 5, 1, 1, 0, False), (8, 16, 6, 1, 2, 0, True), (8, 16, 1, 3, 1, 1, False),
+    (8, 16, 2, 3, 1, 1, True), (8, 16, 2, 3, 2, 1, False), (8, 8, 2, 3, 1, 1, False)])
+def test_matmul_conv_equals_the_convolution(cin, cout, hw, k, stride, pad, bias, monkeypatch):
+    """Every path of MatmulConv2d (1x1 kernels, strided 1x1, any kernel on a tiny map) gives
+    the convolution's output and gradients, in float64, for NCHW and channels_last input."""
+    monkeypatch.setattr(models.MatmulConv2d, "_map_limit", lambda self, x: 100)  # every path, whatever the dtype
+    torch.manual_seed(0)
+    ref = nn.Conv2d(cin, cout, k, stride=stride, padding=pad, bias=bias).double()
+    fast = models.matmul_convs(nn.Sequential(nn.Conv2d(cin, cout, k, stride=stride, padding=pad, bias=bias)))[0]
+    fast = fast.double()
+    fast.load_state_dict(ref.state_dict())
+    assert type(fast) is models.MatmulConv2d and list(fast.state_dict()) == list(ref.state_dict())
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(3, cin, hw, hw, dtype=torch.float64).contiguous(memory_format=fmt)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = ref(xa), fast(xb)
+        g = torch.randn_like(ya)
+        ya.backward(g)
+        yb.backward(g)
+        torch.testing.assert_close(yb, ya)
+        torch.testing.assert_close(xb.grad, xa.grad)
+        torch.testing.assert_close(fast.weight.grad, ref.weight.grad)
+        ref.zero_grad()
+        fast.zero_grad()
+
+
+def test_matmul_conv_takes_the_maps_where_it_is_faster(monkeypatch):
+    """On the CPU under bf16 autocast, maps of up to 4 pixels go to the matmul; larger maps,
+    and 2x2 maps in fp32, go to oneDNN's convolution."""
+    convs = []
+    real = nn.Conv2d._conv_forward
+    monkeypatch.setattr(nn.Conv2d, "_conv_forward", lambda self, *a: (convs.append(1), real(self, *a))[1])
+    m = models.matmul_convs(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)))
+    for hw, amp, want in ((2, True, 0), (1, True, 0), (3, True, 2), (2, False, 2), (1, False, 0)):
+        convs.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            m(torch.randn(2, 4, hw, hw))
+        assert len(convs) == want, (hw, amp)
+
+
+def test_cpu_models_use_matmul_convs_and_keep_their_state_dict_keys():
+    m = models.prepare(models.build_model("resnet50", 10), torch.device("cpu"), channels_last=True,
+                       sync_bn=False, distributed=False)
+    assert type(m.layer4[0].conv2) is models.MatmulConv2d
+    assert set(m.state_dict()) == set(models.build_model("resnet50", 10).state_dict())
