@@ -300,7 +300,13 @@ class Checkpointer:
                                 "free space or fix permissions there, then resume with --resume") from None
             raise error
 
-    close = wait
+    def close(self) -> None:
+        """Let a write in flight finish (the run is ending, maybe on another error: a failed
+        write is then reported, not raised over that error)."""
+        try:
+            self.wait()
+        except Exception as e:
+            console(f"distres: warning: {e}")
 
 
 def _host_copy(obj):

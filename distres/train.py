@@ -97,6 +97,7 @@ def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
                 raise _preempted(r, epoch + 1, 0)
         if last_eval is None:  # resumed after the last step: still report the accuracy
             last_eval = _evaluate(r, logger, plan.epochs)
+        ckpt.wait()  # the last checkpoint is on disk (or its failure is the run's error)
         completed = True
     except Preempted:
         completed = True  # every rank raised it at the same step
