@@ -243,19 +243,17 @@ class Checkpointer:
             warnings.warn(f"{', '.join(changed)} changed since the checkpoint, so the order of the "
                           "interrupted epoch differs: that epoch restarts from its beginning", stacklevel=1)
             in_epoch = 0
-        ts.loader.set_epoch(state["epoch"], start_batch=in_epoch * cfg.grad_accum)
+        ts.loader.load_state_dict({"epoch": state["epoch"], "batch": in_epoch * cfg.grad_accum})
 
-    def save(self, ts: TrainingState, step: int, wait: bool = False) -> None:
+    def save(self, ts: TrainingState, step: int) -> None:
         """Write the training state after optimizer step ``step``. A collective: every rank calls it.
 
         Rank 0 copies the state to host memory (on CUDA: queued copies into pinned memory, no
-        wait) and a background thread writes it, so training goes on during the write; the
-        next save, ``wait=True`` (a preemption: the job must not exit before the file is
-        whole) and ``close`` wait for it."""
-        rng = dist.gather_objects(rng_state(self.ctx.device))
+        wait) and a background thread writes it, so training goes on during the write. The
+        next save and ``finish`` wait for it; a write that failed stops every rank there."""
+        rng = self._gather(rng_state(self.ctx.device))
         if not self.ctx.is_main:
             return
-        self.wait()  # one write at a time, and its error (a full disk) surfaces here
         position = ts.loader.state_dict()
         state = _host_copy({
             "format": FORMAT,
@@ -277,8 +275,25 @@ class Checkpointer:
         self._writer = threading.Thread(target=self._write, args=(state, step, copied),
                                         name="distres-checkpoint", daemon=False)
         self._writer.start()
-        if wait:
-            self.wait()
+
+    def finish(self) -> None:
+        """Wait until the last checkpoint is on disk. A collective: no rank goes on (or exits,
+        which would make the launcher kill the rest, rank 0 mid-write) before it is."""
+        self._gather(None)
+
+    def _gather(self, mine) -> list:
+        """Every rank's ``mine``, once rank 0's write in flight has ended; if that write failed,
+        every rank raises the same error (rank 0 alone would leave the others waiting)."""
+        error = None
+        if self.ctx.is_main:
+            try:
+                self.wait()
+            except UserError as e:
+                error = str(e)
+        gathered = dist.gather_objects((mine, error))
+        if gathered[0][1] is not None:
+            raise UserError(gathered[0][1])
+        return [m for m, _ in gathered]
 
     def _write(self, state: dict, step: int, copied) -> None:
         try:
@@ -289,7 +304,8 @@ class Checkpointer:
             self._error = e
 
     def wait(self) -> None:
-        """Block until the checkpoint being written is on disk; raise what its write raised."""
+        """Block until this process's write is on disk; raise what it raised (rank 0 only:
+        ``finish`` is the collective form)."""
         if self._writer is not None:
             self._writer.join()
             self._writer = None

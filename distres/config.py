@@ -116,7 +116,8 @@ class TrainConfig:
     broadcast_buffers: bool = opt(
         True, "DDP re-broadcasts rank 0's BatchNorm buffers (running mean/var) before every forward; "
         "--no-broadcast-buffers skips that copy, each rank then keeps its own running statistics "
-        "(evaluation and checkpoints use each rank's / rank 0's)", group="dist")
+        "(evaluation uses each rank's, checkpoints rank 0's, and a resumed run starts every rank "
+        "from rank 0's)", group="dist")
     bench_comm_probe: bool = opt(
         False, "benchmark only (benchmarks/scaling.py): every other log window skips the gradient "
         "all-reduce (DDP no_sync) to measure the exposed communication time; the ranks' weights "

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from distres.errors import RankError, UserError
+from distres.host import available_cpus
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,7 @@ class DistContext:
     @property
     def cpus_per_rank(self) -> int:
         """This process's share of the CPUs it may run on (affinity-aware: SLURM, taskset)."""
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        return max(1, cpus // max(1, self.local_world_size))
+        return max(1, available_cpus() // max(1, self.local_world_size))
 
 
 def _env_int(env: dict, *names: str, default: int) -> int:

@@ -55,7 +55,7 @@ class MatmulConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.groups != 1 or self.dilation != (1, 1) or self.padding_mode != "zeros" or x.dim() != 4 \
-                or x.shape[-2] * x.shape[-1] > self._map_limit(x):
+                or isinstance(self.padding, str) or x.shape[-2] * x.shape[-1] > self._map_limit(x):
             return super().forward(x)
         if self.kernel_size == (1, 1) and self.padding == (0, 0):
             sh, sw = self.stride
@@ -74,8 +74,8 @@ class MatmulConv2d(nn.Conv2d):
 
     def _tiny_map(self, x: torch.Tensor) -> torch.Tensor:
         """Every output pixel from every input pixel: y[n, (o, cout)] = sum over (p, cin) of
-        W[cout, cin, tap(o, p)] x[n, (p, cin)], the tap 0 where the kernel does not reach
-        (that is the zero padding)."""
+        W[cout, cin, tap(o, p)] x[n, (p, cin)], where a pair the kernel does not reach (the
+        zero padding) picks an appended all-zero tap."""
         n, c, h, w = x.shape
         taps, (ho, wo) = _tap_index(h, w, self.kernel_size, self.stride, self.padding, x.device)
         cout = self.out_channels
@@ -92,19 +92,26 @@ _TAPS: dict = {}
 def _tap_index(h: int, w: int, kernel, stride, padding, device) -> tuple[torch.Tensor, tuple[int, int]]:
     """[output pixel, input pixel] -> index into the flattened kernel (k*k: outside it)."""
     key = (h, w, kernel, stride, padding, device)
-    if key not in _TAPS:
-        (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
-        ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-        taps = torch.full((ho * wo, h * w), kh * kw, dtype=torch.long)
-        for i in range(ho):
-            for j in range(wo):
-                for r in range(h):
-                    for q in range(w):
-                        a, b = r - i * sh + ph, q - j * sw + pw
-                        if 0 <= a < kh and 0 <= b < kw:
-                            taps[i * wo + j, r * w + q] = a * kw + b
-        _TAPS[key] = taps.to(device), (ho, wo)
+    # Outside inference mode even when first met in evaluation: a cached inference tensor
+    # could not be saved for a later training step's backward.
+    with torch.inference_mode(False):
+        if key not in _TAPS:
+            _TAPS[key] = _taps(h, w, kernel, stride, padding, device)
     return _TAPS[key]
+
+
+def _taps(h: int, w: int, kernel, stride, padding, device) -> tuple[torch.Tensor, tuple[int, int]]:
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    taps = torch.full((ho * wo, h * w), kh * kw, dtype=torch.long)
+    for i in range(ho):
+        for j in range(wo):
+            for r in range(h):
+                for q in range(w):
+                    a, b = r - i * sh + ph, q - j * sw + pw
+                    if 0 <= a < kh and 0 <= b < kw:
+                        taps[i * wo + j, r * w + q] = a * kw + b
+    return taps.to(device), (ho, wo)
 
 
 def matmul_convs(model: nn.Module) -> nn.Module:

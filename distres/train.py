@@ -97,8 +97,8 @@ def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
                 raise _preempted(r, epoch + 1, 0)
         if last_eval is None:  # resumed after the last step: still report the accuracy
             last_eval = _evaluate(r, logger, plan.epochs)
-        ckpt.wait()  # the last checkpoint is on disk (or its failure is the run's error)
         completed = True
+        ckpt.finish()  # the last checkpoint is on disk (or its failure is the run's error)
     except Preempted:
         completed = True  # every rank raised it at the same step
         raise
@@ -149,10 +149,8 @@ def train_epoch(r: Run) -> None:
 
 
 def _preempted(r: Run, epoch: int, in_epoch: int) -> Preempted:
-    """Once the checkpoint just saved is on disk (no rank exits earlier: the launcher would
-    kill the rest, rank 0 mid-write), what every rank raises to stop."""
-    r.ckpt.wait()
-    dist.barrier()
+    """Once the checkpoint just saved is on disk on every rank's word, what they raise to stop."""
+    r.ckpt.finish()
     why = r.stop.signal_name or "signal on another rank"
     return Preempted(f"distres: preempted ({why}): stopped after step {r.step} (epoch {epoch + 1}, step {in_epoch} "
                      f"of {r.plan.steps_per_epoch}), checkpoint in {r.ckpt.folder}; --resume continues there")

@@ -155,7 +155,8 @@ def test_a_failed_background_write_is_a_user_error_and_keeps_the_previous(tmp_pa
     ts = checkpoint.TrainingState(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
                                   torch.amp.GradScaler("cpu", enabled=False), _Loader())
     ck = _checkpointer(tmp_path)
-    ck.save(ts, 1, wait=True)
+    ck.save(ts, 1)
+    ck.finish()
 
     def full_disk(obj, f):
         f.write(b"partial")
@@ -164,6 +165,6 @@ def test_a_failed_background_write_is_a_user_error_and_keeps_the_previous(tmp_pa
     monkeypatch.setattr(torch, "save", full_disk)
     ck.save(ts, 2)  # returns: the write fails in the background
     with pytest.raises(UserError, match="cannot write a checkpoint to .*No space left on device"):
-        ck.wait()
+        ck.finish()  # the collective wait: every rank raises it, not rank 0 alone
     monkeypatch.undo()
     assert checkpoint.load_latest(tmp_path / "checkpoints")[0]["step"] == 1

@@ -161,3 +161,15 @@ def test_cpu_models_use_matmul_convs_and_keep_their_state_dict_keys():
                        sync_bn=False, distributed=False)
     assert type(m.layer4[0].conv2) is models.MatmulConv2d
     assert set(m.state_dict()) == set(models.build_model("resnet50", 10).state_dict())
+
+
+def test_matmul_conv_trains_after_evaluating_first():
+    """A tiny-map shape first met under inference_mode (an evaluation before any training)
+    must not leave an inference tensor in the cache that a training backward then needs."""
+    conv = models.matmul_convs(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1)))
+    x = torch.randn(2, 4, 2, 2)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        conv(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        conv(x).float().sum().backward()
+    assert conv[0].weight.grad is not None

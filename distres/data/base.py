@@ -75,7 +75,7 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     pinned-memory cache keeps that buffer until the copy has run, then reuses it."""
     if device.type != "cuda":
         return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
+    return t.contiguous().pin_memory().to(device, non_blocking=True)
 
 
 def prefetch(batches, norm: Normalize):

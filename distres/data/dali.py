@@ -61,7 +61,8 @@ class _Feed:
         self.pending: deque = deque()
         self.files: dict[int, list[str]] = {}  # batch number -> the paths it fed
         self.bad: dict[int, list[tuple[str, str]]] = {}
-        self.restart(0)
+        self.numbers = self.indices = iter(())  # nothing to feed before the first restart()
+        self.epoch = 0
 
     def restart(self, start: int) -> None:
         """Feed this epoch's batches from ``start`` on (the sampler's epoch and order)."""

@@ -68,7 +68,8 @@ class ShardSampler(torch.utils.data.Sampler):
     def epoch_indices(self) -> np.ndarray:
         """This rank's sample indices for the whole epoch, in order (batch k is the k-th slice of
         batch_size of them; training leaves the tail that fills no batch unused)."""
-        return epoch_order(self.num_samples, self.seed, self.epoch, self.shuffle)[self.rank::self.world].numpy()
+        order = epoch_order(self.num_samples, self.seed, self.epoch, self.shuffle)
+        return np.ascontiguousarray(order[self.rank::self.world].numpy())
 
     def batch_slices(self, start: int | None = None) -> Iterator[slice]:
         """This epoch's batches from ``start`` (default: the resume point) as slices of

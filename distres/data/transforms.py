@@ -6,7 +6,7 @@ numpy. The torch, gpu and dali backends all draw them here, so for the same (see
 index) they cut the same box; a resumed run draws exactly what the uninterrupted one did.
 
 Working on uint8 keeps worker-to-trainer traffic at a quarter of float32; the conversion to
-float and the normalisation happen on the training device (see ``loaders.Normalize``).
+float and the normalisation happen on the training device (see ``base.Normalize``).
 """
 
 from __future__ import annotations
