@@ -81,7 +81,7 @@ def render(r: dict) -> str:
     return "\n".join([
         "# CPU training throughput: distres vs the seed loop",
         "",
-        f"Device: {r['cpu_model']} ({r['device']}), torch {r['torch']}, commit {r['commit']}.",
+        f"Device: {r['cpu_model']} ({r['device']}), torch {r['torch']}, {r['commit']}.",
         f"Command: `{r['benchmark_command']}`",
         "",
         "ResNet-50 (torchvision, ImageNet stem) training on the CIFAR-10 JPEGs (32 px), same machine,",

@@ -29,5 +29,6 @@ def code_version() -> str:
     head = git("rev-parse", "HEAD")
     if not head:
         return os.environ.get("DISTRES_CODE_VERSION", "unknown (no git)")
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    # Results written by an earlier benchmark of the same run do not make the code differ.
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results"))
     return f"working tree on top of {head}" if dirty else f"commit {head}"
