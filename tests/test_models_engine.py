@@ -4,6 +4,7 @@ import torch.nn as nn
 
 from distres import engine, models, optim
 from distres.config import TrainConfig
+from tests.helpers import count_allreduces
 
 
 @pytest.mark.parametrize("arch,params_m", [("resnet50", 23.5), ("resnext50_32x4d", 23.0), ("resnet18", 11.2)])
@@ -92,15 +93,7 @@ def test_grad_accumulation_skips_the_allreduce_under_torch_compile(tmp_path):
     tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
         ddp = nn.parallel.DistributedDataParallel(nn.Linear(4, 3), gradient_as_bucket_view=True)
-        calls = []
-
-        def count(state, bucket):
-            calls.append(1)
-            fut = torch.futures.Future()
-            fut.set_result(bucket.buffer())
-            return fut
-
-        ddp.register_comm_hook(None, count)
+        calls = count_allreduces(ddp)
         compiled = torch.compile(ddp, backend="eager")  # dynamo's wrapper, without inductor's compile time
         assert models.find_ddp(compiled) is ddp and models.unwrap(compiled) is ddp.module
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1)

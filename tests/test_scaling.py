@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks import allreduce_model as model
 from benchmarks import scaling
-from tests.helpers import REPO, cli_env
+from tests.helpers import REPO, cli_env, count_allreduces
 
 
 def test_quick_cpu_run(tmp_path, monkeypatch):
@@ -150,15 +150,7 @@ def test_comm_probe_skips_the_allreduce_every_other_window(tmp_path):
     tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
         ddp = nn.parallel.DistributedDataParallel(nn.Linear(4, 2))
-        calls = []
-
-        def count(state, bucket):
-            calls.append(1)
-            fut = torch.futures.Future()
-            fut.set_result(bucket.buffer())
-            return fut
-
-        ddp.register_comm_hook(None, count)
+        calls = count_allreduces(ddp)
         ctx = DistContext(0, 0, 1, 1, torch.device("cpu"), "gloo")
         meter = perf.StepMeter(TrainConfig(log_every=2, bench_comm_probe=True), ctx, ddp, global_batch=8,
                                backend="synthetic")
