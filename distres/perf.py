@@ -96,7 +96,7 @@ class StepMeter:
         # for the GPU after every step and the host clock times the GPU's work.
         self.sync_steps = cfg.bench_comm_probe and ctx.device.type == "cuda"
         self.levers = levers(cfg, ctx.device.type, backend)
-        self.t_run = time.perf_counter()
+        self.t_run = time.perf_counter()  # the run's clock: records' "time", the final summary
         self._loss = torch.zeros((), device=ctx.device)  # summed on the device: no host sync per step
         self._reset_epoch()
         self.start_window()

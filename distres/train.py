@@ -83,7 +83,7 @@ def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
                 f"{cfg.data} {bundle.image_size}px ({bundle.backend} loader), {bundle.num_classes} classes, "
                 f"global batch {plan.global_batch}, lr {plan.lr:g}, amp {cfg.amp}, "
                 f"{plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps")
-    last_eval, t_run = None, time.perf_counter()
+    last_eval = None
     completed = False  # the outstanding preemption all-reduce exists on every rank only then
     try:
         while r.step < plan.total_steps and bundle.train.epoch < plan.epochs:
@@ -108,7 +108,7 @@ def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
         telem.close()
         logger.close()
     if ctx.is_main:
-        console(f"distres: done, {r.step} steps in {time.perf_counter() - t_run:.0f} s; top1 {last_eval['top1']:.2f}% "
+        console(f"distres: done, {r.step} steps in {time.perf_counter() - r.meter.t_run:.0f} s; top1 {last_eval['top1']:.2f}% "
                 f"top5 {last_eval['top5']:.2f}%; outputs in {out}")
     return last_eval
 
