@@ -32,10 +32,11 @@ from distres.errors import UserError, console
 FORMAT = 2
 
 LAST = "last.pt"
+BEST = "best.pt"
 _STEP_RE = re.compile(r"^step-(\d+)\.pt$")
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -54,7 +55,7 @@ def atomic_save(obj, path: Path) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _point_last_at(target: Path) -> None:
@@ -66,7 +67,7 @@ def _point_last_at(target: Path) -> None:
         import shutil
         shutil.copyfile(target, tmp)
     os.replace(tmp, last)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 def step_checkpoints(folder: Path) -> list[Path]:
@@ -95,6 +96,9 @@ def load(path: Path) -> dict:
     except Exception as e:
         raise UserError(f"checkpoint {path} is unreadable or corrupt ({type(e).__name__}); "
                         "resume from an earlier one with --resume PATH") from None
+    if isinstance(state, dict) and "best" in state:
+        raise UserError(f"{path} holds the best weights only, not a training state; resume from last.pt, "
+                        "or start a new run from it with --weights")
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
         raise UserError(f"{path} is not a distres checkpoint; pass one from OUTPUT_DIR/checkpoints")
     return state
@@ -153,14 +157,18 @@ def _tuples(x):
 @dataclass
 class TrainingState:
     """What a checkpoint restores besides the RNG: the plain model (not its DDP or compile
-    wrapper), optimizer, lr schedule, GradScaler, and the training loader, whose position
-    is where training stands within an epoch."""
+    wrapper), optimizer, lr schedule, GradScaler, the training loader, whose position is
+    where training stands within an epoch, and the EMA of the weights. ``meta`` (the model's
+    description, ``models.describe``) is written into every checkpoint for evaluate, predict
+    and export."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: object
     scaler: torch.amp.GradScaler
     loader: object  # data.Loader
+    meta: dict
+    ema: object = None  # ema.EMA, or None without --ema-decay
 
 
 def data_order(cfg, world_size: int) -> dict:
@@ -178,6 +186,7 @@ class Checkpointer:
         self.resume_step: int | None = 0 if cfg.resume is not None or ctx.restart > 0 else None
         self._writer: threading.Thread | None = None  # rank 0's background write
         self._error: BaseException | None = None
+        self.best_top1 = self._best_so_far() if self.resume_step is not None else None
 
     def _find(self) -> tuple[dict, Path] | None:
         resume = self.cfg.resume
@@ -200,6 +209,16 @@ class Checkpointer:
                 console(f"distres: no checkpoint in {self.folder}; starting from scratch")
             return found
         return load(Path(resume)), Path(resume)
+
+    def _best_so_far(self) -> float | None:
+        """The top-1 of the run's best.pt (rank 0 alone decides what to write there)."""
+        path = self.folder / BEST
+        if not self.ctx.is_main or not path.exists():
+            return None
+        try:
+            return float(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["best"]["top1"])
+        except Exception:  # torn or foreign: the next evaluation replaces it
+            return None
 
     def restore(self, ts: TrainingState) -> int:
         """Load the found checkpoint into ts (and the RNG); the optimizer step to continue at."""
@@ -234,6 +253,13 @@ class Checkpointer:
                             "the settings of its config.yaml or start a new --output-dir") from None
         ts.scheduler.load_state_dict(state["scheduler"])
         ts.scaler.load_state_dict(state["scaler"])
+        if ts.ema is not None:
+            if state.get("ema") is not None:
+                ts.ema.load_state_dict(state["ema"])
+            else:
+                ts.ema.reset(ts.model)
+                if self.ctx.is_main:
+                    console(f"distres: {path} has no EMA; the EMA starts from its weights")
         set_rng_state(rank_rng(state, self.ctx.rank), self.ctx.device)
         in_epoch = state["step_in_epoch"]
         saved_order = state.get("data_order", {"world_size": state["world_size"]})
@@ -268,12 +294,34 @@ class Checkpointer:
             "data_order": data_order(self.cfg, self.ctx.world_size),
             "config": self.cfg.to_dict(),
             "rng": rng,  # one entry per rank
+            "meta": ts.meta,
+            "ema": ts.ema.state_dict() if ts.ema is not None else None,
         })
+        self._start_write(lambda: save(state, self.folder, step, self.cfg.keep_checkpoints))
+
+    def save_best(self, weights: dict, meta: dict, record: dict) -> bool:
+        """Keep ``weights`` as best.pt when ``record["top1"]`` beats the best so far (rank 0
+        writes it in the background, as ``save``; its failure surfaces there). Whether it did."""
+        if not self.ctx.is_main or (self.best_top1 is not None and record["top1"] <= self.best_top1):
+            return False
+        if self._writer is not None:  # the previous write's error (if any) is raised by the next collective
+            self._writer.join()
+            self._writer = None
+        if self._error is not None:
+            return False
+        self.best_top1 = record["top1"]
+        state = _host_copy({"format": FORMAT, "model": weights, "meta": meta, "best": record,
+                            "config": self.cfg.to_dict()})
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._start_write(lambda: atomic_save(state, self.folder / BEST))
+        return True
+
+    def _start_write(self, write) -> None:
         copied = torch.cuda.Event() if self.ctx.device.type == "cuda" else None
         if copied is not None:
             copied.record()
-        self._writer = threading.Thread(target=self._write, args=(state, step, copied),
-                                        name="distres-checkpoint", daemon=False)
+        self._writer = threading.Thread(target=self._write, args=(write, copied), name="distres-checkpoint",
+                                        daemon=False)
         self._writer.start()
 
     def finish(self) -> None:
@@ -295,11 +343,11 @@ class Checkpointer:
             raise UserError(gathered[0][1])
         return [m for m, _ in gathered]
 
-    def _write(self, state: dict, step: int, copied) -> None:
+    def _write(self, write, copied) -> None:
         try:
             if copied is not None:
                 copied.synchronize()  # the device-to-host copies have landed
-            save(state, self.folder, step, self.cfg.keep_checkpoints)
+            write()
         except BaseException as e:  # handed to the training thread by wait()
             self._error = e
 

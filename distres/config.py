@@ -43,6 +43,17 @@ class TrainConfig:
                                      "max-autotune-no-cudagraphs"), group="model")
     sync_bn: bool = opt(False, "synchronise BatchNorm statistics across processes", group="model")
 
+    # --- starting weights
+    weights: str = opt(
+        "none", "start from: none (random init), imagenet (torchvision's weights for --arch, from the hub "
+        "cache under $TORCH_HOME, downloaded when online), or a PATH to a torchvision-style state dict, "
+        "a distres checkpoint or a .safetensors file; the classifier head is replaced when the class "
+        "count differs, and the weights' normalisation is used", group="weights")
+    freeze_backbone_epochs: int = opt(0, "train only the classifier head for the first N epochs "
+                                      "(the backbone's BatchNorm statistics still adapt)", group="weights")
+    backbone_lr_scale: float = opt(1.0, "learning rate of every layer but the head, as a fraction of --lr",
+                                   group="weights")
+
     # --- data
     data: str = opt("cifar10", "data set", choices=DATASETS, group="data")
     data_dir: str | None = opt(
@@ -83,6 +94,9 @@ class TrainConfig:
     lr_gamma: float = opt(0.1, "step-schedule factor", group="optim")
     label_smoothing: float = opt(0.1, "label smoothing of the cross-entropy loss", group="optim")
     clip_grad_norm: float = opt(0.0, "clip the gradient norm to this value (0: off)", group="optim")
+    ema_decay: float = opt(0.0, "exponential moving average of the weights, this decay per update "
+                           "(e.g. 0.9998; 0: off); evaluated beside the raw weights", group="optim")
+    ema_every: int = opt(1, "update the EMA every N optimizer steps", group="optim")
     amp: str = opt("bf16", "mixed precision: bf16 or fp16 autocast (fp16 adds a GradScaler), or none",
                    choices=("none", "bf16", "fp16"), group="optim")
 
@@ -125,18 +139,22 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum,
-                    "log_every": self.log_every, "synthetic_classes": self.synthetic_classes,
+                    "log_every": self.log_every, "ema_every": self.ema_every, "synthetic_classes": self.synthetic_classes,
                     "synthetic_samples": self.synthetic_samples}
         for name, value in positive.items():
             if value <= 0:
                 raise UserError(f"--{flag(name)} must be > 0 (got {value})")
-        for name in ("epochs", "max_steps", "checkpoint_every", "eval_every", "image_size"):
+        for name in ("epochs", "max_steps", "checkpoint_every", "eval_every", "image_size", "freeze_backbone_epochs"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{flag(name)} must be >= 0 (got {getattr(self, name)})")
         if self.epochs == 0 and self.max_steps == 0:
             raise UserError("--epochs 0 with no --max-steps trains nothing; set one of them")
         if self.lr < 0:
             raise UserError(f"--lr must be >= 0 (got {self.lr})")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise UserError(f"--ema-decay must be in [0, 1) (got {self.ema_decay}); e.g. 0.9998, or 0 for off")
+        if self.backbone_lr_scale < 0:
+            raise UserError(f"--backbone-lr-scale must be >= 0 (got {self.backbone_lr_scale})")
         if self.keep_checkpoints < 1:
             raise UserError("--keep-checkpoints must be >= 1")
         if self.data == "imagefolder" and not self.data_dir:
@@ -162,7 +180,7 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-GROUPS = {"model": "model", "data": "data", "optim": "optimisation and precision",
+GROUPS = {"model": "model", "weights": "starting weights and fine-tuning", "data": "data", "optim": "optimisation and precision",
           "run": "run, outputs and checkpoints", "dist": "distributed"}
 
 

@@ -181,6 +181,20 @@ def gather_objects(obj) -> list:
     return out
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm's running statistics): under DDP each rank's
+    last forward updated its own, while checkpoints hold rank 0's. One broadcast per dtype."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    by_dtype: dict = {}
+    for b in module.buffers():
+        by_dtype.setdefault(b.dtype, []).append(b)
+    for bufs in by_dtype.values():
+        flat = torch.cat([b.reshape(-1) for b in bufs])
+        dist.broadcast(flat, 0)
+        torch._foreach_copy_(bufs, [f.view_as(b) for f, b in zip(flat.split([b.numel() for b in bufs]), bufs)])
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -57,9 +57,10 @@ def train_step(model: nn.Module, micro_batches, loss_fn, optimizer, precision: P
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader, precision: Precision, device: torch.device) -> dict:
+def evaluate(model: nn.Module, loader, precision: Precision, device: torch.device, each=None) -> dict:
     """Top-1/top-5 and loss over exactly the validation set: each rank scores its disjoint
-    shard, and the sums (not per-rank means) are added across ranks."""
+    shard, and the sums (not per-rank means) are added across ranks. ``each(logits, labels)``,
+    when given, sees every batch (``distres.evaluate``'s per-sample report)."""
     net = unwrap(model)  # no DDP hooks or buffer broadcasts during evaluation
     was_training = net.training
     net.eval()
@@ -69,6 +70,8 @@ def evaluate(model: nn.Module, loader, precision: Precision, device: torch.devic
         with precision.autocast():
             logits = net(images)
         logits = logits.float()
+        if each is not None:
+            each(logits, labels)
         loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top5 == labels[:, None]

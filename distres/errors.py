@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Callable
 
 
 class UserError(Exception):
@@ -47,3 +48,24 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise UserError(f"{message}; see {self.prog} --help")
+
+
+def run_cli(body: Callable[[], int | None], rank: Callable[[], int] = lambda: 0,
+            cleanup: Callable[[], None] | None = None) -> int:
+    """A CLI's exit status: ``body``'s (0 for None); a user mistake is one line on stderr (from
+    rank 0 only, unless only some ranks meet it) and status 2, a preemption status 75."""
+    try:
+        return body() or 0
+    except UserError as e:
+        if rank() == 0 or isinstance(e, RankError):
+            print(format_error(e), file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+    except Preempted as e:
+        if rank() == 0:
+            print(e, file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if cleanup is not None:
+            cleanup()

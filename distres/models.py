@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from distres import weights
 from distres.errors import UserError
 
 _BUILDERS = {
@@ -136,10 +137,39 @@ def prepare(model: nn.Module, device: torch.device, channels_last: bool, sync_bn
     return model.to(device=device, memory_format=memory_format(channels_last))
 
 
-def build(cfg, num_classes: int, image_size: int, ctx) -> nn.Module:
-    """The run's model, on its device, ready to load a checkpoint into."""
-    model = build_model(cfg.arch, num_classes, use_cifar_stem(cfg.cifar_stem, image_size), cfg.zero_init_residual)
+def build(cfg, classes: list[str], image_size: int, ctx, pretrained=None) -> nn.Module:
+    """The run's model for these classes, on its device, starting from ``pretrained``
+    (``weights.Pretrained``) when given, ready to load a checkpoint into."""
+    stem = weights.use_cifar_stem(pretrained, cfg.cifar_stem, use_cifar_stem(cfg.cifar_stem, image_size))
+    model = build_model(cfg.arch, len(classes), stem, cfg.zero_init_residual)
+    if pretrained is not None:
+        weights.load_into(model, pretrained, classes, announce=ctx.is_main)
     return prepare(model, ctx.device, cfg.channels_last, cfg.sync_bn, ctx.distributed)
+
+
+def describe(model: nn.Module, arch: str, classes: list[str], mean, std, image_size: int) -> dict:
+    """What evaluate, predict and export need to rebuild and feed the model, kept in every
+    checkpoint and export: with it a model file stands alone."""
+    from distres.data.transforms import eval_size
+    return {"arch": arch, "classes": list(classes), "num_classes": len(classes),
+            "cifar_stem": isinstance(model.maxpool, nn.Identity), "mean": list(mean), "std": list(std),
+            "image_size": image_size, "resize": eval_size(image_size)}
+
+
+def from_description(meta: dict) -> nn.Module:
+    """A plain torchvision model (no CPU matmul convolutions: exports trace it) for meta."""
+    return build_model(meta["arch"], meta["num_classes"], meta["cifar_stem"])
+
+
+def set_backbone_trainable(model: nn.Module, trainable: bool) -> bool:
+    """Freeze or unfreeze every parameter but the classifier head; whether anything changed
+    (DDP must then be rebuilt: it registers the parameters that need gradients once)."""
+    changed = False
+    for name, p in model.named_parameters():
+        if not name.startswith(weights.HEAD) and p.requires_grad != trainable:
+            p.requires_grad_(trainable)
+            changed = True
+    return changed
 
 
 def parallelize(model: nn.Module, cfg, ctx) -> nn.Module:

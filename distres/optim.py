@@ -10,17 +10,20 @@ import torch
 import torch.nn as nn
 
 from distres.errors import UserError
+from distres.weights import HEAD
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, lr: float, backbone_lr_scale: float = 1.0) -> list[dict]:
     # Decaying BN scales and biases only shrinks them towards zero and costs accuracy
     # (Goyal et al. 2017); every 1-D parameter in a ResNet is one of those.
-    decay, no_decay = [], []
-    for p in model.parameters():
+    groups = {}  # (backbone?, decay?) -> parameters
+    split = backbone_lr_scale != 1.0  # fine-tuning: the pretrained layers move more slowly than the head
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+            groups.setdefault((split and not name.startswith(HEAD), p.ndim > 1), []).append(p)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0,
+             "lr": lr * (backbone_lr_scale if backbone else 1.0)}
+            for (backbone, decay), params in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1]))]
 
 
 @dataclass(frozen=True)
@@ -56,12 +59,25 @@ def peak_lr(cfg, world_size: int) -> float:
 
 
 def build_optimizer(cfg, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay, lr, cfg.backbone_lr_scale)
     # One fused kernel for all parameters' updates, on GPUs and CPUs alike (on the CPU, where
     # foreach falls back to a loop over tensors, it is several times faster).
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=True)
     return torch.optim.AdamW(groups, lr=lr, fused=True)
+
+
+def init_momentum(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter an SGD momentum buffer: zeros, with which the first step sets the
+    buffer to the gradient, exactly as SGD's own first step does. Fused SGD cannot step a mix
+    of parameters with and without one, which a head trained alone leaves behind."""
+    if not isinstance(optimizer, torch.optim.SGD) or not optimizer.defaults["momentum"]:
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str,

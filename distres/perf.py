@@ -88,10 +88,10 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class StepMeter:
-    def __init__(self, cfg, ctx, model: nn.Module, global_batch: int, backend: str, logger: Logger | None = None):
+    def __init__(self, cfg, ctx, global_batch: int, backend: str, logger: Logger | None = None):
         self.ctx, self.log_every, self.grad_accum, self.global_batch = ctx, cfg.log_every, cfg.grad_accum, global_batch
         self.logger = logger if logger is not None else Logger()
-        self.ddp = find_ddp(model) if cfg.bench_comm_probe else None
+        self.probe = cfg.bench_comm_probe and ctx.distributed  # (DDP only exists then)
         # The probe compares step times; on CUDA the host runs ahead of the GPU, so it waits
         # for the GPU after every step and the host clock times the GPU's work.
         self.sync_steps = cfg.bench_comm_probe and ctx.device.type == "cuda"
@@ -117,11 +117,12 @@ class StepMeter:
 
     def _probing(self, step: int) -> bool:
         # step: optimizer steps done before this one; windows end at multiples of log_every.
-        return self.ddp is not None and (step // self.log_every) % 2 == 1
+        return self.probe and (step // self.log_every) % 2 == 1
 
-    def step_context(self, step: int):
+    def step_context(self, model: nn.Module, step: int):
         """no_sync() for the steps of every other window under --bench-comm-probe."""
-        return self.ddp.no_sync() if self._probing(step) else contextlib.nullcontext()
+        ddp = find_ddp(model) if self._probing(step) else None
+        return ddp.no_sync() if ddp is not None else contextlib.nullcontext()
 
     def add(self, loss: torch.Tensor) -> None:
         """One optimizer step's mean loss (a device tensor, not read here)."""
@@ -156,7 +157,7 @@ class StepMeter:
         adds it to the epoch's totals."""
         self.steps, self.elapsed, self.wait = self.steps + steps, self.elapsed + elapsed, self.wait + wait
         rec = {"step_time": elapsed / steps, "peak_mem_mb": peak_memory_mb(self.ctx.device)}
-        if self.ddp is not None:
+        if self.probe:
             rec["synced"] = not self._probing(step - 1)
         return rec
 

@@ -27,11 +27,10 @@ from typing import Callable
 
 import numpy as np
 
-from distres.data.formats import CIFAR10_CLASSES, IMAGE_EXTENSIONS
-from distres.errors import EXIT_USER_ERROR, ArgumentParser, UserError, format_error
+from distres.data.formats import CIFAR10_CLASSES, IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+from distres.errors import ArgumentParser, UserError, run_cli
 from distres.host import available_cpus
 
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts")
 JPEG_QUALITY = 90
 FFMPEG_QSCALE = 2  # ffmpeg's MJPEG scale (2 best .. 31 worst); 2 is close to JPEG quality 90-95
 
@@ -299,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
+    def body():
         a = build_parser().parse_args(argv)
         if a.src.resolve() == a.dst.resolve():
             raise UserError("DST must differ from SRC; pick a new output folder")
@@ -310,12 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             tasks = cifar10_tasks(a.src, a.dst)
         run_tasks(tasks, a.workers, a.command)
-        return 0
-    except UserError as e:
-        print(format_error(e), file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        return 130
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from distres import checkpoint, config, data, dist, engine, models, optim, perf, preempt, telemetry, tracking
-from distres.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, Preempted, RankError, UserError, console, format_error
+from distres import checkpoint, config, data, dist, engine, models, optim, perf, preempt, telemetry, tracking, weights
+from distres.ema import EMA
+from distres.errors import Preempted, console, run_cli
 
 
 def _set_performance_flags(cfg, ctx) -> None:
@@ -59,14 +60,20 @@ def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
     ckpt = checkpoint.Checkpointer(cfg, ctx, out / "checkpoints")  # fails fast: before any data is read
     _set_performance_flags(cfg, ctx)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts)
-    bundle = data.build(cfg, ctx, models.memory_format(cfg.channels_last))
-    net = models.build(cfg, bundle.num_classes, bundle.image_size, ctx)
+    pretrained = weights.resolve(cfg, ctx)
+    bundle = data.build(cfg, ctx, models.memory_format(cfg.channels_last),
+                        stats=(pretrained.mean, pretrained.std) if pretrained else None)
+    net = models.build(cfg, bundle.classes, bundle.image_size, ctx, pretrained)
+    del pretrained
     plan = optim.plan(cfg, bundle.train.sampler.num_batches(), ctx.world_size)
     optimizer = optim.build_optimizer(cfg, net, plan.lr)
     precision = engine.Precision(cfg.amp, ctx.device)
+    meta = models.describe(net, cfg.arch, bundle.classes, bundle.mean, bundle.std, bundle.image_size)
     state = checkpoint.TrainingState(net, optimizer, optim.build_scheduler(cfg, optimizer, plan),
-                                     precision.scaler, bundle.train)
+                                     precision.scaler, bundle.train, meta,
+                                     EMA(net, cfg.ema_decay, cfg.ema_every) if cfg.ema_decay > 0 else None)
     step = ckpt.restore(state)
+    models.set_backbone_trainable(net, bundle.train.epoch >= cfg.freeze_backbone_epochs)
     model = models.parallelize(net, cfg, ctx)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -76,7 +83,7 @@ def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
                                       "backend": ctx.backend, "global_batch": plan.global_batch})
     telem = telemetry.start(ctx)
     r = Run(cfg, ctx, plan, bundle, model, state, precision, optim.build_loss(cfg), ckpt,
-            perf.StepMeter(cfg, ctx, model, plan.global_batch, bundle.backend, logger),
+            perf.StepMeter(cfg, ctx, plan.global_batch, bundle.backend, logger),
             preempt.PreemptionFlag(ctx.distributed), step)
     if ctx.is_main:
         console(f"distres: {cfg.arch} on {ctx.world_size} x {ctx.device.type} ({ctx.backend or 'single process'}), "
@@ -88,6 +95,11 @@ def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
     try:
         while r.step < plan.total_steps and bundle.train.epoch < plan.epochs:
             epoch = bundle.train.epoch
+            if epoch == cfg.freeze_backbone_epochs > 0 and models.set_backbone_trainable(net, True):
+                r.model = models.parallelize(net, cfg, ctx)  # DDP then reduces the backbone's gradients too
+                optim.init_momentum(optimizer)
+                if ctx.is_main:
+                    console(f"distres: epoch {epoch + 1}: the backbone trains from now on")
             train_epoch(r)
             final = r.step >= plan.total_steps
             if final or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
@@ -123,11 +135,13 @@ def train_epoch(r: Run) -> None:
     r.meter.start_window()
     for s in range(first, last):
         micro = r.meter.fetch(batches)
-        with r.meter.step_context(r.step):  # no_sync() in probe windows (--bench-comm-probe)
+        with r.meter.step_context(r.model, r.step):  # no_sync() in probe windows (--bench-comm-probe)
             loss = engine.train_step(r.model, micro, r.loss_fn, r.state.optimizer, r.precision, cfg.clip_grad_norm)
         r.state.scheduler.step()
         r.meter.add(loss)
         r.step += 1
+        if r.state.ema is not None:
+            r.state.ema.update(r.state.model, r.step)
         bar.update(1)
         # A signal on any rank stops all ranks at the same step (see preempt.py); one at an
         # epoch's last step is handled after the epoch's checkpoint and evaluation.
@@ -157,12 +171,29 @@ def _preempted(r: Run, epoch: int, in_epoch: int) -> Preempted:
 
 
 def _evaluate(r: Run, logger, epoch: int) -> dict:
+    """Score the weights (and their EMA) on the validation set; keep the better as best.pt
+    when it beats every earlier evaluation. Every rank scores with rank 0's BatchNorm statistics,
+    the ones the checkpoint holds, so that ``distres.evaluate`` on it gives the same figures."""
+    if r.cfg.broadcast_buffers:
+        for module in (r.state.model, r.state.ema and r.state.ema.module):
+            if module is not None:
+                dist.broadcast_buffers(module)
     result = engine.evaluate(r.model, r.bundle.val, r.precision, r.ctx.device)
+    ema = None
+    if r.state.ema is not None:
+        ema = engine.evaluate(r.state.ema.module, r.bundle.val, r.precision, r.ctx.device)
+        result.update({f"ema_{k}": v for k, v in ema.items() if k != "eval_samples"})
+    which = "ema" if ema and ema["top1"] > result["top1"] else "raw"
+    best = r.ckpt.save_best((r.state.ema.module if which == "ema" else r.state.model).state_dict(), r.state.meta,
+                            {"top1": result[f"{'ema_' if which == 'ema' else ''}top1"], "weights": which,
+                             "step": r.step, "epoch": epoch})
     logger.log({"kind": "eval", "step": r.step, "epoch": epoch, **result})
     if r.ctx.is_main:
-        console(f"distres: epoch {epoch} step {r.step}: top1 {result['top1']:.2f}% "
-                f"top5 {result['top5']:.2f}% val_loss {result['val_loss']:.4f} "
-                f"({result['eval_samples']} images)")
+        line = f"distres: epoch {epoch} step {r.step}: top1 {result['top1']:.2f}% top5 {result['top5']:.2f}% " \
+               f"val_loss {result['val_loss']:.4f}"
+        if ema:
+            line += f"; EMA top1 {ema['top1']:.2f}% top5 {ema['top5']:.2f}%"
+        console(f"{line} ({result['eval_samples']} images){'; new best.pt (' + which + ')' if best else ''}")
     return result
 
 
@@ -177,23 +208,11 @@ def _progress(cfg, ctx, epoch: int, epochs: int, first: int, total: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
+    def body():
         cfg = config.parse_args(argv)
-        ctx = dist.init(cfg.device, cfg.dist_backend, deterministic=cfg.deterministic)
-        run(cfg, ctx)
-        return 0
-    except UserError as e:
-        if dist.rank_from_env() == 0 or isinstance(e, RankError):
-            print(format_error(e), file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
-    except Preempted as e:
-        if dist.rank_from_env() == 0:
-            print(e, file=sys.stderr, flush=True)
-        return EXIT_PREEMPTED
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        dist.teardown()
+        run(cfg, dist.init(cfg.device, cfg.dist_backend, deterministic=cfg.deterministic))
+
+    return run_cli(body, rank=dist.rank_from_env, cleanup=dist.teardown)
 
 
 def main_cli() -> None:

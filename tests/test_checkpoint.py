@@ -72,10 +72,13 @@ def test_rng_state_round_trips_through_weights_only_load(tmp_path):
 def test_mid_epoch_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     """Two gloo ranks; the run stops at step 5 of an 8-step epoch (a constant schedule, so
     stopping early does not change the learning rates), resumes, and must end with exactly the
-    weights, BN statistics and optimizer state of a run that never stopped."""
+    weights, BN statistics, optimizer state and EMA of a run that never stopped. The first epoch
+    trains the head alone (--freeze-backbone-epochs 1): the stop falls in that phase, and DDP is
+    rebuilt for the second."""
     common = TINY + ["--batch-size", "4", "--synthetic-samples", "64", "--epochs", "2",
                      "--schedule", "constant", "--warmup-epochs", "0", "--amp", "none",
-                     "--deterministic", "--checkpoint-every", "0", "--eval-every", "0"]
+                     "--deterministic", "--checkpoint-every", "0", "--eval-every", "0",
+                     "--ema-decay", "0.8", "--ema-every", "2", "--freeze-backbone-epochs", "1"]
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert run_train(common + ["--output-dir", str(full)], nproc=2).returncode == 0
     r = run_train(common + ["--output-dir", str(cut), "--max-steps", "5"], nproc=2)
@@ -83,15 +86,27 @@ def test_mid_epoch_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     assert torch.load(cut / "checkpoints/last.pt", weights_only=True)["step_in_epoch"] == 5
     r = run_train(common + ["--output-dir", str(cut), "--resume"], nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "the backbone trains from now on" in r.stderr
     a = torch.load(full / "checkpoints/last.pt", weights_only=True)
     b = torch.load(cut / "checkpoints/last.pt", weights_only=True)
     assert a["step"] == b["step"] == 16
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
+        assert torch.equal(a["ema"][k], b["ema"][k]), k
     for pid, st in a["optimizer"]["state"].items():
         assert torch.equal(st["momentum_buffer"], b["optimizer"]["state"][pid]["momentum_buffer"])
     assert [x["loss"] for x in read_metrics(full) if x["kind"] == "train"] == \
         [x["loss"] for x in read_metrics(cut) if x["kind"] == "train"]
+    # The frozen epoch moved the head only (step 5 and the epoch's end, step 8, share the
+    # backbone); the second moved the backbone too.
+    at5 = torch.load(cut / "checkpoints/step-00000005.pt", weights_only=True)["model"]
+    at8 = torch.load(full / "checkpoints/step-00000008.pt", weights_only=True)["model"]
+    backbone = [k for k in at5 if not k.startswith("fc.") and k.endswith((".weight", ".bias"))]
+    assert len(backbone) == 60 and all(torch.equal(at5[k], at8[k]) for k in backbone)
+    assert not torch.equal(at5["bn1.running_mean"], at8["bn1.running_mean"])  # BN statistics still adapt
+    assert not torch.equal(at5["fc.weight"], at8["fc.weight"])
+    assert not torch.equal(at8["layer1.0.conv1.weight"], a["model"]["layer1.0.conv1.weight"])
+    assert not torch.equal(a["model"]["fc.weight"], a["ema"]["fc.weight"])  # the EMA lags the weights
 
 
 def test_resume_with_another_amp_is_a_one_line_error(tmp_path):

@@ -40,7 +40,7 @@ def test_channels_last_model_and_output():
 
 def test_no_weight_decay_on_bn_and_bias():
     m = models.build_model("resnet18", 10)
-    decay, no_decay = optim.param_groups(m, 1e-4)
+    decay, no_decay = optim.param_groups(m, 1e-4, 0.1)
     assert no_decay["weight_decay"] == 0 and decay["weight_decay"] == 1e-4
     assert all(p.ndim > 1 for p in decay["params"])
     assert any(p is m.fc.bias for p in no_decay["params"])
@@ -166,3 +166,34 @@ def test_matmul_conv_trains_after_evaluating_first():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         conv(x).float().sum().backward()
     assert conv[0].weight.grad is not None
+
+
+def test_backbone_lr_scale_puts_the_head_in_groups_of_its_own():
+    m = models.build_model("resnet18", 10)
+    groups = optim.param_groups(m, 1e-4, 0.1, backbone_lr_scale=0.25)
+    head = {id(m.fc.weight), id(m.fc.bias)}
+    for g in groups:
+        in_head = {id(p) in head for p in g["params"]}
+        assert len(in_head) == 1  # a group is all head or all backbone
+        assert g["lr"] == (0.1 if in_head == {True} else 0.025)
+    assert sum(len(g["params"]) for g in groups) == len(list(m.parameters()))
+
+
+def test_ema_follows_the_weights_and_copies_the_bn_statistics():
+    from distres.ema import EMA
+    torch.manual_seed(0)
+    m = models.build_model("resnet18", 10)
+    start = {k: v.clone() for k, v in m.state_dict().items()}
+    same, half = EMA(m, decay=0.0), EMA(m, decay=0.5, every=2)
+    m.train()(torch.randn(4, 3, 32, 32))  # BN statistics move
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(1.0)
+    same.update(m, step=1)
+    half.update(m, step=1)  # not a multiple of every=2: no update
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in same.state_dict().items())  # decay 0: the weights
+    assert all(torch.equal(v, start[k]) for k, v in half.state_dict().items())
+    half.update(m, step=2)
+    got = half.state_dict()
+    assert torch.allclose(got["fc.weight"], start["fc.weight"] + 0.5)
+    assert torch.equal(got["bn1.running_mean"], m.bn1.running_mean)

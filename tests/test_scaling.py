@@ -152,18 +152,18 @@ def test_comm_probe_skips_the_allreduce_every_other_window(tmp_path):
         ddp = nn.parallel.DistributedDataParallel(nn.Linear(4, 2))
         calls = count_allreduces(ddp)
         ctx = DistContext(0, 0, 1, 1, torch.device("cpu"), "gloo")
-        meter = perf.StepMeter(TrainConfig(log_every=2, bench_comm_probe=True), ctx, ddp, global_batch=8,
+        meter = perf.StepMeter(TrainConfig(log_every=2, bench_comm_probe=True), ctx, global_batch=8,
                                backend="synthetic")
         synced = []
         for step in range(8):
             before = len(calls)
-            with meter.step_context(step):
+            with meter.step_context(ddp, step):
                 ddp(torch.randn(8, 4)).sum().backward()
             synced.append(len(calls) > before)
         assert synced == [True, True, False, False, True, True, False, False]
         assert meter.window(2, 1.0, 0.1, step=2)["synced"] is True
         assert meter.window(2, 1.0, 0.1, step=4)["synced"] is False
-        plain = perf.StepMeter(TrainConfig(log_every=2), ctx, ddp, global_batch=8, backend="synthetic")
+        plain = perf.StepMeter(TrainConfig(log_every=2), ctx, global_batch=8, backend="synthetic")
         assert "synced" not in plain.window(2, 1.0, 0.1, step=4)  # no probe: every step all-reduces
     finally:
         tdist.destroy_process_group()

@@ -113,6 +113,7 @@ class Loader:
 
     def __init__(self, spec: Spec, num_samples: int):
         self.sampler = spec.sampler(num_samples)
+        self.source = spec.source  # ``source.name(i)`` names sample i in messages and reports
         self.num_samples, self.device, self.norm, self.bad = num_samples, spec.device, spec.norm, spec.bad
         self._position = 0  # batches of the current epoch handed out (incl. skipped on resume)
 

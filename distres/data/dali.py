@@ -131,7 +131,7 @@ class DaliLoader(Loader):
             raise UserError("--data-backend dali reads image files; write them with "
                             "`python -m distres.prepare cifar10 SRC DST` and pass --data-dir DST")
         super().__init__(spec, len(spec.source))
-        self.source, self.train, self.size = spec.source, spec.train, spec.image_size
+        self.train, self.size = spec.train, spec.image_size
         self.batch_size, self.threads = spec.batch_size, max(1, spec.workers)
         self.hwc = spec.norm.memory_format == torch.channels_last
         self.random_resized_crop = self.train and self.size > transforms.SMALL_IMAGES

@@ -23,11 +23,14 @@ from distres.errors import UserError, console
 
 @dataclass
 class DataBundle:
-    train: Loader
+    train: Loader | None  # None: built for evaluation only
     val: Loader
     num_classes: int
     image_size: int
     backend: str  # the resolved --data-backend
+    classes: list[str]  # label -> name
+    mean: tuple[float, ...]  # the normalisation the loaders apply (0..1 units)
+    std: tuple[float, ...]
 
 
 def default_workers(cpus_per_rank: int, device: torch.device) -> int:
@@ -49,45 +52,62 @@ def resolve_backend(requested: str, data: str, device: torch.device) -> str:
     return "gpu" if data == "cifar10" and device.type == "cuda" else "torch"
 
 
-def build(cfg, ctx, memory_format: torch.memory_format) -> DataBundle:
-    """The train and validation loaders for cfg.data on this rank."""
+def build(cfg, ctx, memory_format: torch.memory_format, stats=None, train: bool = True,
+          classes: list[str] | None = None) -> DataBundle:
+    """The train and validation loaders for cfg.data on this rank (only the validation loader
+    with ``train=False``). ``stats``: a (mean, std) normalisation instead of the data set's,
+    e.g. the one pretrained weights were trained with; ``classes``: the label names the
+    validation split must use (a model's), checked against its folders."""
     backend = resolve_backend(cfg.data_backend, cfg.data, ctx.device)
     if (backend == "synthetic") != (cfg.data == "synthetic"):
         raise UserError("--data-backend synthetic goes with --data synthetic only; use --data-backend torch"
                         if backend == "synthetic" else
                         f"--data synthetic makes its images itself; drop --data-backend {backend}")
     size = cfg.train_image_size()
-    if backend == "synthetic":
-        from distres.data.synthetic import SyntheticSource
-        splits = [SyntheticSource(n, cfg.synthetic_classes, size, cfg.seed, k, ctx.device)
-                  for k, n in enumerate((cfg.synthetic_samples, max(1, cfg.synthetic_samples // 8)))]
-        num_classes, mean, std = cfg.synthetic_classes, (0.5,) * 3, (0.25,) * 3
-    else:
-        if cfg.data == "cifar10":
-            root = Path(cfg.data_dir) if cfg.data_dir else sources.default_cifar10_dir()
-            splits = sources.cifar10_splits(root, download=ctx.local_rank == 0)
-            mean, std = transforms.CIFAR_MEAN, transforms.CIFAR_STD
-        else:
-            splits = sources.imagefolder_splits(Path(cfg.data_dir))
-            mean, std = transforms.IMAGENET_MEAN, transforms.IMAGENET_STD
-        num_classes = len(splits[0].classes)
-        if ctx.is_main:
-            for note in splits[0].notes + splits[1].notes:
-                console(note)
+    splits, names, (mean, std) = _splits(cfg, ctx, size, classes)
+    mean, std = stats or (mean, std)
     workers = cfg.workers if cfg.workers >= 0 else default_workers(ctx.cpus_per_rank, ctx.device)
 
     loaders = []
-    for src, train in zip(splits, (True, False)):
-        spec = Spec(src, train, size, Normalize(mean, std, ctx.device, memory_format), BadSamples(cfg.on_bad_sample),
-                    cfg.batch_size, ctx.rank, ctx.world_size, cfg.seed, workers, ctx.cpus_per_rank)
+    for src, is_train in zip(splits, (True, False)):
+        if is_train and not train:
+            loaders.append(None)
+            continue
+        spec = Spec(src, is_train, size, Normalize(mean, std, ctx.device, memory_format),
+                    BadSamples(cfg.on_bad_sample), cfg.batch_size, ctx.rank, ctx.world_size, cfg.seed, workers,
+                    ctx.cpus_per_rank)
         loaders.append(loader_class(backend)(spec))
 
     train_loader = loaders[0]
-    if train_loader.sampler.num_batches() == 0:
+    if train_loader is not None and train_loader.sampler.num_batches() == 0:
         raise UserError(
             f"{train_loader.num_samples} training samples cannot fill one batch of {cfg.batch_size} on each of "
             f"{ctx.world_size} processes; lower --batch-size or launch fewer processes")
-    return DataBundle(train_loader, loaders[1], num_classes, size, backend)
+    return DataBundle(train_loader, loaders[1], len(names), size, backend, names, tuple(mean), tuple(std))
+
+
+def _splits(cfg, ctx, size: int, classes: list[str] | None):
+    """(train source, val source), the class names, and the data set's (mean, std)."""
+    if cfg.data == "synthetic":
+        from distres.data.synthetic import SyntheticSource
+        splits = [SyntheticSource(n, cfg.synthetic_classes, size, cfg.seed, k, ctx.device)
+                  for k, n in enumerate((cfg.synthetic_samples, max(1, cfg.synthetic_samples // 8)))]
+        names = [str(k) for k in range(cfg.synthetic_classes)]
+        if classes is not None and len(classes) != len(names):
+            raise UserError(f"the model has {len(classes)} classes, --data synthetic {len(names)}; "
+                            f"pass --synthetic-classes {len(classes)}")
+        return splits, classes or names, ((0.5,) * 3, (0.25,) * 3)
+    if cfg.data == "cifar10":
+        root = Path(cfg.data_dir) if cfg.data_dir else sources.default_cifar10_dir()
+        splits = sources.cifar10_splits(root, download=ctx.local_rank == 0, classes=classes)
+        stats = transforms.CIFAR_MEAN, transforms.CIFAR_STD
+    else:
+        splits = sources.imagefolder_splits(Path(cfg.data_dir), classes=classes)
+        stats = transforms.IMAGENET_MEAN, transforms.IMAGENET_STD
+    if ctx.is_main:
+        for note in [n for split in splits if split is not None for n in split.notes]:
+            console(note)
+    return splits, list(splits[1].classes), stats
 
 
 def loader_class(name: str) -> type[Loader]:

@@ -27,7 +27,12 @@ class FolderSource:
         if not root.is_dir():
             raise UserError(f"data folder {root} does not exist; check --data-dir")
         found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-        self.classes = classes if classes is not None else found
+        unknown = sorted(set(found) - set(classes)) if classes is not None else []
+        if unknown:
+            raise UserError(f"{root} has class folder(s) {', '.join(unknown[:5])} that the training classes "
+                            f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}) do not have; its "
+                            "images would be scored against the wrong labels: give it the same class folders")
+        self.classes = list(classes) if classes is not None else found
         if not self.classes:
             raise UserError(f"{root} has no class sub-folders; expected {root}/<class>/<image>.jpg")
         self.paths: list[str] = []
@@ -85,11 +90,16 @@ class ArraySource:
         return self.images[i], int(self.labels[i])
 
 
-def imagefolder_splits(root: Path) -> tuple[FolderSource, FolderSource]:
-    """train/ and val/ (or test/) under root, the validation split using train's classes."""
+def imagefolder_splits(root: Path, classes: list[str] | None = None) -> tuple[FolderSource | None, FolderSource]:
+    """train/ and val/ (or test/) under root, the validation split using train's classes.
+
+    With ``classes`` (a trained model's), only the validation split is needed: val/, test/,
+    or root itself holding the class folders; the train split is None."""
     if not root.is_dir():
         raise UserError(f"--data-dir {root} does not exist; point it at a folder with train/ and val/")
     val_dir = next((root / n for n in ("val", "test") if (root / n).is_dir()), None)
+    if classes is not None:
+        return None, FolderSource(val_dir or root, classes=classes)
     if not (root / "train").is_dir() or val_dir is None:
         raise UserError(f"--data-dir {root} must contain train/ and val/ (or test/) class folders")
     train = FolderSource(root / "train")
@@ -100,10 +110,14 @@ def default_cifar10_dir() -> Path:
     return Path(os.environ.get("DISTRES_DATA", Path.home() / ".cache" / "distres")) / "cifar10"
 
 
-def cifar10_splits(root: Path, download: bool) -> tuple:
-    """CIFAR-10 from torchvision's files, or an ImageFolder copy (train/ + test/), or a download."""
+def cifar10_splits(root: Path, download: bool, classes: list[str] | None = None) -> tuple:
+    """CIFAR-10 from torchvision's files, or an ImageFolder copy (train/ + test/), or a download.
+    ``classes``: as for ``imagefolder_splits`` (the model's; CIFAR-10's own must match them)."""
     if (root / "train").is_dir() and any((root / n).is_dir() for n in ("test", "val")):
-        return imagefolder_splits(root)
+        return imagefolder_splits(root, classes)
+    if classes is not None and list(classes) != list(CIFAR10_CLASSES):
+        raise UserError(f"the model's classes ({', '.join(classes[:5])}, ...) are not CIFAR-10's; "
+                        "pass the --data and --data-dir it was trained on")
     if not (root / "cifar-10-batches-py").is_dir():
         if not download:
             raise UserError(f"CIFAR-10 not found in {root}; pass --data-dir with cifar-10-batches-py/ "
@@ -113,7 +127,7 @@ def cifar10_splits(root: Path, download: bool) -> tuple:
     splits = []
     for train in (True, False):
         ds = CIFAR10(str(root), train=train, download=False)
-        splits.append(ArraySource(ds.data, ds.targets, list(CIFAR10_CLASSES),
+        splits.append(ArraySource(ds.data, ds.targets, list(classes or CIFAR10_CLASSES),
                                   name=f"cifar10-{'train' if train else 'test'}"))
     return tuple(splits)
 

@@ -27,11 +27,13 @@ class SyntheticSource:
     def __len__(self) -> int:
         return self.num_samples
 
+    def name(self, i: int) -> str:
+        return f"synthetic[{i}]"
+
 
 class SyntheticLoader(Loader):
     def __init__(self, spec: Spec):
         super().__init__(spec, len(spec.source))
-        self.source = spec.source
 
     def _batches(self):
         src = self.source

@@ -1,0 +1,70 @@
+"""What evaluate, predict and export share: a trained model rebuilt from its file alone, and
+image files turned into its input the way its validation images were."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from distres import models, weights
+from distres.config import FIELDS, TrainConfig
+from distres.data import transforms
+from distres.data.base import Normalize
+from distres.data.decode import decode_torchvision
+from distres.errors import UserError
+
+WEIGHT_CHOICES = ("auto", "ema", "raw")
+WEIGHTS_HELP = "which weights of the checkpoint: auto (the EMA when it has one), ema or raw"
+
+
+@dataclass
+class Trained:
+    model: nn.Module  # eval mode
+    meta: dict  # models.describe
+    weights: str  # "ema" or "raw"
+    config: TrainConfig  # the training run's settings (defaults for a file without them)
+
+
+def load(path: str | Path, which: str = "auto", device: torch.device | None = None,
+         plain: bool = False) -> Trained:
+    """The model in ``path`` on ``device`` (default CPU). Set up as training ran it (memory
+    format, the CPU's matmul convolutions), so that its scores match training's, unless
+    ``plain``: a stock torchvision module in fp32 (what exports trace)."""
+    path = Path(path)
+    file = weights.read_model_file(path, which)
+    model = models.from_description(file.meta)
+    try:
+        model.load_state_dict(file.state)
+    except RuntimeError as e:
+        raise UserError(f"{path}: the weights do not fit the model it describes ({str(e).splitlines()[0][:100]}); "
+                        "the file is damaged: use another checkpoint") from None
+    cfg = run_config(file.config)
+    device = device or torch.device("cpu")
+    if not plain:
+        model = models.prepare(model, device, cfg.channels_last, sync_bn=False, distributed=False)
+    return Trained(model.eval().requires_grad_(False), file.meta, file.weights, cfg)
+
+
+def run_config(saved: dict | None) -> TrainConfig:
+    """The training run's config from a checkpoint's record (unknown keys, from other
+    versions, are left out)."""
+    return TrainConfig(**{k: v for k, v in (saved or {}).items() if k in FIELDS})
+
+
+def with_overrides(cfg: TrainConfig, **changes) -> TrainConfig:
+    """cfg with the flags the user gave (None: keep the checkpoint's)."""
+    return dataclasses.replace(cfg, **{k: v for k, v in changes.items() if v is not None})
+
+
+def normalizer(meta: dict, device: torch.device, channels_last: bool) -> Normalize:
+    return Normalize(meta["mean"], meta["std"], device, models.memory_format(channels_last))
+
+
+def read_image(path: str, meta: dict) -> torch.Tensor:
+    """An image file as the model's uint8 input: shorter side resized, centre crop, as the
+    validation images of its training run were."""
+    return transforms.resize_center_crop(decode_torchvision(path), meta["image_size"])

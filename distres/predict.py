@@ -1,0 +1,142 @@
+"""Classify image files with a trained model: a CSV with one row per image.
+
+    python -m distres.predict --checkpoint runs/x/checkpoints/best.pt photos/ more/img.jpg --output preds.csv
+
+INPUTs are image files or folders (searched recursively). Videos: extract their frames first
+(``python -m distres.prepare video SRC DST --fps 2``) and pass the frame folder. Images are
+decoded by DataLoader workers and scored in batches, on the GPU when there is one, with the
+validation preprocessing of the model's training run. A file that cannot be read is listed
+and counted, and the rest go on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from distres import dist, inference
+from distres.data.decode import DECODE_ERRORS, describe
+from distres.data.formats import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+from distres.engine import Precision
+from distres.errors import ArgumentParser, UserError, console, run_cli
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m distres.predict", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of them")
+    p.add_argument("--checkpoint", required=True, help="a distres checkpoint or .safetensors export")
+    p.add_argument("--weights", choices=inference.WEIGHT_CHOICES, default="auto", help=inference.WEIGHTS_HELP)
+    p.add_argument("--top-k", type=int, default=5, help="classes listed per image (at most the class count)")
+    p.add_argument("--output", default="predictions.csv", help="the CSV to write ('-': standard output)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None,
+                   help="autocast precision (default: the checkpoint's)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
+    return p
+
+
+def find_images(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """The image files among inputs (folders walked in name order), and what was left out."""
+    files, skipped = [], []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            for root, dirs, names in os.walk(path):
+                dirs.sort()
+                files += [os.path.join(root, n) for n in sorted(names)
+                          if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
+        elif path.suffix.lower() in VIDEO_EXTENSIONS:
+            skipped.append((item, "a video: extract its frames with python -m distres.prepare video"))
+        elif path.exists():
+            files.append(item)  # named explicitly: tried whatever its extension
+        else:
+            skipped.append((item, "no such file"))
+    return files, skipped
+
+
+class Images(torch.utils.data.Dataset):
+    def __init__(self, files: list[str], meta: dict):
+        self.files, self.meta = files, meta
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, inference.read_image(self.files[i], self.meta), None
+        except DECODE_ERRORS as e:
+            return i, None, describe(e)
+
+
+def _batch(items):
+    good = [(i, img) for i, img, _ in items if img is not None]
+    bad = [(i, err) for i, _, err in items if err is not None]
+    index = [i for i, _ in good]
+    images = torch.stack([img for _, img in good]) if good else None
+    return index, images, bad
+
+
+def predict(a) -> tuple[int, int]:
+    device = dist.resolve_device(a.device, 0)
+    trained = inference.load(a.checkpoint, a.weights, device)
+    meta, classes = trained.meta, trained.meta["classes"]
+    files, unreadable = find_images(a.inputs)
+    if not files:
+        raise UserError(f"no image files in {', '.join(a.inputs)} ({', '.join(IMAGE_EXTENSIONS)}); check the paths")
+    k = min(a.top_k, len(classes))
+    norm = inference.normalizer(meta, device, trained.config.channels_last)
+    precision = Precision(a.amp or trained.config.amp, device)
+    loader = torch.utils.data.DataLoader(Images(files, meta), batch_size=a.batch_size, num_workers=a.workers,
+                                         collate_fn=_batch, pin_memory=device.type == "cuda")
+    out = sys.stdout if a.output == "-" else open(a.output, "w", newline="")
+    written = 0
+    try:
+        w = csv.writer(out)
+        w.writerow(["file", *[c for j in range(1, k + 1) for c in (f"class{j}", f"prob{j}")]])
+        with torch.inference_mode():
+            for index, images, bad in loader:
+                unreadable += [(files[i], err) for i, err in bad]
+                if images is None:
+                    continue
+                x, _ = norm(images, torch.zeros(0, dtype=torch.int64))
+                with precision.autocast():
+                    logits = trained.model(x)
+                probs = logits.float().softmax(dim=1)
+                top = probs.topk(k, dim=1)
+                for i, labels, ps in zip(index, top.indices.tolist(), top.values.tolist()):
+                    w.writerow([files[i], *[v for c, p in zip(labels, ps) for v in (classes[c], f"{p:.4f}")]])
+                written += len(index)
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    for name, why in unreadable[:20]:
+        console(f"distres.predict: unreadable: {name}: {why}")
+    where = "standard output" if a.output == "-" else a.output
+    console(f"distres.predict: {written} image(s) classified ({trained.weights} weights of {a.checkpoint}) "
+            f"into {where}; {len(unreadable)} unreadable{' (listed above)' if unreadable else ''}")
+    return written, len(unreadable)
+
+
+def main(argv: list[str] | None = None) -> int:
+    def body():
+        a = build_parser().parse_args(argv)
+        if a.top_k < 1 or a.batch_size < 1 or a.workers < 0:
+            raise UserError("--top-k and --batch-size must be >= 1, --workers >= 0")
+        predict(a)
+
+    return run_cli(body)
+
+
+def main_cli() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    main_cli()
