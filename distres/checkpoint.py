@@ -167,7 +167,7 @@ class TrainingState:
     scheduler: object
     scaler: torch.amp.GradScaler
     loader: object  # data.Loader
-    meta: dict
+    meta: dict | None = None
     ema: object = None  # ema.EMA, or None without --ema-decay
 
 
