@@ -19,14 +19,15 @@ from pathlib import Path
 
 import torch
 
-from distres import checkpoint, config, data, dist, engine, models, optim, perf, preempt, telemetry, tracking
+from distres import (checkpoint, config, data, dist, engine, models, optim, perf, preempt, profiling,
+                     telemetry, tracking)
 from distres.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, Preempted, RankError, UserError, console, format_error
 
 
 def _set_performance_flags(cfg, ctx) -> None:
     if ctx.device.type == "cpu":
         # N ranks on one CPU node would otherwise each start one thread per core and thrash.
-        torch.set_num_threads(ctx.cpus_per_rank)
+        torch.set_num_threads(cfg.threads or ctx.cpus_per_rank)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)  # (dist.init set CUBLAS_WORKSPACE_CONFIG for it)
         torch.backends.cudnn.benchmark = False
@@ -52,6 +53,7 @@ class Run:
     meter: perf.StepMeter
     stop: preempt.PreemptionFlag
     step: int  # optimizer steps done
+    prof: profiling.Window  # --profile-steps
 
 
 def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
@@ -67,6 +69,7 @@ def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
     state = checkpoint.TrainingState(net, optimizer, optim.build_scheduler(cfg, optimizer, plan),
                                      precision.scaler, bundle.train)
     step = ckpt.restore(state)
+    window = profiling.Window(cfg, ctx, out, step, plan.total_steps)  # checks --profile-steps against the run
     model = models.parallelize(net, cfg, ctx)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -77,7 +80,7 @@ def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
     telem = telemetry.start(ctx)
     r = Run(cfg, ctx, plan, bundle, model, state, precision, optim.build_loss(cfg), ckpt,
             perf.StepMeter(cfg, ctx, model, plan.global_batch, bundle.backend, logger),
-            preempt.PreemptionFlag(ctx.distributed), step)
+            preempt.PreemptionFlag(ctx.distributed), step, window)
     if ctx.is_main:
         console(f"distres: {cfg.arch} on {ctx.world_size} x {ctx.device.type} ({ctx.backend or 'single process'}), "
                 f"{cfg.data} {bundle.image_size}px ({bundle.backend} loader), {bundle.num_classes} classes, "
@@ -104,6 +107,7 @@ def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
         raise
     finally:
         r.stop.close(wait=completed)
+        r.prof.close()
         ckpt.close()
         telem.close()
         logger.close()
@@ -122,6 +126,8 @@ def train_epoch(r: Run) -> None:
     bar = _progress(cfg, r.ctx, epoch, plan.epochs, first, plan.steps_per_epoch)
     r.meter.start_window()
     for s in range(first, last):
+        if r.step == r.prof.at:  # --profile-steps: the one check a step pays outside the window
+            r.prof.boundary(r.step, r.meter)
         micro = r.meter.fetch(batches)
         with r.meter.step_context(r.step):  # no_sync() in probe windows (--bench-comm-probe)
             loss = engine.train_step(r.model, micro, r.loss_fn, r.state.optimizer, r.precision, cfg.clip_grad_norm)
@@ -143,6 +149,7 @@ def train_epoch(r: Run) -> None:
             bar.close()
             raise _preempted(r, epoch, s + 1)
     bar.close()
+    r.prof.epoch_end(r.step)
     if last == plan.steps_per_epoch:
         loader.set_epoch(epoch + 1)
     r.ckpt.save(r.state, r.step)
