@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from distres import (checkpoint, config, data, dist, engine, models, optim, perf, preempt, profiling,
+from distres import (autotune, checkpoint, config, data, dist, engine, models, optim, perf, preempt, profiling,
                      telemetry, tracking)
 from distres.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, Preempted, RankError, UserError, console, format_error
 
@@ -60,6 +60,9 @@ def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
     out = Path(cfg.output_dir)
     ckpt = checkpoint.Checkpointer(cfg, ctx, out / "checkpoints")  # fails fast: before any data is read
     _set_performance_flags(cfg, ctx)
+    if cfg.autotune:  # before anything is built: the run is built with the chosen settings
+        cfg = ckpt.cfg = autotune.for_run(cfg, ctx, out, resumed=ckpt.found is not None)
+        _set_performance_flags(cfg, ctx)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts)
     bundle = data.build(cfg, ctx, models.memory_format(cfg.channels_last))
     net = models.build(cfg, bundle.num_classes, bundle.image_size, ctx)
@@ -81,6 +84,8 @@ def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
     r = Run(cfg, ctx, plan, bundle, model, state, precision, optim.build_loss(cfg), ckpt,
             perf.StepMeter(cfg, ctx, model, plan.global_batch, bundle.backend, logger),
             preempt.PreemptionFlag(ctx.distributed), step, window)
+    if cfg.autotune:
+        r.meter.refs["autotune table"] = str(out / "autotune.json")
     if ctx.is_main:
         console(f"distres: {cfg.arch} on {ctx.world_size} x {ctx.device.type} ({ctx.backend or 'single process'}), "
                 f"{cfg.data} {bundle.image_size}px ({bundle.backend} loader), {bundle.num_classes} classes, "
