@@ -82,3 +82,21 @@ def test_window_beyond_the_run_is_one_line(tmp_path):
     assert r.returncode == 2
     lines = [x for x in r.stderr.splitlines() if "error" in x]
     assert lines == ["distres: error: --profile-steps 2:9: the run has 4 steps; pick a window that ends by step 4"]
+
+
+def test_gpu_timeline_split():
+    """The CUDA branch of the summary, on a hand-made timeline (no GPU on the test machines): a
+    convolution kernel hides the first part of an all-reduce, the GPU idles while the host
+    fetches a batch and while it does other host work."""
+    def ev(name, ts, dur, cat, tid):
+        return {"ph": "X", "name": name, "ts": ts, "dur": dur, "cat": cat, "pid": 1, "tid": tid}
+    trace = {"traceEvents": [ev("ProfilerStep#7", 0, 100, "user_annotation", 1),
+                             ev(profiling.DATA_WAIT, 80, 15, "user_annotation", 1),
+                             ev("sm90_xmma_fprop_implicit_gemm", 0, 40, "kernel", 7),
+                             ev("ncclDevKernel_AllReduce_Sum_f32", 30, 30, "kernel", 8),
+                             ev("vectorized_elementwise_kernel", 70, 10, "kernel", 7)]}
+    s = profiling.summarize(trace, "cuda")
+    got = {k: round(v * 1e6, 6) for k, v in s["seconds"].items()}
+    assert got == {"convolution/matmul": 40, "communication": 20, "normalisation/elementwise": 10,
+                   "data wait": 15, "host overhead": 15}
+    assert s["steps"] == [7] and s["wall_s"] == pytest.approx(100e-6)
