@@ -4,7 +4,8 @@
     python -m distres.autotune ...                               # tune only; prints the flags to use
     torchrun --nproc_per_node 2 -m distres.autotune --device cpu ...
 
-The levers (``config.AUTOTUNE_LEVERS``) leave the training maths and the batches alone: the
+The levers (``config.AUTOTUNE_LEVERS``) leave the batches alone, and the maths up to rounding
+(a memory format, compiled kernels or a thread count may sum in another order): the
 data backend among those that hand out identical batches (torch, and gpu for images up to
 64 px; DALI normalises in its own kernel, a float rounding apart, so it is never picked
 here), DataLoader workers / DALI threads, channels_last, the torch.compile mode (CUDA: on a
