@@ -21,7 +21,7 @@ sysdeps:
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[test,dali,export]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,dali,export,tensorboard]'
 	touch $@
 
 test: setup sysdeps

@@ -21,6 +21,9 @@ from distres.errors import ArgumentParser, UserError
 ARCHS = ("resnet50", "resnext50_32x4d", "resnet18")
 DATASETS = ("cifar10", "imagefolder", "synthetic")
 BACKENDS = ("auto", "torch", "gpu", "dali", "synthetic")
+# What --autotune may change: settings that leave the batches alone, and the maths up to rounding.
+AUTOTUNE_LEVERS = ("data_backend", "workers", "channels_last", "compile", "threads", "bucket_cap_mb",
+                   "broadcast_buffers")
 
 
 def opt(default: Any, help: str, **kw: Any) -> Any:
@@ -132,19 +135,46 @@ class TrainConfig:
         "--no-broadcast-buffers skips that copy, each rank then keeps its own running statistics "
         "(evaluation uses each rank's, checkpoints rank 0's, and a resumed run starts every rank "
         "from rank 0's)", group="dist")
+    threads: int = opt(0, "CPU runs: intra-op threads per process; 0: this process's share of the CPUs",
+                       group="dist")
     bench_comm_probe: bool = opt(
         False, "benchmark only (benchmarks/scaling.py): every other log window skips the gradient "
         "all-reduce (DDP no_sync) to measure the exposed communication time; the ranks' weights "
         "drift apart, so never for real training", group="dist")
 
+    # --- profiling, TensorBoard, autotuning
+    profile_steps: str | None = opt(
+        None, "profile optimizer steps A:B (inclusive, counted from 1 like metrics.jsonl's step; pick A "
+        "after the first few warm-up steps, e.g. 20:24) with torch.profiler on every rank: one "
+        "Chrome/Perfetto trace per rank in OUTPUT_DIR/profile/ (TensorBoard's profiler plugin opens "
+        "them) and a summary of where the time went from rank 0", group="perf")
+    profile_shapes: bool = opt(False, "--profile-steps: record each op's input shapes", group="perf")
+    profile_memory: bool = opt(False, "--profile-steps: record memory allocations", group="perf")
+    tensorboard: bool = opt(False, "write the logged scalars (train, eval, perf, GPU telemetry) as "
+                            "TensorBoard events to OUTPUT_DIR/tensorboard/ from rank 0 "
+                            "(pip install -e '.[tensorboard]')", group="perf")
+    autotune: bool = opt(
+        False, "before training, time short windows of the real step per setting that does not change "
+        "the training maths or the batches (see --autotune-levers), keep the fastest, and train with it; "
+        "the table goes to OUTPUT_DIR/autotune.json. A resumed run reuses that choice", group="perf")
+    autotune_budget: float = opt(60.0, "--autotune: seconds the trials may take in all", group="perf")
+    autotune_steps: int = opt(8, "--autotune: timed optimizer steps per trial (after 2 warm-up steps)",
+                              group="perf")
+    autotune_levers: str = opt("all", "--autotune: comma-separated settings to tune, of "
+                               + ", ".join(AUTOTUNE_LEVERS), group="perf")
+    autotune_retune: bool = opt(False, "--autotune on a resumed run: tune again instead of reusing "
+                                "OUTPUT_DIR/autotune.json", group="perf")
+
     def validate(self) -> "TrainConfig":
         positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum,
-                    "log_every": self.log_every, "ema_every": self.ema_every, "synthetic_classes": self.synthetic_classes,
-                    "synthetic_samples": self.synthetic_samples}
+                    "log_every": self.log_every, "ema_every": self.ema_every,
+                    "synthetic_classes": self.synthetic_classes, "synthetic_samples": self.synthetic_samples,
+                    "autotune_steps": self.autotune_steps}
         for name, value in positive.items():
             if value <= 0:
                 raise UserError(f"--{flag(name)} must be > 0 (got {value})")
-        for name in ("epochs", "max_steps", "checkpoint_every", "eval_every", "image_size", "freeze_backbone_epochs"):
+        for name in ("epochs", "max_steps", "checkpoint_every", "eval_every", "image_size", "freeze_backbone_epochs",
+                     "threads"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{flag(name)} must be >= 0 (got {getattr(self, name)})")
         if self.epochs == 0 and self.max_steps == 0:
@@ -159,11 +189,44 @@ class TrainConfig:
             raise UserError("--keep-checkpoints must be >= 1")
         if self.data == "imagefolder" and not self.data_dir:
             raise UserError("--data imagefolder needs --data-dir PATH (a folder with train/ and val/)")
+        if self.autotune_budget <= 0:
+            raise UserError(f"--autotune-budget must be > 0 seconds (got {self.autotune_budget:g}); "
+                            "e.g. --autotune-budget 60")
+        self.tuned_levers()
+        self.profile_window()
+        if self.tensorboard:
+            _require_tensorboard()
         try:
             self.lr_step_epochs()
         except ValueError:
             raise UserError(f"--lr-steps must be comma-separated epochs like 30,60,80 (got {self.lr_steps!r})")
         return self
+
+    def profile_window(self) -> tuple[int, int] | None:
+        """--profile-steps A:B as (A, B), or None."""
+        if self.profile_steps is None:
+            return None
+        text = str(self.profile_steps)
+        first, sep, last = text.partition(":")
+        try:
+            a, b = int(first), int(last)
+        except ValueError:
+            raise UserError(f"--profile-steps must be A:B, the first and last optimizer step to profile, "
+                            f"like 20:24 (got {text!r})") from None
+        if not sep or a < 1 or a > b:
+            raise UserError(f"--profile-steps {text}: need 1 <= A <= B (steps count from 1); e.g. --profile-steps 20:24")
+        return a, b
+
+    def tuned_levers(self) -> list[str]:
+        """The settings --autotune may change (--autotune-levers)."""
+        names = [n.strip().replace("-", "_") for n in str(self.autotune_levers).split(",") if n.strip()]
+        if names == ["all"]:
+            return list(AUTOTUNE_LEVERS)
+        unknown = [n for n in names if n not in AUTOTUNE_LEVERS]
+        if unknown or not names:
+            raise UserError(f"--autotune-levers: unknown setting {', '.join(unknown) or repr(self.autotune_levers)}; "
+                            f"use all or a comma-separated list of {', '.join(AUTOTUNE_LEVERS)}")
+        return names
 
     def train_image_size(self) -> int:
         """The training crop: --image-size, else the data set's native size."""
@@ -181,7 +244,16 @@ class TrainConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 GROUPS = {"model": "model", "weights": "starting weights and fine-tuning", "data": "data", "optim": "optimisation and precision",
-          "run": "run, outputs and checkpoints", "dist": "distributed"}
+          "run": "run, outputs and checkpoints", "dist": "distributed",
+          "perf": "profiling, TensorBoard and autotuning"}
+
+
+def _require_tensorboard() -> None:
+    try:
+        import tensorboard  # noqa: F401  (the optional extra)
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: pip install -e '.[tensorboard]' "
+                        "(or drop --tensorboard)") from None
 
 
 def flag(name: str) -> str:
@@ -222,11 +294,14 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+TRAIN_DESCRIPTION = ("Train ResNet-50 / ResNeXt-50 with DistributedDataParallel. "
+                     "Run as `python -m distres.train` or `torchrun --nproc_per_node N -m distres.train`.")
+
+
+def build_parser(prog: str = "python -m distres.train", description: str = TRAIN_DESCRIPTION) -> argparse.ArgumentParser:
     p = ArgumentParser(
-        prog="python -m distres.train",
-        description="Train ResNet-50 / ResNeXt-50 with DistributedDataParallel. "
-        "Run as `python -m distres.train` or `torchrun --nproc_per_node N -m distres.train`.",
+        prog=prog,
+        description=description,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--config", metavar="FILE.yaml", default=None,
@@ -247,8 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    parser = build_parser()
+def parse_args(argv: list[str] | None = None, **parser_kw: str) -> TrainConfig:
+    """The config from flags and --config; parser_kw (prog, description) names another CLI."""
+    parser = build_parser(**parser_kw)
     known, _ = _config_only().parse_known_args(argv)
     if known.config:
         values = load_yaml(known.config)

@@ -195,6 +195,15 @@ def broadcast_buffers(module: torch.nn.Module) -> None:
         torch._foreach_copy_(bufs, [f.view_as(b) for f, b in zip(flat.split([b.numel() for b in bufs]), bufs)])
 
 
+def broadcast_object(obj):
+    """Rank 0's obj on every rank (obj itself for a single process): what rank 0 decided."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -98,6 +98,7 @@ class StepMeter:
         self.levers = levers(cfg, ctx.device.type, backend)
         self.t_run = time.perf_counter()  # the run's clock: records' "time", the final summary
         self._loss = torch.zeros((), device=ctx.device)  # summed on the device: no host sync per step
+        self.refs: dict[str, str] = {}  # outputs the epoch verdict points at (a trace, the autotune table)
         self._reset_epoch()
         self.start_window()
 
@@ -114,6 +115,20 @@ class StepMeter:
         micro = [next(batches) for _ in range(self.grad_accum)]
         self._wait += time.perf_counter() - t0
         return micro
+
+    def label_fetch(self, name: str | None) -> None:
+        """While a profiler runs, mark each fetch in its trace as ``name``; None: plain fetches
+        again. (A method swapped on the instance: unlabelled steps pay nothing for it.)"""
+        if name is None:
+            self.__dict__.pop("fetch", None)
+            return
+        plain = type(self).fetch
+
+        def fetch(batches) -> list:
+            with torch.profiler.record_function(name):
+                return plain(self, batches)
+
+        self.fetch = fetch
 
     def _probing(self, step: int) -> bool:
         # step: optimizer steps done before this one; windows end at multiples of log_every.
@@ -169,6 +184,7 @@ class StepMeter:
             return None
         frac = self.wait / self.elapsed if self.elapsed > 0 else 0.0
         label, detail = verdict(frac, gpu.get("gpu_util_mean"), *self.levers)
+        detail += "".join(f"; {what}: {where}" for what, where in self.refs.items())
         rec = {"kind": "epoch", "step": step, "epoch": epoch, "data_wait_frac": frac,
                "step_time": self.elapsed / self.steps,
                "images_per_sec": self.steps * self.global_batch / self.elapsed if self.elapsed > 0 else 0.0,

@@ -1,7 +1,8 @@
 """Where metrics go. Only rank 0 writes; other ranks get the do-nothing base logger.
 
 ``metrics.jsonl`` is always written (one JSON object per log step, evaluation and epoch);
-Weights & Biases is imported lazily, and its trouble is a warning, never a failed run.
+Weights & Biases is imported lazily, and its trouble is a warning, never a failed run;
+TensorBoard events (``--tensorboard``) carry the same values under the same names.
 """
 
 from __future__ import annotations
@@ -151,11 +152,19 @@ def open_wandb_run(requested: str, output_dir: Path, config: dict, name: str, *,
     return None
 
 
-class WandbLogger(Logger):
-    """Rank 0's records into one W&B run: train/*, eval/* and perf/* (epoch records)
-    history rows at the optimizer step, with ``epoch`` as a plain column."""
+PREFIX = {"train": "train", "eval": "eval", "epoch": "perf"}
 
-    PREFIX = {"train": "train", "eval": "eval", "epoch": "perf"}
+
+def metric_row(record: dict) -> dict:
+    """A record's values under the names W&B and TensorBoard show: train/*, eval/* and perf/*
+    (epoch records), with ``epoch`` as a plain column; no kind, step or missing values."""
+    prefix = PREFIX.get(record.get("kind"), "other")
+    return {(k if k == "epoch" else f"{prefix}/{k}"): v for k, v in record.items()
+            if k not in ("kind", "step") and v is not None}
+
+
+class WandbLogger(Logger):
+    """Rank 0's records into one W&B run: ``metric_row`` history rows at the optimizer step."""
 
     def __init__(self, mode: str, output_dir: Path, config: dict, run_name: str, resume: bool):
         self.run = open_wandb_run(mode, output_dir, config, run_name, resume=resume)
@@ -163,11 +172,8 @@ class WandbLogger(Logger):
     def log(self, record: dict) -> None:
         if self.run is None:
             return
-        prefix = self.PREFIX.get(record.get("kind"), "other")
-        row = {(k if k == "epoch" else f"{prefix}/{k}"): v for k, v in record.items()
-               if k not in ("kind", "step") and v is not None}
         try:
-            self.run.log(row, step=record.get("step"))
+            self.run.log(metric_row(record), step=record.get("step"))
         except Exception as e:
             warnings.warn(f"W&B log failed, no more W&B logging for this run: {e}", stacklevel=2)
             self.run = None
@@ -178,6 +184,38 @@ class WandbLogger(Logger):
                 self.run.finish()
             except Exception as e:
                 warnings.warn(f"W&B finish failed: {e}", stacklevel=2)
+
+
+class TensorBoardLogger(Logger):
+    """Rank 0's records as TensorBoard events in ``output_dir/tensorboard``: the numbers of
+    ``metric_row`` as scalars at the optimizer step (the same names as in W&B), the verdict text
+    as text. ``epoch`` is a scalar only in the epoch records, where it is the epoch's number.
+
+    A resumed run opens the writer with ``purge_step`` = the first step it will log again, the
+    mechanism TensorBoard defines for this: the new events file starts with a marker, and
+    readers that honour it (TensorBoard itself, ``EventAccumulator``) drop the earlier files'
+    events from that step on, so each step is shown once, from the run that logged it last."""
+
+    def __init__(self, output_dir: Path, resume_step: int | None):
+        from torch.utils.tensorboard import SummaryWriter  # the optional extra, checked by config
+        self.writer = SummaryWriter(str(output_dir / "tensorboard"),
+                                    purge_step=None if resume_step is None else resume_step + 1)
+
+    def log(self, record: dict) -> None:
+        step = record.get("step")
+        for name, value in metric_row(record).items():
+            if name == "epoch" and record.get("kind") != "epoch":
+                continue  # a fraction on train records; an axis, not a curve
+            if isinstance(value, bool):
+                value = float(value)
+            if isinstance(value, (int, float)):
+                if math.isfinite(value):
+                    self.writer.add_scalar(name, value, global_step=step)
+            elif name.endswith("verdict_detail"):
+                self.writer.add_text(name, str(value), global_step=step)
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 class MultiLogger(Logger):
@@ -195,7 +233,7 @@ class MultiLogger(Logger):
 
 def build(cfg, is_main: bool, output_dir: Path, resume_step: int | None,
           run_info: dict | None = None) -> Logger:
-    """metrics.jsonl (+ W&B) on rank 0, the no-op Logger elsewhere: one W&B run per job.
+    """metrics.jsonl (+ W&B, + TensorBoard) on rank 0, the no-op Logger elsewhere: one W&B run per job.
     ``run_info`` (world size, device, ...) joins the resolved config in W&B's config."""
     if not is_main:
         return Logger()
@@ -203,4 +241,6 @@ def build(cfg, is_main: bool, output_dir: Path, resume_step: int | None,
     if cfg.wandb != "disabled":
         loggers.append(WandbLogger(cfg.wandb, output_dir, {**cfg.to_dict(), **(run_info or {})},
                                    output_dir.name, resume=resume_step is not None))
+    if cfg.tensorboard:
+        loggers.append(TensorBoardLogger(output_dir, resume_step))
     return MultiLogger(loggers)

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from distres import checkpoint, config, data, dist, engine, models, optim, perf, preempt, telemetry, tracking, weights
+from distres import (autotune, checkpoint, config, data, dist, engine, models, optim, perf, preempt, profiling,
+                     telemetry, tracking, weights)
 from distres.ema import EMA
 from distres.errors import Preempted, console, run_cli
 
@@ -27,7 +28,7 @@ from distres.errors import Preempted, console, run_cli
 def _set_performance_flags(cfg, ctx) -> None:
     if ctx.device.type == "cpu":
         # N ranks on one CPU node would otherwise each start one thread per core and thrash.
-        torch.set_num_threads(ctx.cpus_per_rank)
+        torch.set_num_threads(cfg.threads or ctx.cpus_per_rank)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)  # (dist.init set CUBLAS_WORKSPACE_CONFIG for it)
         torch.backends.cudnn.benchmark = False
@@ -53,12 +54,16 @@ class Run:
     meter: perf.StepMeter
     stop: preempt.PreemptionFlag
     step: int  # optimizer steps done
+    prof: profiling.Window  # --profile-steps
 
 
 def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
     out = Path(cfg.output_dir)
     ckpt = checkpoint.Checkpointer(cfg, ctx, out / "checkpoints")  # fails fast: before any data is read
     _set_performance_flags(cfg, ctx)
+    if cfg.autotune:  # before anything is built: the run is built with the chosen settings
+        cfg = ckpt.cfg = autotune.for_run(cfg, ctx, out, resumed=ckpt.found is not None)
+        _set_performance_flags(cfg, ctx)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts)
     pretrained = weights.resolve(cfg, ctx)
     bundle = data.build(cfg, ctx, models.memory_format(cfg.channels_last),
@@ -74,6 +79,7 @@ def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
                                      EMA(net, cfg.ema_decay, cfg.ema_every) if cfg.ema_decay > 0 else None)
     step = ckpt.restore(state)
     models.set_backbone_trainable(net, bundle.train.epoch >= cfg.freeze_backbone_epochs)
+    window = profiling.Window(cfg, ctx, out, step, plan.total_steps)  # checks --profile-steps against the run
     model = models.parallelize(net, cfg, ctx)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -84,7 +90,9 @@ def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
     telem = telemetry.start(ctx)
     r = Run(cfg, ctx, plan, bundle, model, state, precision, optim.build_loss(cfg), ckpt,
             perf.StepMeter(cfg, ctx, plan.global_batch, bundle.backend, logger),
-            preempt.PreemptionFlag(ctx.distributed), step)
+            preempt.PreemptionFlag(ctx.distributed), step, window)
+    if cfg.autotune:
+        r.meter.refs["autotune table"] = str(out / "autotune.json")
     if ctx.is_main:
         console(f"distres: {cfg.arch} on {ctx.world_size} x {ctx.device.type} ({ctx.backend or 'single process'}), "
                 f"{cfg.data} {bundle.image_size}px ({bundle.backend} loader), {bundle.num_classes} classes, "
@@ -116,6 +124,7 @@ def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
         raise
     finally:
         r.stop.close(wait=completed)
+        r.prof.close()
         ckpt.close()
         telem.close()
         logger.close()
@@ -134,6 +143,8 @@ def train_epoch(r: Run) -> None:
     bar = _progress(cfg, r.ctx, epoch, plan.epochs, first, plan.steps_per_epoch)
     r.meter.start_window()
     for s in range(first, last):
+        if r.step == r.prof.at:  # --profile-steps: the one check a step pays outside the window
+            r.prof.boundary(r.step, r.meter)
         micro = r.meter.fetch(batches)
         with r.meter.step_context(r.model, r.step):  # no_sync() in probe windows (--bench-comm-probe)
             loss = engine.train_step(r.model, micro, r.loss_fn, r.state.optimizer, r.precision, cfg.clip_grad_norm)
@@ -157,6 +168,7 @@ def train_epoch(r: Run) -> None:
             bar.close()
             raise _preempted(r, epoch, s + 1)
     bar.close()
+    r.prof.epoch_end(r.step)
     if last == plan.steps_per_epoch:
         loader.set_epoch(epoch + 1)
     r.ckpt.save(r.state, r.step)
