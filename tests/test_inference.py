@@ -120,3 +120,12 @@ def test_missing_or_corrupt_checkpoints_are_one_line_errors(trained, tmp_path, c
             [line] = [x for x in err.splitlines() if "error" in x]
             assert line.startswith("distres: error: ") and str(path) in line and "Traceback" not in err, err
     assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize("main", [evaluate.main, predict.main, export.main])
+def test_help_lists_the_flags_with_their_defaults(main, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--checkpoint" in out and "--weights" in out and "default: auto" in out
