@@ -51,7 +51,7 @@ import torch
 from distres import checkpoint, config, data, dist, engine, models, optim, perf
 from distres.data.loaders import default_workers, resolve_backend
 from distres.data.transforms import SMALL_IMAGES
-from distres.errors import EXIT_USER_ERROR, UserError, console, format_error
+from distres.errors import UserError, console, run_cli
 
 WARMUP_STEPS = 2
 MARGIN = 0.05  # a setting must be this much faster than the best so far to replace it
@@ -302,7 +302,7 @@ def for_run(cfg, ctx, out: Path, resumed: bool) -> config.TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
+    def body():
         cfg = config.parse_args(argv, prog="python -m distres.autotune",
                                 description="Find the fastest settings that do not change the training (see "
                                 "--autotune-levers) for a distres.train command line, and print the flags. "
@@ -317,15 +317,8 @@ def main(argv: list[str] | None = None) -> int:
             dataclasses.replace(tuned, autotune=False).save(out / "config.yaml")
             console(format_table(table))
             print(table["flags"], flush=True)  # stdout: what to add to the training command
-        return 0
-    except UserError as e:
-        if dist.rank_from_env() == 0:
-            print(format_error(e), file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        dist.teardown()
+
+    return run_cli(body, rank=dist.rank_from_env, cleanup=dist.teardown)
 
 
 if __name__ == "__main__":
