@@ -91,6 +91,7 @@ def test_predict_lists_and_counts_a_broken_file(trained, tmp_path, capsys):
 
 
 def test_export_all_formats_pass_their_parity_check(trained, tmp_path, capsys):
+    pytest.importorskip("onnxruntime", reason="the export extra (pip install -e '.[export]') is not installed")
     data, out = trained
     ckpt = str(out / "checkpoints" / "last.pt")
     for fmt in export.FORMATS:
