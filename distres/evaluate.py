@@ -92,9 +92,12 @@ def run(a, ctx) -> dict:
     rows = [row for part in dist.gather_objects(collect.rows) for row in part]
     if ctx.is_main:
         out = Path(a.output_dir) if a.output_dir else default_output_dir(checkpoint)
-        summary = report(rows, meta["classes"], result, out,
-                         {"checkpoint": str(checkpoint), "weights": trained.weights, "data": cfg.data,
-                          "data_dir": cfg.data_dir})
+        try:
+            summary = report(rows, meta["classes"], result, out,
+                             {"checkpoint": str(checkpoint), "weights": trained.weights, "data": cfg.data,
+                              "data_dir": cfg.data_dir})
+        except OSError as e:
+            raise UserError(f"cannot write the report to {out} ({e.strerror or e}); pass a writable --output-dir") from None
         print_table(summary, out)
     return result
 

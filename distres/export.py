@@ -92,14 +92,17 @@ def export(a) -> float:
     model = trained.model.float()
     x, where = check_inputs(a.check_images, trained)
     out = Path(a.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {**trained.meta, "weights": trained.weights, "input": "N x 3 x S x S float32, RGB, (x/255 - mean) / std",
             "source": str(a.checkpoint)}
     with torch.inference_mode():
         expected = model(x)
-    got = WRITERS[a.format](model, x, out, meta)
     sidecar = out.with_suffix(".json")
-    sidecar.write_text(json.dumps(meta, indent=2) + "\n")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        got = WRITERS[a.format](model, x, out, meta)
+        sidecar.write_text(json.dumps(meta, indent=2) + "\n")
+    except OSError as e:
+        raise UserError(f"cannot write --output {out} ({e.strerror or e}); choose a writable path") from None
     if got is None:
         console(f"distres.export: {out} ({a.format}, {trained.weights} weights) written, parity NOT checked "
                 f"(onnxruntime is not installed: pip install -e '.[export]'); metadata in {sidecar}")

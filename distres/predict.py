@@ -95,7 +95,10 @@ def predict(a) -> tuple[int, int]:
     precision = Precision(a.amp or trained.config.amp, device)
     loader = torch.utils.data.DataLoader(Images(files, meta), batch_size=a.batch_size, num_workers=a.workers,
                                          collate_fn=_batch, pin_memory=device.type == "cuda")
-    out = sys.stdout if a.output == "-" else open(a.output, "w", newline="")
+    try:
+        out = sys.stdout if a.output == "-" else open(a.output, "w", newline="")
+    except OSError as e:
+        raise UserError(f"cannot write --output {a.output} ({e.strerror}); choose a writable path") from None
     written = 0
     try:
         w = csv.writer(out)
