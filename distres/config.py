@@ -342,6 +342,10 @@ def parse_args(argv: list[str] | None = None, **parser_kw: str) -> TrainConfig:
                     value = type(f.default)(value)
                 except (TypeError, ValueError):
                     raise UserError(f"{name}: {value!r} in --config {known.config} is not a {type(f.default).__name__}")
+            elif isinstance(f.default, str) or (f.default is None and value is not None):
+                if not isinstance(value, str):
+                    raise UserError(f"{name}: {value!r} in --config {known.config} is not a string; "
+                                    f"e.g. {name}: {f.default or 'PATH'}")
             values[name] = value
         parser.set_defaults(**values)
     args = parser.parse_args(argv)

@@ -7,7 +7,7 @@ images (S and the mean/std are in the metadata). Every export is read back and i
 compared with the eager model's on real images (``--check-images``, default: images of the
 model's validation set when its data folder is at hand); the largest difference is printed
 and must stay under ``--atol``. The metadata (classes, mean/std, input size, arch) goes
-into the file where the format has room for it, and always beside it (FILE with the suffix ``.json``). Load a safetensors export into torchvision with one line::
+into the file where the format has room for it, and always beside it as ``FILE.json``. Load a safetensors export into torchvision with one line::
 
     model = torchvision.models.resnet50(num_classes=N); model.load_state_dict(safetensors.torch.load_file(FILE))
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -96,13 +97,16 @@ def export(a) -> float:
             "source": str(a.checkpoint)}
     with torch.inference_mode():
         expected = model(x)
-    sidecar = out.with_suffix(".json")
-    try:
+    sidecar = out.with_name(out.name + ".json")
+    if out.suffix == ".json":
+        raise UserError(f"--output {out}: .json is the name of the metadata written beside the export; "
+                        f"name the file e.g. model.{a.format}")
+    try:  # the writers' own errors for an unwritable folder are not all OSErrors: try it first
         out.parent.mkdir(parents=True, exist_ok=True)
-        got = WRITERS[a.format](model, x, out, meta)
-        sidecar.write_text(json.dumps(meta, indent=2) + "\n")
+        _atomic(sidecar, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
     except OSError as e:
         raise UserError(f"cannot write --output {out} ({e.strerror or e}); choose a writable path") from None
+    got = WRITERS[a.format](model, x, out, meta)
     if got is None:
         console(f"distres.export: {out} ({a.format}, {trained.weights} weights) written, parity NOT checked "
                 f"(onnxruntime is not installed: pip install -e '.[export]'); metadata in {sidecar}")
@@ -171,10 +175,17 @@ def _atomic(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors writes its file private (0600)
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
     checkpoint.fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,10 +49,14 @@ def load(path: str | Path, which: str = "auto", device: torch.device | None = No
     return Trained(model.eval().requires_grad_(False), file.meta, file.weights, cfg)
 
 
+# Settings of the training run that mean nothing when a trained model is used.
+_TRAINING_ONLY = {"weights": "none", "resume": None, "tensorboard": False, "autotune": False, "profile_steps": None}
+
+
 def run_config(saved: dict | None) -> TrainConfig:
     """The training run's config from a checkpoint's record (unknown keys, from other
-    versions, are left out)."""
-    return TrainConfig(**{k: v for k, v in (saved or {}).items() if k in FIELDS})
+    versions, are left out), less what only training uses."""
+    return TrainConfig(**{**{k: v for k, v in (saved or {}).items() if k in FIELDS}, **_TRAINING_ONLY})
 
 
 def with_overrides(cfg: TrainConfig, **changes) -> TrainConfig:

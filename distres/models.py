@@ -142,7 +142,7 @@ def build(cfg, classes: list[str], image_size: int, ctx, pretrained=None) -> nn.
     (``weights.Pretrained``) when given, ready to load a checkpoint into."""
     stem = weights.use_cifar_stem(pretrained, cfg.cifar_stem, use_cifar_stem(cfg.cifar_stem, image_size))
     model = build_model(cfg.arch, len(classes), stem, cfg.zero_init_residual)
-    if pretrained is not None:
+    if pretrained is not None and pretrained.state:
         weights.load_into(model, pretrained, classes, announce=ctx.is_main)
     return prepare(model, ctx.device, cfg.channels_last, cfg.sync_bn, ctx.distributed)
 

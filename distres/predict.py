@@ -121,6 +121,8 @@ def predict(a) -> tuple[int, int]:
             out.close()
     for name, why in unreadable[:20]:
         console(f"distres.predict: unreadable: {name}: {why}")
+    if written == 0:
+        raise UserError(f"none of the {len(unreadable)} input(s) could be read (listed above); pass image files")
     where = "standard output" if a.output == "-" else a.output
     console(f"distres.predict: {written} image(s) classified ({trained.weights} weights of {a.checkpoint}) "
             f"into {where}; {len(unreadable)} unreadable{' (listed above)' if unreadable else ''}")

@@ -65,7 +65,9 @@ def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
         cfg = ckpt.cfg = autotune.for_run(cfg, ctx, out, resumed=ckpt.found is not None)
         _set_performance_flags(cfg, ctx)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts)
-    pretrained = weights.resolve(cfg, ctx)
+    # A resumed run takes the stem and normalisation of --weights from its checkpoint: the file
+    # may have moved since, and every weight comes from the checkpoint anyway.
+    pretrained = weights.resolve(cfg, ctx, resumed=ckpt.found[0].get("meta") if ckpt.found else None)
     bundle = data.build(cfg, ctx, models.memory_format(cfg.channels_last),
                         stats=(pretrained.mean, pretrained.std) if pretrained else None)
     net = models.build(cfg, bundle.classes, bundle.image_size, ctx, pretrained)
@@ -78,7 +80,10 @@ def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
                                      precision.scaler, bundle.train, meta,
                                      EMA(net, cfg.ema_decay, cfg.ema_every) if cfg.ema_decay > 0 else None)
     step = ckpt.restore(state)
-    models.set_backbone_trainable(net, bundle.train.epoch >= cfg.freeze_backbone_epochs)
+    trainable = bundle.train.epoch >= cfg.freeze_backbone_epochs
+    models.set_backbone_trainable(net, trainable)
+    if trainable and cfg.freeze_backbone_epochs:
+        optim.init_momentum(optimizer)  # resumed after the head-only epochs (see the epoch loop)
     window = profiling.Window(cfg, ctx, out, step, plan.total_steps)  # checks --profile-steps against the run
     model = models.parallelize(net, cfg, ctx)
     if ctx.is_main:
@@ -103,9 +108,10 @@ def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
     try:
         while r.step < plan.total_steps and bundle.train.epoch < plan.epochs:
             epoch = bundle.train.epoch
-            if epoch == cfg.freeze_backbone_epochs > 0 and models.set_backbone_trainable(net, True):
-                r.model = models.parallelize(net, cfg, ctx)  # DDP then reduces the backbone's gradients too
-                optim.init_momentum(optimizer)
+            if epoch == cfg.freeze_backbone_epochs > 0 and bundle.train.position == 0:
+                if models.set_backbone_trainable(net, True):
+                    r.model = models.parallelize(net, cfg, ctx)  # DDP then reduces the backbone's gradients too
+                    optim.init_momentum(optimizer)
                 if ctx.is_main:
                     console(f"distres: epoch {epoch + 1}: the backbone trains from now on")
             train_epoch(r)

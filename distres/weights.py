@@ -44,6 +44,8 @@ class Pretrained:
     @property
     def cifar_stem(self) -> bool:
         """Whether the weights come from a model with the CIFAR stem (a 3x3 first convolution)."""
+        if not self.state and self.meta:  # (a resumed run: the checkpoint's description)
+            return bool(self.meta["cifar_stem"])
         conv1 = self.state.get("conv1.weight")
         return conv1 is not None and tuple(conv1.shape[-2:]) == (3, 3)
 
@@ -53,10 +55,14 @@ class Pretrained:
         return None if head is None else int(head.shape[0])
 
 
-def resolve(cfg, ctx) -> Pretrained | None:
-    """The weights ``--weights`` names, on every rank (None for ``none``)."""
+def resolve(cfg, ctx, resumed: dict | None = None) -> Pretrained | None:
+    """The weights ``--weights`` names, on every rank (None for ``none``). ``resumed``: the
+    description in the checkpoint a resumed run continues from; its stem and normalisation
+    stand in for the file's (no tensors: the checkpoint holds every weight)."""
     if cfg.weights == "none":
         return None
+    if resumed is not None:
+        return Pretrained({}, cfg.weights, tuple(resumed["mean"]), tuple(resumed["std"]), resumed)
     if cfg.weights == "imagenet":
         return _imagenet(cfg.arch, ctx)
     path = Path(cfg.weights)
@@ -120,6 +126,8 @@ def read_weights(path: Path) -> Pretrained:
         state = _torch_load(path, f"--weights {path}")
         meta = state.get("meta") if isinstance(state, dict) else None
         state = _unwrap_container(state, path)
+        if not _is_description(meta):  # other trainers keep their own "meta" (epoch, config, ...)
+            meta = None
     if meta:
         return Pretrained(_plain_keys(state), str(path), tuple(meta["mean"]), tuple(meta["std"]), meta)
     # A torchvision-style state dict: torchvision's (and timm's) ResNets are ImageNet models.
@@ -136,6 +144,10 @@ def _torch_load(path: Path, what: str):
                         "pass a state dict, a distres checkpoint or a .safetensors file") from None
 
 
+def _is_description(meta) -> bool:
+    return isinstance(meta, dict) and all(k in meta for k in ("mean", "std", "classes", "cifar_stem"))
+
+
 def _read_safetensors(path: Path) -> tuple[dict, dict | None]:
     try:
         from safetensors import safe_open
@@ -145,7 +157,11 @@ def _read_safetensors(path: Path) -> tuple[dict, dict | None]:
     except Exception as e:
         raise UserError(f"{path} is not a readable .safetensors file ({type(e).__name__}); "
                         "re-export it or pass another weights file") from None
-    return state, json.loads(text) if text else None
+    try:
+        meta = json.loads(text) if text else None
+    except ValueError:
+        meta = None
+    return state, meta if _is_description(meta) else None
 
 
 def _unwrap_container(state, path: Path) -> dict:

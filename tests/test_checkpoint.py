@@ -107,6 +107,14 @@ def test_mid_epoch_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     assert not torch.equal(at5["fc.weight"], at8["fc.weight"])
     assert not torch.equal(at8["layer1.0.conv1.weight"], a["model"]["layer1.0.conv1.weight"])
     assert not torch.equal(a["model"]["fc.weight"], a["ema"]["fc.weight"])  # the EMA lags the weights
+    # Resumed exactly where the backbone starts to train (the epoch-end checkpoint of the frozen
+    # epoch): the same end again.
+    edge = tmp_path / "edge"
+    r = run_train(common + ["--output-dir", str(edge), "--resume", str(full / "checkpoints/step-00000008.pt")], nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "the backbone trains from now on" in r.stderr
+    c = torch.load(edge / "checkpoints/last.pt", weights_only=True)
+    assert all(torch.equal(v, c["model"][k]) and torch.equal(a["ema"][k], c["ema"][k]) for k, v in a["model"].items())
 
 
 def test_resume_with_another_amp_is_a_one_line_error(tmp_path):

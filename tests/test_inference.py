@@ -98,7 +98,9 @@ def test_export_all_formats_pass_their_parity_check(trained, tmp_path, capsys):
         assert export.main(["--checkpoint", ckpt, "--format", fmt, "--output", str(tmp_path / f"m.{fmt}")]) == 0
         line = capsys.readouterr().err.strip().splitlines()[-1]
         assert "parity on 6 " in line and "max |logit difference|" in line, line
-    meta = json.loads((tmp_path / "m.json").read_text())
+    assert export.main(["--checkpoint", ckpt, "--format", "onnx", "--output", str(tmp_path / "m.json")]) == 2
+    assert "metadata written beside" in capsys.readouterr().err
+    meta = json.loads((tmp_path / "m.onnx.json").read_text())
     assert meta["classes"] == list(CLASSES) and meta["image_size"] == 32 and meta["weights"] == "ema"
     # The README's one line: a safetensors export into torchvision's own model.
     from safetensors.torch import load_file

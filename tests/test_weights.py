@@ -95,3 +95,15 @@ def test_safetensors_and_distres_files_carry_their_normalisation(tmp_path):
         net = models.build(cfg, ['a', 'b', 'c'], 32, CPU, pre)
         for k, v in src.state_dict().items():
             assert torch.equal(net.state_dict()[k], v), (name, k)
+
+
+def test_other_trainers_meta_and_a_yaml_null_are_handled(tmp_path):
+    from distres.config import parse_args
+    path = tmp_path / "mm.pth"  # mmpretrain-style: a "meta" of its own beside the state dict
+    torch.save({"meta": {"epoch": 3}, "state_dict": torchvision.models.resnet18().state_dict()}, path)
+    pre = weights.resolve(_cfg(weights=str(path)), CPU)
+    assert pre.meta is None and pre.mean == (0.485, 0.456, 0.406) and pre.num_classes == 1000
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("weights: null\n")
+    with pytest.raises(UserError, match="weights: None .* is not a string"):
+        parse_args(["--config", str(yaml_file)])
