@@ -36,7 +36,7 @@ BEST = "best.pt"
 _STEP_RE = re.compile(r"^step-(\d+)\.pt$")
 
 
-def fsync_dir(folder: Path) -> None:
+def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -55,7 +55,7 @@ def atomic_save(obj, path: Path) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
-    fsync_dir(path.parent)
+    _fsync_dir(path.parent)
 
 
 def _point_last_at(target: Path) -> None:
@@ -67,7 +67,7 @@ def _point_last_at(target: Path) -> None:
         import shutil
         shutil.copyfile(target, tmp)
     os.replace(tmp, last)
-    fsync_dir(target.parent)
+    _fsync_dir(target.parent)
 
 
 def step_checkpoints(folder: Path) -> list[Path]:
@@ -304,10 +304,7 @@ class Checkpointer:
         writes it in the background, as ``save``; its failure surfaces there). Whether it did."""
         if not self.ctx.is_main or (self.best_top1 is not None and record["top1"] <= self.best_top1):
             return False
-        if self._writer is not None:  # the previous write's error (if any) is raised by the next collective
-            self._writer.join()
-            self._writer = None
-        if self._error is not None:
+        if not self._join():  # the previous write failed: the next collective raises its error
             return False
         self.best_top1 = record["top1"]
         state = _host_copy({"format": FORMAT, "model": weights, "meta": meta, "best": record,
@@ -354,15 +351,19 @@ class Checkpointer:
     def wait(self) -> None:
         """Block until this process's write is on disk; raise what it raised (rank 0 only:
         ``finish`` is the collective form)."""
-        if self._writer is not None:
-            self._writer.join()
-            self._writer = None
-        if self._error is not None:
+        if not self._join():
             error, self._error = self._error, None
             if isinstance(error, OSError):
                 raise UserError(f"cannot write a checkpoint to {self.folder} ({error.strerror or error}); "
                                 "free space or fix permissions there, then resume with --resume") from None
             raise error
+
+    def _join(self) -> bool:
+        """Wait for the write in flight, if any; whether every write so far succeeded."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        return self._error is None
 
     def close(self) -> None:
         """Let a write in flight finish (the run is ending, maybe on another error: a failed

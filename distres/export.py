@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
 
 import torch
 
-from distres import checkpoint, inference, models
+from distres import inference, models
 from distres.data.formats import IMAGE_EXTENSIONS
 from distres.errors import ArgumentParser, UserError, console, run_cli
+from distres.files import atomic_write
 
 FORMATS = ("safetensors", "torchscript", "onnx")
 CHECK_IMAGES = 8
@@ -103,7 +103,7 @@ def export(a) -> float:
                         f"name the file e.g. model.{a.format}")
     try:  # the writers' own errors for an unwritable folder are not all OSErrors: try it first
         out.parent.mkdir(parents=True, exist_ok=True)
-        _atomic(sidecar, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
+        atomic_write(sidecar, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
     except OSError as e:
         raise UserError(f"cannot write --output {out} ({e.strerror or e}); choose a writable path") from None
     got = WRITERS[a.format](model, x, out, meta)
@@ -124,7 +124,7 @@ def export(a) -> float:
 def _safetensors(model, x, out: Path, meta: dict) -> torch.Tensor:
     from safetensors.torch import load_file, save_file
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    _atomic(out, lambda tmp: save_file(state, str(tmp), metadata={"distres": json.dumps(meta)}))
+    atomic_write(out, lambda tmp: save_file(state, str(tmp), metadata={"distres": json.dumps(meta)}))
     fresh = models.from_description(meta)  # a new torchvision model, as a user would load it
     fresh.load_state_dict(load_file(str(out)))
     with torch.inference_mode():
@@ -135,7 +135,7 @@ def _torchscript(model, x, out: Path, meta: dict) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript's deprecation notice: it still is what C++ serving loads
         traced = torch.jit.trace(model, x[:2])
-        _atomic(out, lambda tmp: torch.jit.save(traced, str(tmp), _extra_files={"distres.json": json.dumps(meta)}))
+        atomic_write(out, lambda tmp: torch.jit.save(traced, str(tmp), _extra_files={"distres.json": json.dumps(meta)}))
         loaded = torch.jit.load(str(out))
     with torch.inference_mode():
         return loaded(x)
@@ -157,7 +157,7 @@ def _onnx(model, x, out: Path, meta: dict) -> torch.Tensor | None:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _atomic(out, write)
+        atomic_write(out, write)
     onnx.checker.check_model(str(out))
     try:
         import onnxruntime
@@ -168,24 +168,6 @@ def _onnx(model, x, out: Path, meta: dict) -> torch.Tensor | None:
 
 
 WRITERS = {"safetensors": _safetensors, "torchscript": _torchscript, "onnx": _onnx}
-
-
-def _atomic(path: Path, write) -> None:
-    """write(tmp), then the rename: an interrupted export leaves no half file under path."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # safetensors writes its file private (0600)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    checkpoint.fsync_dir(path.parent)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,7 @@ import numpy as np
 
 from distres.data.formats import CIFAR10_CLASSES, IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from distres.errors import ArgumentParser, UserError, run_cli
+from distres.files import atomic_write
 from distres.host import available_cpus
 
 JPEG_QUALITY = 90
@@ -72,15 +73,6 @@ def run_tasks(tasks: list[Task], workers: int, what: str) -> None:
         print(f"  unreadable: {name}: {reason}", flush=True)
     if failed and done == 0 and len(todo) == len(tasks):
         raise UserError(f"none of the {len(tasks)} inputs could be read (listed above); check SRC")
-
-
-def _atomic(dst: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary name in the same folder, then rename: an interrupted run
-    never leaves a half-written file that a later run would take as done."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    write(tmp)
-    os.replace(tmp, dst)
 
 
 def _inputs(src: Path, extensions: tuple[str, ...], kind: str) -> list[Path]:
@@ -178,7 +170,7 @@ def resize_image(src: Path, dst: Path, size: int, quality: int) -> None:
             scale = size / min(w, h)
             if scale >= 1 and src.suffix.lower() in (".jpg", ".jpeg"):
                 im.load()  # reads the whole file: a truncated one fails here
-                _atomic(dst, lambda tmp: shutil.copyfile(src, tmp))
+                atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
                 return
             # JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale straight from the DCT
             # coefficients, several times faster, while staying >= the target size.
@@ -187,7 +179,7 @@ def resize_image(src: Path, dst: Path, size: int, quality: int) -> None:
             if scale < 1:
                 target = (max(1, round(w * scale)), max(1, round(h * scale)))
                 im = im.resize(target, Image.Resampling.LANCZOS)
-            _atomic(dst, lambda tmp: im.save(tmp, "JPEG", quality=quality))
+            atomic_write(dst, lambda tmp: im.save(tmp, "JPEG", quality=quality))
     except (OSError, ValueError, SyntaxError) as e:  # PIL: unidentified, truncated, bad header
         raise Unreadable(" ".join(str(e).split()) or type(e).__name__) from None
 
@@ -226,7 +218,7 @@ def _write_pngs(images: np.ndarray, names: list[Path]) -> None:
     from PIL import Image
     for img, name in zip(images, names):
         if not name.exists():
-            _atomic(name, lambda tmp, img=img: Image.fromarray(img).save(tmp, "PNG"))
+            atomic_write(name, lambda tmp, img=img: Image.fromarray(img).save(tmp, "PNG"))
 
 
 def _unreadable(name: str, reason: str) -> Task:

@@ -192,19 +192,20 @@ def _evaluate(r: Run, logger, epoch: int) -> dict:
     """Score the weights (and their EMA) on the validation set; keep the better as best.pt
     when it beats every earlier evaluation. Every rank scores with rank 0's BatchNorm statistics,
     the ones the checkpoint holds, so that ``distres.evaluate`` on it gives the same figures."""
+    ema_model = r.state.ema.module if r.state.ema is not None else None
     if r.cfg.broadcast_buffers:
-        for module in (r.state.model, r.state.ema and r.state.ema.module):
+        for module in (r.state.model, ema_model):
             if module is not None:
                 dist.broadcast_buffers(module)
     result = engine.evaluate(r.model, r.bundle.val, r.precision, r.ctx.device)
     ema = None
-    if r.state.ema is not None:
-        ema = engine.evaluate(r.state.ema.module, r.bundle.val, r.precision, r.ctx.device)
+    if ema_model is not None:
+        ema = engine.evaluate(ema_model, r.bundle.val, r.precision, r.ctx.device)
         result.update({f"ema_{k}": v for k, v in ema.items() if k != "eval_samples"})
-    which = "ema" if ema and ema["top1"] > result["top1"] else "raw"
-    best = r.ckpt.save_best((r.state.ema.module if which == "ema" else r.state.model).state_dict(), r.state.meta,
-                            {"top1": result[f"{'ema_' if which == 'ema' else ''}top1"], "weights": which,
-                             "step": r.step, "epoch": epoch})
+    which, scored, top1 = ("ema", ema_model, ema["top1"]) if ema and ema["top1"] > result["top1"] \
+        else ("raw", r.state.model, result["top1"])
+    best = r.ckpt.save_best(scored.state_dict(), r.state.meta,
+                            {"top1": top1, "weights": which, "step": r.step, "epoch": epoch})
     logger.log({"kind": "eval", "step": r.step, "epoch": epoch, **result})
     if r.ctx.is_main:
         line = f"distres: epoch {epoch} step {r.step}: top1 {result['top1']:.2f}% top5 {result['top5']:.2f}% " \

@@ -1,0 +1,28 @@
+"""Writing a file so that it is either whole or absent (no torch import: ``distres.prepare``
+uses it and starts quickly)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+
+def atomic_write(dst: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` to a temporary name in dst's folder, then rename it to dst: an interrupted
+    write never leaves a half file under dst (that a later run would take as done). The file
+    gets the usual permissions (some writers, such as safetensors', create theirs private)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
