@@ -48,7 +48,7 @@ def build_parser() -> ArgumentParser:
 
 def check_inputs(paths: list[str] | None, trained: inference.Trained) -> tuple[torch.Tensor, str]:
     """Up to CHECK_IMAGES normalised real images, and where they came from."""
-    files = _image_files(paths) if paths is not None else _validation_files(trained.config)
+    files = inference.find_images(paths)[0] if paths is not None else _validation_files(trained.config)
     images = []
     for f in files:
         try:
@@ -66,13 +66,6 @@ def check_inputs(paths: list[str] | None, trained: inference.Trained) -> tuple[t
     x, _ = norm(torch.stack(images), torch.zeros(0, dtype=torch.int64))
     where = "--check-images" if paths is not None else f"{trained.config.data_dir or trained.config.data} validation images"
     return x, where
-
-
-def _image_files(paths: list[str]) -> list[str]:
-    files = []
-    for p in map(Path, paths):
-        files += sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS) if p.is_dir() else [str(p)]
-    return files
 
 
 def _validation_files(cfg) -> list[str]:

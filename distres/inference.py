@@ -4,6 +4,7 @@ image files turned into its input the way its validation images were."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from distres.config import FIELDS, TrainConfig
 from distres.data import transforms
 from distres.data.base import Normalize
 from distres.data.decode import decode_torchvision
+from distres.data.formats import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from distres.errors import UserError
 
 WEIGHT_CHOICES = ("auto", "ema", "raw")
@@ -72,3 +74,22 @@ def read_image(path: str, meta: dict) -> torch.Tensor:
     """An image file as the model's uint8 input: shorter side resized, centre crop, as the
     validation images of its training run were."""
     return transforms.resize_center_crop(decode_torchvision(path), meta["image_size"])
+
+
+def find_images(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """The image files among inputs (folders walked in name order), and what was left out."""
+    files, skipped = [], []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            for root, dirs, names in os.walk(path):
+                dirs.sort()
+                files += [os.path.join(root, n) for n in sorted(names)
+                          if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
+        elif path.suffix.lower() in VIDEO_EXTENSIONS:
+            skipped.append((item, "a video: extract its frames with python -m distres.prepare video"))
+        elif path.exists():
+            files.append(item)  # named explicitly: tried whatever its extension
+        else:
+            skipped.append((item, "no such file"))
+    return files, skipped

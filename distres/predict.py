@@ -15,13 +15,12 @@ import argparse
 import csv
 import os
 import sys
-from pathlib import Path
 
 import torch
 
 from distres import dist, inference
 from distres.data.decode import DECODE_ERRORS, describe
-from distres.data.formats import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+from distres.data.formats import IMAGE_EXTENSIONS
 from distres.engine import Precision
 from distres.errors import ArgumentParser, UserError, console, run_cli
 
@@ -40,25 +39,6 @@ def build_parser() -> ArgumentParser:
                    help="autocast precision (default: the checkpoint's)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
     return p
-
-
-def find_images(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
-    """The image files among inputs (folders walked in name order), and what was left out."""
-    files, skipped = [], []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            for root, dirs, names in os.walk(path):
-                dirs.sort()
-                files += [os.path.join(root, n) for n in sorted(names)
-                          if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
-        elif path.suffix.lower() in VIDEO_EXTENSIONS:
-            skipped.append((item, "a video: extract its frames with python -m distres.prepare video"))
-        elif path.exists():
-            files.append(item)  # named explicitly: tried whatever its extension
-        else:
-            skipped.append((item, "no such file"))
-    return files, skipped
 
 
 class Images(torch.utils.data.Dataset):
@@ -87,7 +67,7 @@ def predict(a) -> tuple[int, int]:
     device = dist.resolve_device(a.device, 0)
     trained = inference.load(a.checkpoint, a.weights, device)
     meta, classes = trained.meta, trained.meta["classes"]
-    files, unreadable = find_images(a.inputs)
+    files, unreadable = inference.find_images(a.inputs)
     if not files:
         raise UserError(f"no image files in {', '.join(a.inputs)} ({', '.join(IMAGE_EXTENSIONS)}); check the paths")
     k = min(a.top_k, len(classes))
