@@ -150,7 +150,7 @@ def _dali_native(data_dir: Path, size: int, batch: int, workers: int, device):
     pipe.build()
 
     class Native:
-        def set_epoch(self, epoch, start_batch=0):
+        def set_epoch(self, epoch, start_sample=0):
             pass
 
         def __iter__(self):
@@ -173,7 +173,7 @@ def _torchvision_stock(data_dir: Path, size: int, batch: int, workers: int, devi
         drop_last=True, num_workers=workers, persistent_workers=workers > 0, pin_memory=device.type == "cuda")
 
     class Stock:
-        def set_epoch(self, epoch, start_batch=0):
+        def set_epoch(self, epoch, start_sample=0):
             pass
 
         def __iter__(self):

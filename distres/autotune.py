@@ -141,7 +141,7 @@ def trial(cfg, ctx, steps: int, warmup: int = WARMUP_STEPS) -> dict | None:
         _release()
         return None
     net = models.build(cfg, bundle.classes, bundle.image_size, ctx)
-    plan = optim.plan(cfg, bundle.train.sampler.num_batches(), ctx.world_size)
+    plan = optim.plan(cfg, bundle.train.num_samples, ctx.world_size)
     optimizer = optim.build_optimizer(cfg, net, plan.lr)
     precision = engine.Precision(cfg.amp, ctx.device)
     model = models.parallelize(net, cfg, ctx)

@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from distres import dist
 from distres.errors import UserError, console
+from distres.optim import Resumed
 
 FORMAT = 2
 
@@ -169,12 +170,33 @@ class TrainingState:
     loader: object  # data.Loader
     meta: dict | None = None
     ema: object = None  # ema.EMA, or None without --ema-decay
+    axis: object = None  # optim.Axis, the lr schedule's clock
+
+
+# What an epoch's sample order depends on (data/sharding.py derives it from these alone). How
+# each step's global batch is split over processes and micro-batches does not change it.
+ORDER_KEYS = ("seed", "data", "data_dir", "repeated_aug")
+SPLIT_KEYS = ("world_size", "batch_size", "grad_accum")
 
 
 def data_order(cfg, world_size: int) -> dict:
-    """What the sample order depends on (data/sharding.py derives it from these alone)."""
     return {"seed": cfg.seed, "world_size": world_size, "batch_size": cfg.batch_size,
-            "grad_accum": cfg.grad_accum, "data": cfg.data, "data_dir": cfg.data_dir}
+            "grad_accum": cfg.grad_accum, "data": cfg.data, "data_dir": cfg.data_dir,
+            "repeated_aug": cfg.repeated_aug}
+
+
+def _global_batch(order: dict) -> int:
+    return order["batch_size"] * order["grad_accum"] * order["world_size"]
+
+
+def resumed_position(state: dict) -> Resumed:
+    """Where a checkpoint stands, for ``optim.plan``."""
+    order = state.get("data_order", {})
+    saved_batch = _global_batch(order) if all(k in order for k in SPLIT_KEYS) else None
+    sample = state.get("samples_in_epoch")
+    if sample is None:  # saved by a version that counted optimizer steps
+        sample = state["step_in_epoch"] * (saved_batch or 0)
+    return Resumed(state["step"], state["epoch"], sample, saved_batch or 0, state.get("schedule_axis"))
 
 
 class Checkpointer:
@@ -261,15 +283,39 @@ class Checkpointer:
                 if self.ctx.is_main:
                     console(f"distres: {path} has no EMA; the EMA starts from its weights")
         set_rng_state(rank_rng(state, self.ctx.rank), self.ctx.device)
-        in_epoch = state["step_in_epoch"]
+        position = resumed_position(state)
         saved_order = state.get("data_order", {"world_size": state["world_size"]})
         now = data_order(cfg, self.ctx.world_size)
-        changed = sorted(k for k, v in now.items() if k in saved_order and saved_order[k] != v)
-        if changed and in_epoch:
+        sample = position.sample
+        changed = [k for k in ORDER_KEYS if k in saved_order and saved_order[k] != now[k]]
+        if changed and sample:
             warnings.warn(f"{', '.join(changed)} changed since the checkpoint, so the order of the "
                           "interrupted epoch differs: that epoch restarts from its beginning", stacklevel=1)
-            in_epoch = 0
-        ts.loader.load_state_dict({"epoch": state["epoch"], "batch": in_epoch * cfg.grad_accum})
+            sample = 0
+        if any(saved_order.get(k, now[k]) != now[k] for k in SPLIT_KEYS):
+            self._resplit(saved_order, now, position, sample, ts)
+        ts.loader.load_state_dict({"epoch": state["epoch"], "sample": sample})
+
+    def _resplit(self, saved: dict, now: dict, position: Resumed, sample: int, ts: TrainingState) -> None:
+        """A run resumed with another split of its global batch continues the epoch's order at
+        the sample it had reached; with another global batch size, its lr stays unless
+        --rescale-lr-on-resume asks to follow the batch."""
+        split = (lambda o: f"{o['world_size']} x {o['batch_size']} x grad-accum {o['grad_accum']}")
+        old, new = position.global_batch, _global_batch(now)
+        line = (f"distres: resumed on {split(now)} (global batch {new}), saved on {split(saved)} "
+                f"({old}): epoch {position.epoch + 1} continues at sample {sample}")
+        if old and new != old:
+            peak = max(ts.scheduler.base_lrs)
+            if self.cfg.rescale_lr_on_resume:
+                factor = new / old
+                ts.scheduler.base_lrs = [lr * factor for lr in ts.scheduler.base_lrs]
+                for group in ts.optimizer.param_groups:
+                    group["lr"] *= factor
+                line += f"; lr scaled by {new}/{old} to a peak of {peak * factor:g} (--rescale-lr-on-resume)"
+            else:
+                line += f"; lr kept at a peak of {peak:g} (--rescale-lr-on-resume scales it by {new}/{old})"
+        if self.ctx.is_main:
+            console(line)
 
     def save(self, ts: TrainingState, step: int) -> None:
         """Write the training state after optimizer step ``step``. A collective: every rank calls it.
@@ -281,6 +327,7 @@ class Checkpointer:
         if not self.ctx.is_main:
             return
         position = ts.loader.state_dict()
+        order = data_order(self.cfg, self.ctx.world_size)
         state = _host_copy({
             "format": FORMAT,
             "model": ts.model.state_dict(),
@@ -288,10 +335,12 @@ class Checkpointer:
             "scheduler": ts.scheduler.state_dict(),
             "scaler": ts.scaler.state_dict(),
             "epoch": position["epoch"],
-            "step_in_epoch": position["batch"] // self.cfg.grad_accum,  # optimizer steps done in `epoch`
+            "samples_in_epoch": position["sample"],  # of the epoch's global order, all ranks
+            "step_in_epoch": position["sample"] // _global_batch(order),  # optimizer steps done in `epoch`
             "step": step,
             "world_size": self.ctx.world_size,
-            "data_order": data_order(self.cfg, self.ctx.world_size),
+            "data_order": order,
+            "schedule_axis": ts.axis.state_dict() if ts.axis is not None else None,
             "config": self.cfg.to_dict(),
             "rng": rng,  # one entry per rank
             "meta": ts.meta,

@@ -75,6 +75,10 @@ class TrainConfig:
                              choices=("skip", "fail"), group="data")
     synthetic_classes: int = opt(1000, "number of classes of --data synthetic", group="data")
     synthetic_samples: int = opt(4096, "samples per epoch of --data synthetic (train)", group="data")
+    repeated_aug: int = opt(1, "repeated augmentation: each training image N times per epoch, the copies on "
+                            "different processes with different augmentation (torchvision's RASampler); the "
+                            "epoch keeps its length, so it holds 1/N of the images; evaluation is unchanged",
+                            group="data")
 
     # --- optimisation
     epochs: int = opt(90, "number of epochs", group="optim")
@@ -111,6 +115,16 @@ class TrainConfig:
     resume: str | None = opt(
         None, "continue from a checkpoint: 'latest' (the newest in OUTPUT_DIR/checkpoints) or a "
         "path; --resume alone means latest", group="run")
+    rescale_lr_on_resume: bool = opt(
+        False, "a run resumed with another global batch (batch x grad-accum x processes) scales the learning "
+        "rate by new/old global batch; without it the run keeps its learning rate", group="run")
+    on_nonfinite: str = opt(
+        "stop", "a non-finite loss (or fp16 gradients that stay non-finite), found at log steps and before "
+        "every checkpoint: stop (error naming the step and the last good checkpoint), or rollback (reload the "
+        "last good checkpoint and scale the lr by --rollback-lr-factor, at most --rollback-tries times)",
+        choices=("stop", "rollback"), group="run")
+    rollback_lr_factor: float = opt(0.5, "--on-nonfinite rollback: multiply the learning rate by this", group="run")
+    rollback_tries: int = opt(3, "--on-nonfinite rollback: give up (as stop) after this many rollbacks", group="run")
     checkpoint_every: int = opt(1000, "save a checkpoint every N steps, besides each epoch end "
                                 "(0: epoch ends only)", group="run")
     keep_checkpoints: int = opt(3, "step checkpoints kept besides last.pt", group="run")
@@ -128,6 +142,10 @@ class TrainConfig:
     dist_backend: str = opt("auto", "process-group backend; auto: nccl on CUDA, gloo on CPU, none for a single "
                             "process (naming one gives a single process a group of one, and DDP)",
                             choices=("auto", "nccl", "gloo"), group="dist")
+    dist_timeout: float = opt(
+        10.0, "minutes a process may wait in one training step, evaluation or checkpoint (its collectives) "
+        "before the job stops: every waiting process names the step, what it waited in and the processes "
+        "that never arrived", group="dist")
     bucket_cap_mb: float = opt(25.0, "DDP gradient bucket size in MB", group="dist")
     static_graph: bool = opt(False, "DDP static_graph (same graph every step)", group="dist")
     broadcast_buffers: bool = opt(
@@ -169,7 +187,8 @@ class TrainConfig:
         positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum,
                     "log_every": self.log_every, "ema_every": self.ema_every,
                     "synthetic_classes": self.synthetic_classes, "synthetic_samples": self.synthetic_samples,
-                    "autotune_steps": self.autotune_steps}
+                    "autotune_steps": self.autotune_steps, "repeated_aug": self.repeated_aug,
+                    "rollback_tries": self.rollback_tries, "dist_timeout": self.dist_timeout}
         for name, value in positive.items():
             if value <= 0:
                 raise UserError(f"--{flag(name)} must be > 0 (got {value})")
@@ -183,6 +202,8 @@ class TrainConfig:
             raise UserError(f"--lr must be >= 0 (got {self.lr})")
         if not 0.0 <= self.ema_decay < 1.0:
             raise UserError(f"--ema-decay must be in [0, 1) (got {self.ema_decay}); e.g. 0.9998, or 0 for off")
+        if not 0.0 < self.rollback_lr_factor <= 1.0:
+            raise UserError(f"--rollback-lr-factor must be in (0, 1] (got {self.rollback_lr_factor:g}); e.g. 0.5")
         if self.backbone_lr_scale < 0:
             raise UserError(f"--backbone-lr-scale must be >= 0 (got {self.backbone_lr_scale})")
         if self.keep_checkpoints < 1:

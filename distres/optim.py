@@ -27,27 +27,90 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float, backbone_lr_s
 
 
 @dataclass(frozen=True)
+class Axis:
+    """The lr schedule's clock: optimizer steps of the run's first global batch ``global_batch``.
+
+    A run resumed with another global batch takes steps of another size; from its resume step
+    ``base_step`` on, each step advances the clock by new/first global batch, so the schedule
+    still ends with the last epoch. A run that never changed its global batch has ratio 1 and
+    base 0: the clock is the step count itself."""
+
+    global_batch: int  # the run's first
+    base_step: int = 0
+    base: float = 0.0
+    ratio: float = 1.0
+
+    def __call__(self, step: int) -> float:
+        if self.ratio == 1.0 and self.base_step == 0:
+            return step
+        return self.base + (step - self.base_step) * self.ratio
+
+    def state_dict(self) -> dict:
+        return {"global_batch": self.global_batch, "base_step": self.base_step, "base": self.base}
+
+
+@dataclass(frozen=True)
 class Plan:
     steps_per_epoch: int  # optimizer steps
     epochs: int
     total_steps: int
     global_batch: int  # images per optimizer step, all processes
     lr: float  # peak learning rate
+    axis: Axis  # the schedule's clock (see Axis)
+    schedule_steps: tuple[int, int]  # (steps per epoch, total steps) in the clock's units
 
 
-def plan(cfg, batches_per_epoch: int, world_size: int) -> Plan:
-    """How long the run is, from --epochs / --max-steps and this rank's batches per epoch."""
-    steps_per_epoch = batches_per_epoch // cfg.grad_accum
-    if steps_per_epoch == 0:
-        raise UserError(f"--grad-accum {cfg.grad_accum} needs more batches than the "
-                        f"{batches_per_epoch} each rank has per epoch; lower it or --batch-size")
+@dataclass(frozen=True)
+class Resumed:
+    """What ``plan`` needs from the checkpoint a run resumes from."""
+
+    step: int
+    epoch: int
+    sample: int  # samples of ``epoch``'s order consumed
+    global_batch: int  # the checkpoint's
+    axis: dict | None  # its Axis.state_dict(); None: saved before there was one
+
+
+def _horizon(cfg, num_samples: int, global_batch: int) -> tuple[int, int, int]:
+    """(steps per epoch, epochs, total steps) of a run over num_samples at this global batch."""
+    steps_per_epoch = num_samples // global_batch
     epochs = cfg.epochs if cfg.epochs > 0 else math.ceil(cfg.max_steps / steps_per_epoch)
     total_steps = epochs * steps_per_epoch
     if cfg.max_steps > 0:
         total_steps = min(total_steps, cfg.max_steps)
         epochs = min(epochs, math.ceil(total_steps / steps_per_epoch))
-    return Plan(steps_per_epoch, epochs, total_steps, cfg.batch_size * cfg.grad_accum * world_size,
-                peak_lr(cfg, world_size))
+    return steps_per_epoch, epochs, total_steps
+
+
+def plan(cfg, num_samples: int, world_size: int, resumed: Resumed | None = None) -> Plan:
+    """How long the run is, from --epochs / --max-steps and the samples of an epoch. A run
+    resumed with another global batch finishes its epochs at the new one: the steps left are
+    counted from the samples left."""
+    micro = cfg.batch_size * world_size
+    batches = num_samples // micro
+    if batches // cfg.grad_accum == 0:
+        raise UserError(f"--grad-accum {cfg.grad_accum} needs more batches than the "
+                        f"{batches} each rank has per epoch; lower it or --batch-size")
+    global_batch = micro * cfg.grad_accum
+    steps_per_epoch, epochs, total_steps = _horizon(cfg, num_samples, global_batch)
+    axis = Axis(global_batch)
+    if resumed is not None:
+        then = Axis(**resumed.axis) if resumed.axis else Axis(resumed.global_batch)
+        then = Axis(then.global_batch, then.base_step, then.base, resumed.global_batch / then.global_batch)
+        axis = then if resumed.global_batch == global_batch else \
+            Axis(then.global_batch, resumed.step, float(then(resumed.step)), global_batch / then.global_batch)
+        left = 0
+        if resumed.epoch < epochs:
+            left = (num_samples - resumed.sample) // global_batch + (epochs - resumed.epoch - 1) * steps_per_epoch
+        total_steps = resumed.step + left
+        if cfg.max_steps > 0:
+            total_steps = min(total_steps, cfg.max_steps)
+    if axis.ratio == 1.0 and axis.base_step == 0:
+        schedule_steps = (steps_per_epoch, total_steps)
+    else:
+        first_per_epoch, _, first_total = _horizon(cfg, num_samples, axis.global_batch)
+        schedule_steps = (first_per_epoch, first_total)
+    return Plan(steps_per_epoch, epochs, total_steps, global_batch, peak_lr(cfg, world_size), axis, schedule_steps)
 
 
 def peak_lr(cfg, world_size: int) -> float:
@@ -80,9 +143,10 @@ def init_momentum(optimizer: torch.optim.Optimizer) -> None:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str,
+def lr_factor(step: float, total_steps: int, warmup_steps: int, schedule: str,
               steps_per_epoch: int, milestones: list[int], gamma: float) -> float:
-    """Multiplier of the peak lr at an optimizer step (0-based)."""
+    """Multiplier of the peak lr at an optimizer step (0-based; on the ``Axis`` clock, which
+    is fractional after a change of global batch)."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "cosine":
@@ -96,12 +160,12 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str,
 
 
 def build_scheduler(cfg, optimizer, plan: Plan):
-    warmup = min(round(cfg.warmup_epochs * plan.steps_per_epoch), max(0, plan.total_steps - 1))
+    per_epoch, total = plan.schedule_steps
+    warmup = min(round(cfg.warmup_epochs * per_epoch), max(0, total - 1))
     milestones = cfg.lr_step_epochs()
 
     def factor(step: int) -> float:
-        return lr_factor(step, plan.total_steps, warmup, cfg.schedule, plan.steps_per_epoch, milestones,
-                         cfg.lr_gamma)
+        return lr_factor(plan.axis(step), total, warmup, cfg.schedule, per_epoch, milestones, cfg.lr_gamma)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 

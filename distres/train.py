@@ -72,13 +72,15 @@ def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
                         stats=(pretrained.mean, pretrained.std) if pretrained else None)
     net = models.build(cfg, bundle.classes, bundle.image_size, ctx, pretrained)
     del pretrained
-    plan = optim.plan(cfg, bundle.train.sampler.num_batches(), ctx.world_size)
+    plan = optim.plan(cfg, bundle.train.num_samples, ctx.world_size,
+                      checkpoint.resumed_position(ckpt.found[0]) if ckpt.found else None)
     optimizer = optim.build_optimizer(cfg, net, plan.lr)
     precision = engine.Precision(cfg.amp, ctx.device)
     meta = models.describe(net, cfg.arch, bundle.classes, bundle.mean, bundle.std, bundle.image_size)
     state = checkpoint.TrainingState(net, optimizer, optim.build_scheduler(cfg, optimizer, plan),
                                      precision.scaler, bundle.train, meta,
-                                     EMA(net, cfg.ema_decay, cfg.ema_every) if cfg.ema_decay > 0 else None)
+                                     EMA(net, cfg.ema_decay, cfg.ema_every) if cfg.ema_decay > 0 else None,
+                                     plan.axis)
     step = ckpt.restore(state)
     trainable = bundle.train.epoch >= cfg.freeze_backbone_epochs
     models.set_backbone_trainable(net, trainable)
@@ -143,12 +145,14 @@ def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
 def train_epoch(r: Run) -> None:
     """The rest of the loader's current epoch (or up to the last step), then its checkpoint."""
     cfg, plan, loader = r.cfg, r.plan, r.bundle.train
-    epoch, first = loader.epoch, loader.position // cfg.grad_accum
-    last = min(plan.steps_per_epoch, first + plan.total_steps - r.step)  # exclusive
+    epoch = loader.epoch
+    done = loader.position // plan.global_batch  # steps of this epoch before this pass
+    left = len(loader) // cfg.grad_accum  # steps to the end of the epoch
+    steps = min(left, plan.total_steps - r.step)
     batches = iter(loader)
-    bar = _progress(cfg, r.ctx, epoch, plan.epochs, first, plan.steps_per_epoch)
+    bar = _progress(cfg, r.ctx, epoch, plan.epochs, done, done + left)
     r.meter.start_window()
-    for s in range(first, last):
+    for s in range(steps):
         if r.step == r.prof.at:  # --profile-steps: the one check a step pays outside the window
             r.prof.boundary(r.step, r.meter)
         micro = r.meter.fetch(batches)
@@ -160,22 +164,22 @@ def train_epoch(r: Run) -> None:
         if r.state.ema is not None:
             r.state.ema.update(r.state.model, r.step)
         bar.update(1)
-        # A signal on any rank stops all ranks at the same step (see preempt.py); one at an
-        # epoch's last step is handled after the epoch's checkpoint and evaluation.
-        stopping = s < last - 1 and r.stop.stop_requested()
-        if r.step % cfg.log_every == 0 or s == last - 1 or stopping:
-            rec = r.meter.flush(r.step, epoch + (s + 1) / plan.steps_per_epoch, r.state.scheduler.get_last_lr()[0],
-                                loader.bad_samples)
+        # A signal on any rank stops all ranks at the same step (see preempt.py); one at the
+        # pass's last step is handled after the epoch's checkpoint and evaluation.
+        stopping = s < steps - 1 and r.stop.stop_requested()
+        if r.step % cfg.log_every == 0 or s == steps - 1 or stopping:
+            rec = r.meter.flush(r.step, epoch + (done + s + 1) / plan.steps_per_epoch,
+                                r.state.scheduler.get_last_lr()[0], loader.bad_samples)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.3g}", img_s=f"{rec['images_per_sec']:.0f}",
                             refresh=False)
-        if stopping or (cfg.checkpoint_every and r.step % cfg.checkpoint_every == 0 and s < last - 1):
+        if stopping or (cfg.checkpoint_every and r.step % cfg.checkpoint_every == 0 and s < steps - 1):
             r.ckpt.save(r.state, r.step)
         if stopping:
             bar.close()
-            raise _preempted(r, epoch, s + 1)
+            raise _preempted(r, epoch, done + s + 1)
     bar.close()
     r.prof.epoch_end(r.step)
-    if last == plan.steps_per_epoch:
+    if steps == left:
         loader.set_epoch(epoch + 1)
     r.ckpt.save(r.state, r.step)
 

@@ -82,7 +82,7 @@ def test_shards_counts_reshuffle_and_resume(coded, backend):
         epoch1 = _epoch(b.train, 1)
         assert [i for x, _ in epoch1 for i in _ids(x)] != ids  # reshuffled from (seed, epoch)
         # resume at batch 2 of epoch 1: the same samples and the same crops, bit for bit
-        resumed = _epoch(b.train, 1, start=2)
+        resumed = _epoch(b.train, 1, start=2 * BATCH * 2)  # 2 global micro-batches of BATCH x 2 ranks
         assert len(resumed) == 2
         for (xa, ya), (xb, yb) in zip(resumed, epoch1[2:]):
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
@@ -100,7 +100,7 @@ def test_state_dict_continues_where_it_stopped(coded, backend):
     it = iter(a)
     first = [next(it) for _ in range(3)]
     state = a.state_dict()
-    assert state == {"epoch": 2, "batch": 3}
+    assert state == {"epoch": 2, "sample": 3 * BATCH}
     rest = [(x.clone(), y) for x, y in it]
     b = _bundle(coded, backend, 0, world=1).train  # a fresh loader, as after a restart
     b.load_state_dict(state)

@@ -140,7 +140,7 @@ def _checkpointer(tmp_path, keep=3):
 
 class _Loader:
     def state_dict(self):
-        return {"epoch": 1, "batch": 3}
+        return {"epoch": 1, "sample": 3 * 256}  # 3 steps of the default global batch
 
 
 def test_background_write_holds_the_state_of_its_step(tmp_path, monkeypatch):

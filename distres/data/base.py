@@ -3,10 +3,11 @@
 A ``Loader`` is an iterable over one epoch of this rank's batches. It yields
 ``(images, labels)`` already on the training device: images normalised, float32 (the model's
 parameter dtype; autocast lowers it inside the model), in the model's memory format; labels
-int64. ``len()`` is the number of batches left in the epoch. ``set_epoch(epoch, start_batch)``
-picks the epoch and where in it to start; ``state_dict()`` is that position as the batches
-handed out so far, which the trainer checkpoints: the loader is the one record of where
-training stands within an epoch. Every backend takes its order from the same
+int64. ``len()`` is the number of batches left in the epoch. ``set_epoch(epoch, start_sample)``
+picks the epoch and where in its global order to start; ``state_dict()`` is that position as
+the samples all ranks have been handed so far, which the trainer checkpoints: the loader is the
+one record of where training stands within an epoch, in units that do not depend on how the
+global batch is split (``sharding`` says why). Every backend takes its order from the same
 ``ShardSampler`` and its random crops from ``transforms``, so backends differ only in speed.
 """
 
@@ -55,6 +56,8 @@ class Spec:
     seed: int
     workers: int  # DataLoader processes (torch) or DALI threads
     cpus: int  # this rank's share of the CPUs (threads for one-off work such as decoding a data set)
+    repeats: int = 1  # --repeated-aug: copies of each training image per epoch
+    accum: int = 1  # --grad-accum: micro-batches per optimizer step
 
     @property
     def device(self) -> torch.device:
@@ -66,7 +69,7 @@ class Spec:
 
     def sampler(self, num_samples: int) -> ShardSampler:
         return ShardSampler(num_samples, self.batch_size, self.rank, self.world, self.seed,
-                            shuffle=self.train, drop_last=self.train)
+                            shuffle=self.train, drop_last=self.train, repeats=self.repeats, accum=self.accum)
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -115,7 +118,7 @@ class Loader:
         self.sampler = spec.sampler(num_samples)
         self.source = spec.source  # ``source.name(i)`` names sample i in messages and reports
         self.num_samples, self.device, self.norm, self.bad = num_samples, spec.device, spec.norm, spec.bad
-        self._position = 0  # batches of the current epoch handed out (incl. skipped on resume)
+        self._position = 0  # batches handed out since the start position
 
     @property
     def bad_samples(self) -> int:
@@ -128,29 +131,30 @@ class Loader:
 
     @property
     def position(self) -> int:
-        """Batches of the current epoch handed out so far (including those skipped on resume)."""
-        return self._position
+        """Samples of the current epoch's global order handed out so far, on all ranks
+        (including those before the start position of a resumed run)."""
+        return self.sampler.start_sample + self._position * self.sampler.global_batch
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.sampler.set_epoch(epoch, start_batch)
-        self._position = start_batch
+    def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start_sample)
+        self._position = 0
 
     def __len__(self) -> int:
         return len(self.sampler)
 
     def __iter__(self):
-        self._position = self.sampler.start_batch
+        self._position = 0
         for batch in self._batches():
             self._position += 1
             yield batch
 
     def state_dict(self) -> dict:
-        """Where this epoch stands: ``load_state_dict`` continues with the next batch, the same
-        samples and crops as an uninterrupted run."""
-        return {"epoch": self.sampler.epoch, "batch": self._position}
+        """Where this epoch stands: ``load_state_dict`` continues with the next sample of the
+        epoch's order, the same samples and crops as an uninterrupted run."""
+        return {"epoch": self.sampler.epoch, "sample": self.position}
 
     def load_state_dict(self, state: dict) -> None:
-        self.set_epoch(int(state["epoch"]), int(state["batch"]))
+        self.set_epoch(int(state["epoch"]), int(state["sample"]))
 
     def _batches(self):
         raise NotImplementedError

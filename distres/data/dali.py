@@ -73,7 +73,7 @@ class _Feed:
         self.bad.clear()
         ld = self.loader
         self.numbers = iter(range(start, ld.sampler.num_batches()))
-        self.indices = ld.sampler.index_batches(start)
+        self.indices = ld.sampler.id_batches(start)
         self.epoch = ld.sampler.epoch
         for _ in range(self.AHEAD):
             self._submit()
@@ -91,11 +91,11 @@ class _Feed:
         self.files[k], self.bad[k] = files, bad
         return out
 
-    def _prepare(self, k: int, idx, epoch: int):
+    def _prepare(self, k: int, ids, epoch: int):
         ld = self.loader
-        datas, kept, sizes, bad = [], [], [], []
-        for i in idx.tolist():
-            path = ld.source.paths[i]
+        datas, kept, sizes, bad = [], [], [], []  # kept: draw ids
+        for d in ids.tolist():
+            path = ld.source.paths[d % ld.num_samples]
             reason = ld.known_bad.get(path)
             if reason is None:
                 try:
@@ -108,12 +108,13 @@ class _Feed:
                 bad.append((path, reason))
                 continue
             datas.append(np.frombuffer(data, dtype=np.uint8))
-            kept.append(i)
+            kept.append(d)
             sizes.append(hw)
         if not datas:
-            raise all_bad(bad, len(idx))
+            raise all_bad(bad, len(ids))
         kept, sizes = np.array(kept), np.array(sizes)
-        out = [datas, ld.source.labels[kept].numpy()]
+        index = kept % ld.num_samples
+        out = [datas, ld.source.labels[index].numpy()]
         if not ld.random_resized_crop:
             resized, anchor = transforms.fit_geometry(sizes, ld.size)
             out += [resized.astype(np.float32), anchor.astype(np.int32)]
@@ -121,7 +122,7 @@ class _Feed:
             boxes = transforms.train_boxes(sample_seeds(ld.sampler.seed, epoch, kept), sizes, ld.size)
             out += [np.stack([boxes.top, boxes.left], 1).astype(np.int32),
                     np.stack([boxes.height, boxes.width], 1).astype(np.int32), boxes.flip.astype(np.int32)]
-        return k, out, [ld.source.paths[i] for i in kept], bad
+        return k, out, [ld.source.paths[i] for i in index], bad
 
 
 class DaliLoader(Loader):
@@ -196,7 +197,7 @@ class DaliLoader(Loader):
         return pipe
 
     def _batches(self):
-        k, n = self.sampler.start_batch, self.sampler.num_batches()
+        k, n = 0, self.sampler.num_batches()
         while k < n:
             pipe = self._start_pass(k)
             for k in range(k, n):

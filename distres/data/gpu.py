@@ -18,7 +18,6 @@ import torch
 from distres.data import transforms
 from distres.data.decode import DECODE_ERRORS, describe
 from distres.data.base import Loader, Spec, to_device
-from distres.data.sharding import sample_seeds
 from distres.data.sources import ArraySource
 from distres.errors import UserError
 
@@ -81,10 +80,10 @@ class GpuLoader(Loader):
     def _batches(self):
         # The epoch's order and crop boxes go to the device in one copy per epoch; each batch is
         # then a slice and a gather there, with nothing for the host to wait for.
-        order = self.sampler.epoch_indices()
-        index = to_device(torch.from_numpy(order), self.device)
+        ids = self.sampler.epoch_ids()
+        index = to_device(torch.from_numpy(ids % self.num_samples), self.device)
         if self.train:
-            seeds = sample_seeds(self.sampler.seed, self.sampler.epoch, order)
+            seeds = self.sampler.seeds(ids)
             crops = to_device(transforms.pad_crop_params(transforms.pad_crop_boxes(seeds, self.size, self.pad)),
                               self.device)
         for part in self.sampler.batch_slices():

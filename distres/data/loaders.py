@@ -75,11 +75,11 @@ def build(cfg, ctx, memory_format: torch.memory_format, stats=None, train: bool 
             continue
         spec = Spec(src, is_train, size, Normalize(mean, std, ctx.device, memory_format),
                     BadSamples(cfg.on_bad_sample), cfg.batch_size, ctx.rank, ctx.world_size, cfg.seed, workers,
-                    ctx.cpus_per_rank)
+                    ctx.cpus_per_rank, cfg.repeated_aug, cfg.grad_accum)
         loaders.append(loader_class(backend)(spec))
 
     train_loader = loaders[0]
-    if train_loader is not None and train_loader.sampler.num_batches() == 0:
+    if train_loader is not None and train_loader.num_samples < cfg.batch_size * ctx.world_size:
         raise UserError(
             f"{train_loader.num_samples} training samples cannot fill one batch of {cfg.batch_size} on each of "
             f"{ctx.world_size} processes; lower --batch-size or launch fewer processes")

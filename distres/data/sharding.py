@@ -1,11 +1,25 @@
-"""Per-rank, per-epoch sample order: disjoint shards, reshuffled every epoch from the seed.
+"""The sample order of an epoch, defined over the global batch, and each rank's share of it.
 
-Every rank computes the same permutation of the whole epoch from (seed, epoch) and takes every
-world-th element starting at its rank, so the shards are disjoint and their union is the epoch,
-with no padding duplicates (DistributedSampler pads, which double-counts in evaluation).
+Every rank computes the same permutation of the whole epoch from (seed, epoch). Training step s
+takes the next G = B x A x W positions of it (B the per-rank batch, A the micro-batches of
+--grad-accum, W the world size), whatever the split: a run resumed with another split (other
+world size, other --grad-accum) continues with exactly the samples the interrupted one had not
+reached, so a run's place in an epoch is a number of samples. Within a step, micro-batch a of
+rank r holds positions s*G + j*A*W + a*W + r (j < B): its "slot" a*W + r strides through the
+step. A split with the same B and A x W therefore gives every slot the same images, e.g. 2
+processes or 1 process with --grad-accum 2: the same BatchNorm batches and, up to the order of
+one addition, the same gradients. The shards are disjoint, their union is the epoch, and there
+is no padding (DistributedSampler pads, which double-counts in evaluation). Evaluation gives
+rank r every W-th sample from r.
 
-Each sample also gets its own augmentation seed from (seed, epoch, index). Augmentation then
-does not depend on which backend, worker process or resumed run processes it.
+With repeated augmentation (``repeats`` > 1, as torchvision's RASampler) the order is a
+permutation of the images with each repeated ``repeats`` times in a row, cut to the epoch's
+length: consecutive positions go to consecutive ranks, so the copies of an image are augmented
+differently on different ranks within one step.
+
+Each draw (an image, or one copy of it) also gets its own augmentation seed from
+(seed, epoch, draw id). Augmentation then does not depend on which backend, worker process,
+world size or resumed run processes it.
 """
 
 from __future__ import annotations
@@ -19,72 +33,105 @@ _MIX = 1_000_003  # a prime spreading (seed, epoch) over distinct generator seed
 _MASK63 = 0x7FFF_FFFF_FFFF_FFFF
 
 
-def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
+def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool, repeats: int = 1) -> torch.Tensor:
+    """The epoch's draw ids in order: id = copy * num_samples + image index, so the image is
+    ``id % num_samples`` and copy 0 of an image has the image's own index as its id."""
     if not shuffle:
         return torch.arange(num_samples)
     g = torch.Generator().manual_seed(seed * _MIX + epoch)
-    return torch.randperm(num_samples, generator=g)
+    perm = torch.randperm(num_samples, generator=g)
+    if repeats == 1:
+        return perm
+    copies = perm[:, None] + num_samples * torch.arange(repeats)[None, :]  # image-major: copies adjacent
+    return copies.reshape(-1)[:num_samples]
 
 
-def sample_seeds(seed: int, epoch: int, indices: np.ndarray) -> np.ndarray:
-    """Each sample's augmentation seed, (seed, epoch) mixed with its index (uint64 array)."""
+def sample_seeds(seed: int, epoch: int, ids: np.ndarray) -> np.ndarray:
+    """Each draw's augmentation seed, (seed, epoch) mixed with its id (uint64 array)."""
     base = np.uint64(((seed * _MIX + epoch) * 1_000_000_007) & _MASK63)
-    return (np.asarray(indices, dtype=np.uint64) + base) & np.uint64(_MASK63)
-
-
-def train_batches_per_epoch(num_samples: int, world: int, batch_size: int) -> int:
-    # Every rank must take the same number of optimizer steps (DDP all-reduces each one), so
-    # the count comes from the smallest shard; the few leftover samples change every epoch.
-    return (num_samples // world) // batch_size
+    return (np.asarray(ids, dtype=np.uint64) + base) & np.uint64(_MASK63)
 
 
 class ShardSampler(torch.utils.data.Sampler):
     """Yields batches of (index, augmentation seed) for this rank and the current epoch.
 
-    ``drop_last`` (training) yields ``train_batches_per_epoch`` full batches on every rank;
-    without it (evaluation) the whole shard is yielded, the last batch possibly short.
-    ``set_epoch(epoch, start_batch)`` also lets a resumed run skip the batches already done.
+    ``drop_last`` (training) yields the same number of full batches on every rank; without it
+    (evaluation) the whole shard is yielded, the last batch possibly short.
+    ``set_epoch(epoch, start_sample)`` picks the epoch and the position in its global order to
+    start at (a resumed run: the samples every rank consumed so far); batches are counted
+    from there.
     """
 
     def __init__(self, num_samples: int, batch_size: int, rank: int, world: int, seed: int,
-                 shuffle: bool, drop_last: bool):
-        self.num_samples, self.batch_size = num_samples, batch_size
+                 shuffle: bool, drop_last: bool, repeats: int = 1, accum: int = 1):
+        self.num_samples, self.batch_size, self.accum = num_samples, batch_size, accum if drop_last else 1
         self.rank, self.world, self.seed = rank, world, seed
         self.shuffle, self.drop_last = shuffle, drop_last
-        self.epoch, self.start_batch = 0, 0
+        self.repeats = repeats if shuffle else 1  # evaluation counts every sample once
+        self.epoch, self.start_sample = 0, 0
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
+    @property
+    def global_batch(self) -> int:
+        """Samples of one micro-batch over all ranks."""
+        return self.batch_size * self.world
+
+    @property
+    def step_samples(self) -> int:
+        """Samples of one optimizer step over all ranks and micro-batches."""
+        return self.global_batch * self.accum
+
+    def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
+        self.epoch, self.start_sample = epoch, start_sample
 
     def num_batches(self) -> int:
-        if self.drop_last:
-            return train_batches_per_epoch(self.num_samples, self.world, self.batch_size)
-        mine = len(range(self.rank, self.num_samples, self.world))
+        """This rank's batches from the start position to the end of the epoch."""
+        left = max(0, self.num_samples - self.start_sample)
+        if self.drop_last:  # whole steps only
+            return left // self.step_samples * self.accum
+        mine = len(range(self.rank, left, self.world))
         return -(-mine // self.batch_size)
 
     def __len__(self) -> int:
-        return max(0, self.num_batches() - self.start_batch)
+        return self.num_batches()
+
+    def epoch_ids(self) -> np.ndarray:
+        """This rank's draw ids from the start position to the end of the epoch, in order
+        (batch k is the k-th slice of batch_size of them; training leaves the tail that fills
+        no batch unused)."""
+        order = epoch_order(self.num_samples, self.seed, self.epoch, self.shuffle, self.repeats)
+        rest = order[self.start_sample:].numpy()
+        if not self.drop_last:
+            return np.ascontiguousarray(rest[self.rank::self.world])
+        steps = len(rest) // self.step_samples
+        slots = rest[:steps * self.step_samples].reshape(steps, self.batch_size, self.accum, self.world)
+        return np.ascontiguousarray(slots[:, :, :, self.rank].transpose(0, 2, 1).reshape(-1))
 
     def epoch_indices(self) -> np.ndarray:
-        """This rank's sample indices for the whole epoch, in order (batch k is the k-th slice of
-        batch_size of them; training leaves the tail that fills no batch unused)."""
-        order = epoch_order(self.num_samples, self.seed, self.epoch, self.shuffle)
-        return np.ascontiguousarray(order[self.rank::self.world].numpy())
+        """``epoch_ids`` as image indices."""
+        return self.epoch_ids() % self.num_samples
 
-    def batch_slices(self, start: int | None = None) -> Iterator[slice]:
-        """This epoch's batches from ``start`` (default: the resume point) as slices of
-        ``epoch_indices()``."""
+    def seeds(self, ids: np.ndarray) -> np.ndarray:
+        """The augmentation seeds of these draws (``epoch_ids`` values) in this epoch."""
+        return sample_seeds(self.seed, self.epoch, ids)
+
+    def batch_slices(self, start: int = 0) -> Iterator[slice]:
+        """This rank's batches from batch ``start`` (counted from the start position) as slices
+        of ``epoch_ids()``."""
         b = self.batch_size
-        for i in range(self.start_batch if start is None else start, self.num_batches()):
+        for i in range(start, self.num_batches()):
             yield slice(i * b, (i + 1) * b)
 
-    def index_batches(self, start: int | None = None) -> Iterator[np.ndarray]:
-        """This epoch's batches from ``start`` (default: the resume point) as arrays of sample
-        indices."""
-        idx = self.epoch_indices()
+    def id_batches(self, start: int = 0) -> Iterator[np.ndarray]:
+        """This rank's batches from batch ``start`` as arrays of draw ids."""
+        ids = self.epoch_ids()
         for part in self.batch_slices(start):
-            yield idx[part]
+            yield ids[part]
+
+    def index_batches(self, start: int = 0) -> Iterator[np.ndarray]:
+        """This rank's batches from batch ``start`` as arrays of image indices."""
+        for ids in self.id_batches(start):
+            yield ids % self.num_samples
 
     def __iter__(self):
-        for batch in self.index_batches():
-            yield list(zip(batch.tolist(), sample_seeds(self.seed, self.epoch, batch).tolist()))
+        for ids in self.id_batches():
+            yield list(zip((ids % self.num_samples).tolist(), self.seeds(ids).tolist()))
