@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import pytest
 import torch
@@ -78,12 +79,15 @@ def test_mid_epoch_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     common = TINY + ["--batch-size", "4", "--synthetic-samples", "64", "--epochs", "2",
                      "--schedule", "constant", "--warmup-epochs", "0", "--amp", "none",
                      "--deterministic", "--checkpoint-every", "0", "--eval-every", "0",
-                     "--ema-decay", "0.8", "--ema-every", "2", "--freeze-backbone-epochs", "1"]
+                     "--ema-decay", "0.8", "--ema-every", "2", "--freeze-backbone-epochs", "1",
+                     "--threads", "1"]  # (the thread count changes the order of a convolution's sums)
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert run_train(common + ["--output-dir", str(full)], nproc=2).returncode == 0
     r = run_train(common + ["--output-dir", str(cut), "--max-steps", "5"], nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert torch.load(cut / "checkpoints/last.pt", weights_only=True)["step_in_epoch"] == 5
+    shutil.copytree(cut, tmp_path / "one")  # resumed on one process below
+    shutil.copytree(cut, tmp_path / "half")
     r = run_train(common + ["--output-dir", str(cut), "--resume"], nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "the backbone trains from now on" in r.stderr
@@ -115,6 +119,33 @@ def test_mid_epoch_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     assert "the backbone trains from now on" in r.stderr
     c = torch.load(edge / "checkpoints/last.pt", weights_only=True)
     assert all(torch.equal(v, c["model"][k]) and torch.equal(a["ema"][k], c["ema"][k]) for k, v in a["model"].items())
+
+    # Stopped on 2 processes, resumed on 1 with --grad-accum 2: the same global batch, each
+    # micro-batch the images one rank had (sharding.py), so the same weights bit for bit. (Not
+    # the BatchNorm running statistics: under DDP those follow rank 0's batches alone.)
+    one = tmp_path / "one"
+    r = run_train(common + ["--output-dir", str(one), "--resume", "--grad-accum", "2"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed on 1 x 4 x grad-accum 2 (global batch 8), saved on 2 x 4 x grad-accum 1 (8): " \
+           "epoch 1 continues at sample 40" in r.stderr
+    d = torch.load(one / "checkpoints/last.pt", weights_only=True)
+    params = [k for k in a["model"] if k.endswith((".weight", ".bias"))]
+    assert d["step"] == 16 and all(torch.equal(a["model"][k], d["model"][k]) for k in params)
+    assert all(torch.equal(a["ema"][k], d["ema"][k]) for k in params)
+
+    # Resumed on 1 process with the same per-process batch: global batch 4, so the 24 samples
+    # left in epoch 1 take 6 steps and epoch 2 takes 16; the lr follows the batch on request.
+    half = tmp_path / "half"
+    r = run_train(common + ["--output-dir", str(half), "--resume", "--rescale-lr-on-resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "global batch 4), saved on 2 x 4 x grad-accum 1 (8): epoch 1 continues at sample 40; " \
+           "lr scaled by 4/8" in r.stderr
+    train = [x for x in read_metrics(half) if x["kind"] == "train"]
+    assert [x["step"] for x in train] == list(range(1, 28))
+    lrs = {x["lr"] for x in train}
+    assert len(lrs) == 2 and max(lrs) == 2 * min(lrs)  # constant schedule, halved at the resume
+    e = torch.load(half / "checkpoints/last.pt", weights_only=True)
+    assert (e["step"], e["epoch"], e["samples_in_epoch"]) == (27, 2, 0)
 
 
 def test_resume_with_another_amp_is_a_one_line_error(tmp_path):
