@@ -209,6 +209,7 @@ class Checkpointer:
         self._writer: threading.Thread | None = None  # rank 0's background write
         self._error: BaseException | None = None
         self.best_top1 = self._best_so_far() if self.resume_step is not None else None
+        self.last_saved: Path | None = None  # the newest checkpoint of this run, once written or resumed from
 
     def _find(self) -> tuple[dict, Path] | None:
         resume = self.cfg.resume
@@ -249,6 +250,7 @@ class Checkpointer:
             state, path = self.found
             self._load(state, path, ts)
             step = self.resume_step = state["step"]
+            self.last_saved = path
             if self.ctx.is_main:
                 console(f"distres: resumed from {path} at step {step} (epoch {ts.loader.epoch + 1})")
             self.found = None  # the state's tensors are in the run now; free the copy
@@ -296,6 +298,14 @@ class Checkpointer:
             self._resplit(saved_order, now, position, sample, ts)
         ts.loader.load_state_dict({"epoch": state["epoch"], "sample": sample})
 
+    def roll_back(self, ts: TrainingState) -> int:
+        """Load this run's newest checkpoint into ts again (a collective: every write has
+        ended first); the step it holds."""
+        self.finish()
+        path = self.last_saved
+        self.found = load(path), path
+        return self.restore(ts)
+
     def _resplit(self, saved: dict, now: dict, position: Resumed, sample: int, ts: TrainingState) -> None:
         """A run resumed with another split of its global batch continues the epoch's order at
         the sample it had reached; with another global batch size, its lr stays unless
@@ -324,6 +334,7 @@ class Checkpointer:
         wait) and a background thread writes it, so training goes on during the write. The
         next save and ``finish`` wait for it; a write that failed stops every rank there."""
         rng = self._gather(rng_state(self.ctx.device))
+        self.last_saved = self.folder / f"step-{step:08d}.pt"  # (on every rank: roll_back reads it)
         if not self.ctx.is_main:
             return
         position = ts.loader.state_dict()

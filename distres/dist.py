@@ -107,9 +107,19 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
     raise UserError(f"unknown --device {requested!r}; use auto, cpu or cuda")
 
 
-def init(device: str = "auto", backend: str = "auto", timeout_s: int = 1800,
+_store = None  # the job's key-value store (the launcher's rendezvous store), once joined
+
+
+def job_store():
+    """The store the process group was built on, or None for a single process."""
+    return _store
+
+
+def init(device: str = "auto", backend: str = "auto", timeout_s: float = 1800,
          deterministic: bool = False) -> DistContext:
-    """Read the environment, pick the device and backend, and join the process group."""
+    """Read the environment, pick the device and backend, and join the process group.
+    ``timeout_s``: how long a collective (and the rendezvous) may wait."""
+    global _store
     if deterministic:
         # cuBLAS reads it when it first starts on a device: set it before any CUDA work.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -143,6 +153,7 @@ def init(device: str = "auto", backend: str = "auto", timeout_s: int = 1800,
         # where the previous attempt's gloo addresses are still listed: a rank that starts before
         # its peers would connect to a dead process. A key prefix per attempt keeps them apart.
         store = dist.PrefixStore(f"distres/attempt_{restart}", store)
+    _store = store
     dist.init_process_group(
         backend=backend,
         store=store,

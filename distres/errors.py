@@ -50,12 +50,29 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message}; see {self.prog} --help")
 
 
+def worker_death(err: BaseException, rank: int) -> RankError | None:
+    """A DataLoader worker process that died, as this rank's one-line error. torch raises it
+    from a SIGCHLD handler, in whatever the main thread was running, so only the CLI's outermost
+    handler can catch it everywhere."""
+    text = " ".join(str(err).split())
+    if not (isinstance(err, RuntimeError) and text.startswith("DataLoader worker")):
+        return None
+    return RankError(f"rank {rank}: a data loading worker died ({text.rstrip('. ')}); if it ran out of memory "
+                     "(dmesg names the OOM killer), lower --workers or --batch-size, or give the job more memory")
+
+
 def run_cli(body: Callable[[], int | None], rank: Callable[[], int] = lambda: 0,
             cleanup: Callable[[], None] | None = None) -> int:
     """A CLI's exit status: ``body``'s (0 for None); a user mistake is one line on stderr (from
     rank 0 only, unless only some ranks meet it) and status 2, a preemption status 75."""
     try:
-        return body() or 0
+        try:
+            return body() or 0
+        except RuntimeError as e:
+            died = worker_death(e, rank())
+            if died is None:
+                raise
+            raise died from None
     except UserError as e:
         if rank() == 0 or isinstance(e, RankError):
             print(format_error(e), file=sys.stderr, flush=True)

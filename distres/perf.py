@@ -146,6 +146,11 @@ class StepMeter:
         if self.sync_steps:
             torch.cuda.synchronize(self.ctx.device)
 
+    @property
+    def pending_loss(self) -> torch.Tensor:
+        """The losses of the window's steps so far, summed on the device (not read here)."""
+        return self._loss
+
     def flush(self, step: int, epoch: float, lr: float, bad_samples: int) -> dict:
         """Log the window ending at optimizer step ``step``, start the next one; the record.
 

@@ -25,6 +25,10 @@ class Logger:
     def log(self, record: dict) -> None:
         pass
 
+    def rewind(self, step: int) -> None:
+        """The run went back to optimizer step ``step`` (a rollback): forget what came after,
+        where the format allows."""
+
     def close(self) -> None:
         pass
 
@@ -36,9 +40,14 @@ class JsonlLogger(Logger):
             self._drop_after(resume_step)
         self._f = open(path, "a", buffering=1)  # line-buffered: a crash loses at most one line
 
+    def rewind(self, step: int) -> None:
+        self._f.close()
+        self._drop_after(step)
+        self._f = open(self.path, "a", buffering=1)
+
     def _drop_after(self, step: int) -> None:
-        # A resumed run re-does the steps after its checkpoint; drop their old records so the
-        # file holds each step once.
+        # A resumed (or rolled back) run re-does the steps after its checkpoint; drop their old
+        # records so the file holds each step once.
         kept = []
         for line in self.path.read_text().splitlines():
             try:
@@ -225,6 +234,10 @@ class MultiLogger(Logger):
     def log(self, record: dict) -> None:
         for lg in self.loggers:
             lg.log(record)
+
+    def rewind(self, step: int) -> None:
+        for lg in self.loggers:
+            lg.rewind(step)
 
     def close(self) -> None:
         for lg in self.loggers:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from distres import (autotune, checkpoint, config, data, dist, engine, models, optim, perf, preempt, profiling,
-                     telemetry, tracking, weights)
+from distres import (autotune, checkpoint, config, data, dist, divergence, engine, models, optim, perf, preempt,
+                     profiling, telemetry, tracking, watchdog, weights)
 from distres.ema import EMA
 from distres.errors import Preempted, console, run_cli
 
@@ -55,6 +55,19 @@ class Run:
     stop: preempt.PreemptionFlag
     step: int  # optimizer steps done
     prof: profiling.Window  # --profile-steps
+    logger: tracking.Logger
+    watch: watchdog.Watchdog  # --dist-timeout
+    rollbacks: int = 0  # --on-nonfinite rollback: how many so far
+
+    @property
+    def lr(self) -> float:
+        return self.state.scheduler.get_last_lr()[0]
+
+    def save(self) -> None:
+        """A checkpoint of the state after this step, once the guard has found it finite."""
+        self.watch.enter("a checkpoint", self.step)
+        divergence.check_state(self.meter.pending_loss, self.state.model, self.step, self.lr)
+        self.ckpt.save(self.state, self.step)
 
 
 def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
@@ -97,7 +110,8 @@ def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
     telem = telemetry.start(ctx)
     r = Run(cfg, ctx, plan, bundle, model, state, precision, optim.build_loss(cfg), ckpt,
             perf.StepMeter(cfg, ctx, plan.global_batch, bundle.backend, logger),
-            preempt.PreemptionFlag(ctx.distributed), step, window)
+            preempt.PreemptionFlag(ctx.distributed), step, window, logger,
+            watchdog.Watchdog(ctx, cfg.dist_timeout * 60, dist.job_store()))
     if cfg.autotune:
         r.meter.refs["autotune table"] = str(out / "autotune.json")
     if ctx.is_main:
@@ -116,21 +130,28 @@ def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
                     optim.init_momentum(optimizer)
                 if ctx.is_main:
                     console(f"distres: epoch {epoch + 1}: the backbone trains from now on")
-            train_epoch(r)
+            try:
+                train_epoch(r)
+            except divergence.Diverged as e:
+                _diverged(r, e)
+                continue
             final = r.step >= plan.total_steps
             if final or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
                 last_eval = _evaluate(r, logger, epoch + 1)
+            r.watch.enter("the end of an epoch", r.step)
             r.meter.epoch_end(telem, r.step, epoch + 1)  # data-wait verdict, GPU telemetry
             if not final and r.stop.stop_requested():  # (not final: the epoch ran to its end)
                 raise _preempted(r, epoch + 1, 0)
         if last_eval is None:  # resumed after the last step: still report the accuracy
             last_eval = _evaluate(r, logger, plan.epochs)
+        r.watch.leave()
         completed = True
         ckpt.finish()  # the last checkpoint is on disk (or its failure is the run's error)
     except Preempted:
         completed = True  # every rank raised it at the same step
         raise
     finally:
+        r.watch.close()
         r.stop.close(wait=completed)
         r.prof.close()
         ckpt.close()
@@ -155,7 +176,9 @@ def train_epoch(r: Run) -> None:
     for s in range(steps):
         if r.step == r.prof.at:  # --profile-steps: the one check a step pays outside the window
             r.prof.boundary(r.step, r.meter)
+        r.watch.enter("loading data", r.step + 1)
         micro = r.meter.fetch(batches)
+        r.watch.enter("the training step", r.step + 1)  # its backward all-reduces the gradients
         with r.meter.step_context(r.model, r.step):  # no_sync() in probe windows (--bench-comm-probe)
             loss = engine.train_step(r.model, micro, r.loss_fn, r.state.optimizer, r.precision, cfg.clip_grad_norm)
         r.state.scheduler.step()
@@ -168,12 +191,12 @@ def train_epoch(r: Run) -> None:
         # pass's last step is handled after the epoch's checkpoint and evaluation.
         stopping = s < steps - 1 and r.stop.stop_requested()
         if r.step % cfg.log_every == 0 or s == steps - 1 or stopping:
-            rec = r.meter.flush(r.step, epoch + (done + s + 1) / plan.steps_per_epoch,
-                                r.state.scheduler.get_last_lr()[0], loader.bad_samples)
+            rec = r.meter.flush(r.step, epoch + (done + s + 1) / plan.steps_per_epoch, r.lr, loader.bad_samples)
+            divergence.check_logged(rec["loss"], r.state.scaler, r.step, r.lr)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.3g}", img_s=f"{rec['images_per_sec']:.0f}",
                             refresh=False)
         if stopping or (cfg.checkpoint_every and r.step % cfg.checkpoint_every == 0 and s < steps - 1):
-            r.ckpt.save(r.state, r.step)
+            r.save()
         if stopping:
             bar.close()
             raise _preempted(r, epoch, done + s + 1)
@@ -181,7 +204,32 @@ def train_epoch(r: Run) -> None:
     r.prof.epoch_end(r.step)
     if steps == left:
         loader.set_epoch(epoch + 1)
-    r.ckpt.save(r.state, r.step)
+    r.save()
+
+
+def _diverged(r: Run, err: divergence.Diverged) -> None:
+    """--on-nonfinite: stop with the one-line error, or go back to the last good checkpoint with
+    the lr scaled down (every rank, at the same step: the guard's verdict is shared)."""
+    cfg = r.cfg
+    if cfg.on_nonfinite != "rollback" or r.rollbacks >= cfg.rollback_tries or r.ckpt.last_saved is None:
+        raise divergence.give_up(err, str(r.ckpt.last_saved) if r.ckpt.last_saved else None, r.rollbacks)
+    r.rollbacks += 1
+    sched = r.state.scheduler
+    lowered = [lr * cfg.rollback_lr_factor for lr in sched.base_lrs]  # this run's lr, with earlier rollbacks
+    r.step = r.ckpt.roll_back(r.state)
+    for group, was, now in zip(r.state.optimizer.param_groups, sched.base_lrs, lowered):
+        group["lr"] *= now / was
+    sched.base_lrs = lowered
+    trainable = r.bundle.train.epoch >= cfg.freeze_backbone_epochs
+    if models.set_backbone_trainable(r.state.model, trainable):
+        r.model = models.parallelize(r.state.model, cfg, r.ctx)
+    r.logger.rewind(r.step)
+    r.logger.log({"kind": "rollback", "step": r.step, "diverged_at": err.step, "reason": err.what,
+                  "lr_factor": cfg.rollback_lr_factor, "rollback": r.rollbacks})
+    if r.ctx.is_main:
+        console(f"distres: {err.what} at step {err.step}; rollback {r.rollbacks} of {cfg.rollback_tries}: back to "
+                f"{r.ckpt.last_saved} (step {r.step}) with the lr x {cfg.rollback_lr_factor:g} "
+                f"(now {r.state.optimizer.param_groups[0]['lr']:.4g})")
 
 
 def _preempted(r: Run, epoch: int, in_epoch: int) -> Preempted:
@@ -196,15 +244,19 @@ def _evaluate(r: Run, logger, epoch: int) -> dict:
     """Score the weights (and their EMA) on the validation set; keep the better as best.pt
     when it beats every earlier evaluation. Every rank scores with rank 0's BatchNorm statistics,
     the ones the checkpoint holds, so that ``distres.evaluate`` on it gives the same figures."""
+    def tick(*_):  # each batch renews the watchdog's clock: the timeout is per batch and final reduction
+        r.watch.enter("evaluation", r.step)
+
+    tick()
     ema_model = r.state.ema.module if r.state.ema is not None else None
     if r.cfg.broadcast_buffers:
         for module in (r.state.model, ema_model):
             if module is not None:
                 dist.broadcast_buffers(module)
-    result = engine.evaluate(r.model, r.bundle.val, r.precision, r.ctx.device)
+    result = engine.evaluate(r.model, r.bundle.val, r.precision, r.ctx.device, each=tick)
     ema = None
     if ema_model is not None:
-        ema = engine.evaluate(ema_model, r.bundle.val, r.precision, r.ctx.device)
+        ema = engine.evaluate(ema_model, r.bundle.val, r.precision, r.ctx.device, each=tick)
         result.update({f"ema_{k}": v for k, v in ema.items() if k != "eval_samples"})
     which, scored, top1 = ("ema", ema_model, ema["top1"]) if ema and ema["top1"] > result["top1"] \
         else ("raw", r.state.model, result["top1"])
@@ -233,7 +285,9 @@ def _progress(cfg, ctx, epoch: int, epochs: int, first: int, total: int):
 def main(argv: list[str] | None = None) -> int:
     def body():
         cfg = config.parse_args(argv)
-        run(cfg, dist.init(cfg.device, cfg.dist_backend, deterministic=cfg.deterministic))
+        # The collectives' own timeout is a backstop behind the watchdog's (--dist-timeout).
+        run(cfg, dist.init(cfg.device, cfg.dist_backend, timeout_s=cfg.dist_timeout * 60 + 120,
+                           deterministic=cfg.deterministic))
 
     return run_cli(body, rank=dist.rank_from_env, cleanup=dist.teardown)
 

@@ -1,0 +1,126 @@
+"""The divergence guard (--on-nonfinite), the hang guard (--dist-timeout) and a data worker
+that dies: each ends in one line naming what happened, with the checkpoints intact."""
+
+import math
+import os
+import signal
+import time
+
+import torch
+
+from tests.helpers import TINY, read_metrics, run_train, start_train, wait_for
+
+# Epoch 1 trains at lr 0.003125 (global batch 8); the step schedule then multiplies the lr by
+# 1e5, and epoch 2's loss turns non-finite within a few steps. Epoch 1's checkpoint is good.
+BLOWS_UP = TINY + ["--image-size", "16", "--batch-size", "8", "--synthetic-samples", "64", "--epochs", "2",
+                   "--warmup-epochs", "0", "--schedule", "step", "--lr-steps", "1", "--lr-gamma", "1e5",
+                   "--checkpoint-every", "0", "--eval-every", "0"]
+
+
+def _finite_checkpoints(out) -> list[str]:
+    names = []
+    for p in sorted((out / "checkpoints").glob("step-*.pt")):
+        state = torch.load(p, weights_only=True)
+        assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point()), p
+        names.append(p.name)
+    return names
+
+
+def _error_line(stderr: str) -> str:
+    assert "Traceback" not in stderr, stderr[-3000:]
+    errors = [ln for ln in stderr.splitlines() if ln.startswith("distres: error: ")]
+    assert len(errors) == 1, stderr[-3000:]
+    return errors[0]
+
+
+def test_a_diverging_run_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path):
+    out = tmp_path / "stop"
+    r = run_train(BLOWS_UP + ["--output-dir", str(out)])
+    assert r.returncode == 2, r.stderr[-3000:]
+    line = _error_line(r.stderr)
+    step = int(line.split(" at step ")[1].split()[0])
+    assert 8 < step <= 16 and "(lr 312.5)" in line, line
+    assert f"the last good checkpoint is {out / 'checkpoints' / 'step-00000008.pt'}" in line
+    assert "--on-nonfinite rollback" in line
+    assert _finite_checkpoints(out) == ["step-00000008.pt"]  # nothing non-finite was saved
+
+
+def test_rollback_reloads_the_last_good_checkpoint_with_a_lower_lr(tmp_path):
+    out = tmp_path / "rollback"
+    r = run_train(BLOWS_UP + ["--output-dir", str(out), "--on-nonfinite", "rollback", "--rollback-lr-factor", "1e-5"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "rollback 1 of 3: back to" in r.stderr and "with the lr x 1e-05 (now 0.003125)" in r.stderr
+    records = read_metrics(out)
+    [back] = [x for x in records if x["kind"] == "rollback"]
+    assert back["step"] == 8 and back["diverged_at"] > 8
+    train = [x for x in records if x["kind"] == "train"]
+    assert [x["step"] for x in train] == list(range(1, 17))  # the rolled-back steps once, as redone
+    assert all(math.isclose(x["lr"], 312.5 * 1e-5) and math.isfinite(x["loss"]) for x in train[8:])
+    assert _finite_checkpoints(out) == ["step-00000008.pt", "step-00000016.pt"]
+
+    out = tmp_path / "give-up"  # lr x 0.5 is not enough: gives up after one rollback
+    r = run_train(BLOWS_UP + ["--output-dir", str(out), "--on-nonfinite", "rollback", "--rollback-tries", "1"])
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "after 1 rollback; the last good checkpoint is" in _error_line(r.stderr)
+    assert _finite_checkpoints(out) == ["step-00000008.pt"]
+
+
+def _pid_of_rank(root_pid: int, rank: int) -> int | None:
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if b"distres.train" in cmd and f"RANK={rank}".encode() in env and int(pid) != root_pid:
+            return int(pid)
+    return None
+
+
+def test_a_frozen_rank_is_named_by_the_others_after_dist_timeout(tmp_path):
+    out, log = tmp_path / "run", tmp_path / "log.txt"
+    proc = start_train(TINY + ["--image-size", "16", "--batch-size", "4", "--synthetic-samples", "4000",
+                               "--epochs", "1", "--checkpoint-every", "0", "--dist-timeout", "0.1",
+                               "--output-dir", str(out)], nproc=2, log=log)
+    frozen = None
+    try:
+        wait_for(lambda: (out / "metrics.jsonl").exists() and len(read_metrics(out)) >= 3, 120, "three steps")
+        frozen = wait_for(lambda: _pid_of_rank(proc.pid, 1), 10, "rank 1's process")
+        os.kill(frozen, signal.SIGSTOP)  # frozen: alive, but never reaches the next all-reduce
+        t0 = time.monotonic()
+        line = wait_for(lambda: next((ln for ln in log.read_text().splitlines()
+                                      if ln.startswith("distres: error: rank 0 waited")), None), 90, "rank 0's line")
+        assert time.monotonic() - t0 < 60
+    finally:
+        if frozen:
+            os.kill(frozen, signal.SIGKILL)
+        proc.wait(timeout=120)
+    assert proc.returncode != 0
+    assert "(--dist-timeout 0.1) in the training step at step " in line, line
+    assert "rank(s) 1 did not arrive (rank 1: no answer (dead or frozen))" in line, line
+    assert 'distres/train.py", line' not in log.read_text()  # no worker traceback (torchrun prints its own)
+
+
+def test_a_data_worker_that_dies_is_named(tmp_path):
+    from tests.helpers import make_imagefolder
+    data = make_imagefolder(tmp_path / "data", {"train": {"a": 200, "b": 200}, "val": {"a": 2, "b": 2}})
+    out, log = tmp_path / "run", tmp_path / "log.txt"
+    proc = start_train(["--arch", "resnet18", "--data", "imagefolder", "--data-dir", str(data), "--image-size", "16",
+                        "--batch-size", "2", "--epochs", "1", "--workers", "1", "--device", "cpu", "--no-progress",
+                        "--log-every", "1", "--wandb", "disabled", "--output-dir", str(out)], log=log)
+    try:
+        wait_for(lambda: (out / "metrics.jsonl").exists() and len(read_metrics(out)) >= 2, 120, "two steps")
+        kids = [int(p) for p in open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()]
+        assert kids, "no DataLoader worker process found"
+        for kid in kids:
+            os.kill(kid, signal.SIGKILL)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2
+    line = _error_line(log.read_text())
+    assert line.startswith("distres: error: rank 0: a data loading worker died (DataLoader worker (pid ") \
+        and "Killed" in line and "--workers" in line, line
