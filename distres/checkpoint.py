@@ -49,7 +49,13 @@ def atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            try:
+                torch.save(obj, f)
+            except RuntimeError as e:
+                # torch's zip writer turns the file's OSError (a full disk) into its own error.
+                if isinstance(e.__context__, OSError):
+                    raise e.__context__ from None
+                raise
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -202,6 +208,8 @@ def resumed_position(state: dict) -> Resumed:
 class Checkpointer:
     def __init__(self, cfg, ctx, folder: Path):
         self.cfg, self.ctx, self.folder = cfg, ctx, folder
+        if folder.parent.exists() and not folder.parent.is_dir():
+            raise UserError(f"--output-dir {folder.parent} is a file, not a folder; choose another --output-dir")
         self.found = self._find()  # (state, path) to resume from, or None
         # A resume that found no checkpoint still continues the output directory (the logger
         # drops the records of an attempt that died before its first checkpoint).

@@ -22,7 +22,7 @@ import torch
 from distres import (autotune, checkpoint, config, data, dist, divergence, engine, models, optim, perf, preempt,
                      profiling, telemetry, tracking, watchdog, weights)
 from distres.ema import EMA
-from distres.errors import Preempted, console, run_cli
+from distres.errors import Preempted, UserError, console, run_cli
 
 
 def _set_performance_flags(cfg, ctx) -> None:
@@ -102,8 +102,11 @@ def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
     window = profiling.Window(cfg, ctx, out, step, plan.total_steps)  # checks --profile-steps against the run
     model = models.parallelize(net, cfg, ctx)
     if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.save(out / "config.yaml")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            cfg.save(out / "config.yaml")
+        except OSError as e:
+            raise UserError(f"cannot write to --output-dir {out} ({e.strerror or e}); choose a writable folder") from None
     logger = tracking.build(cfg, ctx.is_main, out, ckpt.resume_step,
                             run_info={"world_size": ctx.world_size, "device_type": ctx.device.type,
                                       "backend": ctx.backend, "global_batch": plan.global_batch})
