@@ -50,15 +50,26 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message}; see {self.prog} --help")
 
 
-def worker_death(err: BaseException, rank: int) -> RankError | None:
-    """A DataLoader worker process that died, as this rank's one-line error. torch raises it
-    from a SIGCHLD handler, in whatever the main thread was running, so only the CLI's outermost
-    handler can catch it everywhere."""
-    text = " ".join(str(err).split())
-    if not (isinstance(err, RuntimeError) and text.startswith("DataLoader worker")):
+# How gloo says that the process at the other end of a connection is gone.
+LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
+
+
+def process_death(err: BaseException, rank: int) -> RankError | None:
+    """A process this one depended on died, as this rank's one-line error (None: not that):
+    a DataLoader worker (torch raises it from a SIGCHLD handler, in whatever the main thread
+    was running, so only the CLI's outermost handler catches it everywhere), or another rank of
+    the job (its collective fails here)."""
+    if not isinstance(err, RuntimeError):
         return None
-    return RankError(f"rank {rank}: a data loading worker died ({text.rstrip('. ')}); if it ran out of memory "
-                     "(dmesg names the OOM killer), lower --workers or --batch-size, or give the job more memory")
+    text = " ".join(str(err).split())
+    if text.startswith("DataLoader worker"):
+        return RankError(f"rank {rank}: a data loading worker died ({text.rstrip('. ')}); if it ran out of memory "
+                         "(dmesg names the OOM killer), lower --workers or --batch-size, or give the job more memory")
+    lost = next((what for what in LOST_PEER if what in text), None)
+    if lost is not None:
+        return RankError(f"rank {rank}: another process of the job went away during a collective ({lost}); its "
+                         "own log says why (the launcher restarts the job with --max-restarts)")
+    return None
 
 
 def run_cli(body: Callable[[], int | None], rank: Callable[[], int] = lambda: 0,
@@ -69,7 +80,7 @@ def run_cli(body: Callable[[], int | None], rank: Callable[[], int] = lambda: 0,
         try:
             return body() or 0
         except RuntimeError as e:
-            died = worker_death(e, rank())
+            died = process_death(e, rank())
             if died is None:
                 raise
             raise died from None

@@ -132,3 +132,51 @@ def test_incompatible_checkpoint_is_a_one_line_error_and_stays_intact(tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith("distres: error: checkpoint ")
     assert "does not fit this run (saved with --arch resnet18" in r.stderr
     assert (out / "checkpoints" / checkpoint.LAST).read_bytes() == before
+
+
+def _starts(log) -> list[int]:
+    """The step each restart of the job resumed at (0: no checkpoint yet, from scratch)."""
+    found = re.findall(r"resumed from \S+ at step (\d+)|(no checkpoint in) ", log.read_text())
+    return [int(step) if step else 0 for step, _ in found]
+
+
+def test_chaos_soak(tmp_path, uninterrupted):
+    """Three faults from a seeded driver, each a random signal (SIGKILL, SIGTERM or SIGUSR1) to a
+    random rank: at a random step, during a checkpoint write, and at the end of epoch 1 (its
+    checkpoint write and evaluation). torchrun --max-restarts brings the job back every time; it
+    must end with the uninterrupted run's weights, every step once in metrics.jsonl, and at most
+    --checkpoint-every steps computed again per fault. DISTRES_SOAK_SEED replays a run."""
+    import random
+    seed = int(os.environ.get("DISTRES_SOAK_SEED", random.randrange(1 << 16)))
+    rng = random.Random(seed)
+    print(f"chaos soak seed {seed} (replay with DISTRES_SOAK_SEED={seed})")
+    out, log = tmp_path / "run", tmp_path / "log"
+    folder = out / "checkpoints"
+    proc = start_train(ARGS + ["--eval-every", "1", "--output-dir", str(out)], nproc=2,
+                       extra_torchrun=["--max-restarts", "3"], log=log)
+    moments = [
+        ("step", lambda target=rng.randint(3, 12): _last_step(out) >= target),
+        ("checkpoint write", lambda: folder.is_dir() and any(".tmp" in p for p in os.listdir(folder))),
+        ("epoch end", lambda: (folder / "step-00000032.pt").exists()),
+    ]
+    faults = []  # (moment, signal, rank, last step logged when it was sent)
+    try:
+        for moment, ready in moments:
+            # Each fault waits for the job to be back and past its resume point.
+            wait_for(lambda: ready() and _worker_pid(proc.pid, 0) and _worker_pid(proc.pid, 1), 240, moment, poll=0.01)
+            sig, rank = rng.choice([signal.SIGKILL, signal.SIGTERM, signal.SIGUSR1]), rng.randint(0, 1)
+            step = _last_step(out)
+            os.kill(_worker_pid(proc.pid, rank), sig)
+            faults.append((moment, sig.name, rank, step))
+            started = len(_starts(log))
+            wait_for(lambda: len(_starts(log)) > started, 240, f"the restart after {moment}")
+        assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    resumed = _starts(log)
+    redone = [max(0, step - at) for (_, _, _, step), at in zip(faults, resumed)]
+    print(f"chaos soak seed {seed}: faults {faults}; resumed at {resumed}; steps computed again {redone}")
+    assert len(resumed) == len(faults) == 3, (faults, resumed)
+    assert max(redone) <= 8, (faults, resumed)  # --checkpoint-every 8
+    _assert_same_final_state(out, uninterrupted)
