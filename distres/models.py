@@ -182,7 +182,8 @@ def parallelize(model: nn.Module, cfg, ctx) -> nn.Module:
             # Gradients become views into the all-reduce buckets: one copy less per step.
             gradient_as_bucket_view=True,
             static_graph=cfg.static_graph,
-            broadcast_buffers=cfg.broadcast_buffers,
+            # Passed only to turn it off: recent torch warns whenever the flag is given.
+            **({} if cfg.broadcast_buffers else {"broadcast_buffers": False}),
         )
     if cfg.compile:
         model = torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
