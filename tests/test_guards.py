@@ -124,3 +124,25 @@ def test_a_data_worker_that_dies_is_named(tmp_path):
     line = _error_line(log.read_text())
     assert line.startswith("distres: error: rank 0: a data loading worker died (DataLoader worker (pid ") \
         and "Killed" in line and "--workers" in line, line
+
+
+def test_an_fp16_scaler_that_keeps_skipping_counts_as_diverged():
+    import pytest
+    from distres import divergence
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    divergence.check_logged(2.3, scaler, 10, 0.1)  # healthy
+    with pytest.raises(divergence.Diverged, match="the training loss is nan"):
+        divergence.check_logged(float("nan"), scaler, 10, 0.1)
+    # 17 skipped steps in a row halve the scale from 2**16 to below 1
+    params = [torch.nn.Parameter(torch.ones(2))]
+    opt = torch.optim.SGD(params, lr=0.1)
+    for _ in range(17):
+        params[0].grad = torch.full((2,), float("inf"))
+        scaler.scale(params[0].sum())  # (the scaler starts its bookkeeping on first use)
+        scaler.step(opt)
+        scaler.update()
+    assert torch.equal(params[0].detach(), torch.ones(2))  # every step skipped
+    with pytest.raises(divergence.Diverged, match="fp16 gradients stay non-finite"):
+        divergence.check_logged(2.3, scaler, 27, 0.1)
+    assert divergence.give_up(divergence.Diverged("the weights became non-finite", 27, 0.1), None, 0).args[0] \
+        .startswith("the weights became non-finite at step 27 (lr 0.1); no checkpoint was written before it")
