@@ -12,12 +12,13 @@ training stands within an epoch. Every backend takes its order from the same
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from distres.data.autoaug import Policy
 from distres.data.bad import BadSamples
-from distres.data.sharding import ShardSampler
+from distres.data.sharding import ShardSampler, sample_seeds
 from distres.errors import RankError
 
 
@@ -55,6 +56,8 @@ class Spec:
     seed: int
     workers: int  # DataLoader processes (torch) or DALI threads
     cpus: int  # this rank's share of the CPUs (threads for one-off work such as decoding a data set)
+    policy: Policy = field(default_factory=lambda: Policy("none"))  # --auto-augment (training)
+    batch_aug: object = None  # batchaug.BatchAugment: erasing, mixup/cutmix (training), or None
 
     @property
     def device(self) -> torch.device:
@@ -115,6 +118,7 @@ class Loader:
         self.sampler = spec.sampler(num_samples)
         self.source = spec.source  # ``source.name(i)`` names sample i in messages and reports
         self.num_samples, self.device, self.norm, self.bad = num_samples, spec.device, spec.norm, spec.bad
+        self.batch_aug = spec.batch_aug if spec.train else None
         self._position = 0  # batches of the current epoch handed out (incl. skipped on resume)
 
     @property
@@ -140,7 +144,15 @@ class Loader:
 
     def __iter__(self):
         self._position = self.sampler.start_batch
+        aug, seeds = self.batch_aug, None
+        if aug is not None:
+            seeds = sample_seeds(self.sampler.seed, self.epoch, self.sampler.epoch_indices())
         for batch in self._batches():
+            if aug is not None:
+                # A batch short of undecodable files takes the first seeds of its slice: still
+                # the same draws on every backend and on resume, which drop the same files.
+                first = self._position * self.sampler.batch_size
+                batch = aug(*batch, seeds[first:first + len(batch[1])], self.epoch, self._position)
             self._position += 1
             yield batch
 

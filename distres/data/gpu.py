@@ -76,7 +76,7 @@ class GpuLoader(Loader):
         self.images = transforms.pad_nhwc(images, self.pad).to(device)  # N x H x W x C
         self.labels = labels.to(device)
         super().__init__(spec, len(labels))
-        self.train, self.size = spec.train, size
+        self.train, self.size, self.policy = spec.train, size, spec.policy
 
     def _batches(self):
         # The epoch's order and crop boxes go to the device in one copy per epoch; each batch is
@@ -91,6 +91,8 @@ class GpuLoader(Loader):
             i = index[part]
             if self.train:
                 images = transforms.gather_pad_crops(self.images, i, crops[:, part], self.size, self.pad)
+                # --auto-augment: the torch backend's per-sample ops, looped over the batch here
+                images = self.policy.apply_batch(images.permute(0, 3, 1, 2), seeds[part]).permute(0, 2, 3, 1)
             else:
                 images = self.images[i]
             yield self.norm(images.permute(0, 3, 1, 2), self.labels[i])
