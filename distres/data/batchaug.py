@@ -84,7 +84,7 @@ def mix(images: torch.Tensor, labels: torch.Tensor, num_classes: int, rng: np.ra
     else:
         images = images.mul_(lam).add_(partner, alpha=1.0 - lam)
     targets = soft_targets(labels, num_classes)
-    return images, targets.mul_(lam).add_(targets.roll(1, 0), alpha=1.0 - lam)
+    return images, targets.roll(1, 0).mul_(1.0 - lam).add_(targets, alpha=lam)
 
 
 class BatchAugment:
