@@ -89,6 +89,19 @@ def test_torch_and_gpu_backends_augment_alike(cifar, plain, name):
                            torch.cat([x for x, _ in got]).sort(0).values)
 
 
+def test_erasing_boxes_go_to_the_device_once_per_epoch(cifar, monkeypatch):
+    """Like the crop boxes: a per-batch host-to-device copy would make the host wait each step."""
+    from distres.data import batchaug
+    copies = []
+    real = batchaug.to_device
+    monkeypatch.setattr(batchaug, "to_device", lambda t, device: (copies.append(t.shape), real(t, device))[1])
+    loader = _train_loader(cifar, "gpu", "--random-erase", "0.5", "--mixup-alpha", "0.2")
+    for epoch in (0, 1):
+        copies.clear()
+        assert len(_epoch(loader, epoch)) == 5
+        assert copies == [(40, 4)]
+
+
 @pytest.mark.parametrize("policy,reference", [("ta_wide", T.TrivialAugmentWide), ("ra", T.RandAugment),
                                               ("augmix", T.AugMix)])
 def test_op_set_and_magnitudes_are_torchvisions(policy, reference):

@@ -144,15 +144,15 @@ class Loader:
 
     def __iter__(self):
         self._position = self.sampler.start_batch
-        aug, seeds = self.batch_aug, None
+        aug = self.batch_aug
         if aug is not None:
-            seeds = sample_seeds(self.sampler.seed, self.epoch, self.sampler.epoch_indices())
+            aug.start_epoch(self.epoch, sample_seeds(self.sampler.seed, self.epoch, self.sampler.epoch_indices()))
         for batch in self._batches():
             if aug is not None:
                 # A batch short of undecodable files takes the first seeds of its slice: still
                 # the same draws on every backend and on resume, which drop the same files.
                 first = self._position * self.sampler.batch_size
-                batch = aug(*batch, seeds[first:first + len(batch[1])], self.epoch, self._position)
+                batch = aug(*batch, self._position, slice(first, first + len(batch[1])))
             self._position += 1
             yield batch
 

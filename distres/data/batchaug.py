@@ -27,6 +27,7 @@ from distres.data.transforms import uniforms
 ERASE_SCALE, ERASE_RATIO, ERASE_ATTEMPTS = (0.02, 0.33), (0.3, 3.3), 10
 _MASK63 = 0x7FFF_FFFF_FFFF_FFFF
 _MIX_SALT = 0x5EED_B17C
+_CHUNK = 1 << 16
 
 
 def erase_boxes(seeds: np.ndarray, height: int, width: int, p: float) -> np.ndarray:
@@ -88,12 +89,15 @@ def mix(images: torch.Tensor, labels: torch.Tensor, num_classes: int, rng: np.ra
 
 
 class BatchAugment:
-    """What a training loader applies to each normalised batch (None in ``Spec`` when all off)."""
+    """What a training loader applies to each normalised batch (None in ``Spec`` when all off).
+    ``start_epoch`` takes the epoch's sample seeds; the erasing boxes of the whole epoch then go
+    to the device in one copy, at its first batch (when the image size is known)."""
 
     def __init__(self, random_erase: float, mixup_alpha: float, cutmix_alpha: float, num_classes: int,
                  seed: int, rank: int):
         self.p, self.mixup_alpha, self.cutmix_alpha = random_erase, mixup_alpha, cutmix_alpha
         self.num_classes, self.seed, self.rank = num_classes, seed, rank
+        self.epoch, self.seeds, self.boxes = 0, np.zeros(0, dtype=np.uint64), None
 
     @classmethod
     def from_config(cls, cfg, num_classes: int, rank: int) -> "BatchAugment | None":
@@ -101,12 +105,20 @@ class BatchAugment:
             return None
         return cls(cfg.random_erase, cfg.mixup_alpha, cfg.cutmix_alpha, num_classes, cfg.seed, rank)
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, seeds: np.ndarray, epoch: int, batch: int):
-        """``seeds``: the batch's samples' augmentation seeds; ``batch``: its number in the epoch."""
+    def start_epoch(self, epoch: int, seeds: np.ndarray) -> None:
+        """``seeds``: the augmentation seeds of this rank's samples of the epoch, in order."""
+        self.epoch, self.seeds, self.boxes = epoch, seeds, None
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, batch: int, rows: slice):
+        """Batch number ``batch`` of the epoch, whose samples are ``rows`` of the epoch's seeds."""
         if self.p > 0:
-            boxes = erase_boxes(seeds, images.shape[-2], images.shape[-1], self.p)
-            images = erase(images, to_device(torch.from_numpy(boxes), images.device))
+            if self.boxes is None:
+                # In chunks: the draws of a whole ImageNet epoch at once would take gigabytes.
+                boxes = np.concatenate([erase_boxes(self.seeds[k:k + _CHUNK], *images.shape[-2:], self.p)
+                                        for k in range(0, len(self.seeds), _CHUNK)])
+                self.boxes = to_device(torch.from_numpy(boxes), images.device)
+            images = erase(images, self.boxes[rows])
         if self.mixup_alpha > 0 or self.cutmix_alpha > 0:
-            rng = batch_rng(self.seed, epoch, batch, self.rank)
+            rng = batch_rng(self.seed, self.epoch, batch, self.rank)
             images, labels = mix(images, labels, self.num_classes, rng, self.mixup_alpha, self.cutmix_alpha)
         return images, labels
