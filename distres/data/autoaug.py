@@ -7,7 +7,10 @@ the sample's augmentation seed instead: the torch backend's workers and the gpu 
 then apply the same ops with the same parameters, and a resumed run redraws exactly the same.
 
 The gpu backend calls ``apply_batch`` on the device, which loops the per-sample function over
-the batch: one small kernel sequence per image, simple and identical to the workers' result.
+the batch: one small kernel sequence per image, simple, and on a CPU device bit for bit the
+workers' result. On a GPU the ops that resample (shear, translate and rotate go through
+``grid_sample``) and AugMix's float blend may round a few pixels differently from the CPU's
+kernels; the parameters, and so the augmentation's distribution, are the same.
 """
 
 from __future__ import annotations
