@@ -9,8 +9,8 @@ cutmix follow torchvision/timm: one lambda from Beta(alpha, alpha) per batch, ea
 with the next one in the batch (``roll``), one of the two per batch with p = 0.5 when both are
 on, and soft targets that the loss smooths as it would hard labels. Their draws come from
 (run seed, epoch, batch, rank), counter-based: nothing to checkpoint, a resumed run redraws
-them. All parameters are host numbers; the device only sees small tensors copied
-asynchronously, so nothing makes the host wait for the device.
+them. All parameters are host numbers: mixing passes them as scalars, and the erasing boxes
+of an epoch cross to the device in one asynchronous copy, so nothing makes the host wait.
 """
 
 from __future__ import annotations
