@@ -55,7 +55,7 @@ def run_row(common: list[str], extra: list[str], data_dir: Path) -> dict:
         recs = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in recs if r["kind"] == "eval"][-1]
     losses = [r["loss"] for r in recs if r["kind"] == "train"]
-    return {"flags": " ".join(extra), "top1": last["top1"], "top5": last["top5"], "val_loss": last["val_loss"],
+    return {"top1": last["top1"], "top5": last["top5"], "val_loss": last["val_loss"],
             "final_train_loss": losses[-1], "seconds": round(seconds, 1)}
 
 
@@ -66,11 +66,12 @@ def main() -> None:
     p.add_argument("--test-per-class", type=int, default=100)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--rows", default="all", help="comma-separated row numbers (0-based) or all")
+    p.add_argument("--seeds", default="0,1", help="comma-separated --seed values; every row runs with each")
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args()
     common = ["--arch", "resnet18", "--cifar-stem", "off", "--amp", "none", "--device", "cpu", "--data", "cifar10",
               "--image-size", "32", "--epochs", str(a.epochs), "--batch-size", "64", "--lr", "0.05",
-              "--seed", "0", "--eval-every", "0", "--checkpoint-every", "0", "--log-every", "10",
+              "--eval-every", "0", "--checkpoint-every", "0", "--log-every", "10",
               "--no-progress", "--wandb", "disabled"]
     names = list(ROWS) if a.rows == "all" else [list(ROWS)[int(k)] for k in a.rows.split(",")]
     out = Path(a.out)
@@ -82,25 +83,36 @@ def main() -> None:
                    "subset": {"train_per_class": a.train_per_class, "test_per_class": a.test_per_class}})
     with tempfile.TemporaryDirectory() as tmp:
         subset(Path(a.data_dir), Path(tmp), {"train": a.train_per_class, "test": a.test_per_class})
-        for name in names:
-            result["rows"][name] = run_row(common, ROWS[name], Path(tmp))
-            path.write_text(json.dumps(result, indent=1))  # each row as soon as it is done
-            print(name, result["rows"][name], flush=True)
+        for seed in a.seeds.split(","):
+            for name in names:
+                row = result["rows"].setdefault(name, {"flags": " ".join(ROWS[name]), "seeds": {}})
+                row["seeds"][seed] = run_row(common + ["--seed", seed], ROWS[name], Path(tmp))
+                row["seeds"][seed]["code"] = result["code"]
+                path.write_text(json.dumps(result, indent=1))  # each run as soon as it is done
+                print(name, seed, row["seeds"][seed], flush=True)
     (out / f"{NAME}.md").write_text(render(result))
 
 
 def render(r: dict) -> str:
     s = r["subset"]
-    lines = [f"# Recipe pieces on CIFAR-10 (CPU, short budget)", "",
-             f"CPU: {r['cpu']}; torch {r['torch']}; code: {r['code']}.", "",
+    seeds = sorted({k for x in r["rows"].values() for k in x["seeds"]})
+    lines = ["# Recipe pieces on CIFAR-10 (CPU, short budget)", "",
+             f"CPU: {r['cpu']}; torch {r['torch']}; code: "
+             + "; ".join(sorted({run["code"] for x in r["rows"].values() for run in x["seeds"].values()})) + ".", "",
              f"Data: the real CIFAR-10 JPEGs, first {s['train_per_class']} training and {s['test_per_class']} test "
              f"images per class (file-name order): {10 * s['train_per_class']} to train on, "
              f"{10 * s['test_per_class']} to score.", "",
-             f"Every row: `{r['common']}` plus its flags (`benchmarks/recipe_pieces.py`).", "",
-             "| row | flags | top-1 % | top-5 % | val loss | last train loss | seconds |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             f"Every row: `{r['common']}` plus its flags, once per `--seed` ({', '.join(seeds)}), one run after another; "
+             "`python benchmarks/recipe_pieces.py` runs them all. Top-1/top-5 of the final evaluation, "
+             "mean over the seeds and each seed's.", "",
+             "| row | flags | top-1 % (mean) | top-1 % per seed | top-5 % (mean) | val loss (mean) | seconds per run |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, x in r["rows"].items():
-        lines.append(f"| {name} | `{x['flags'] or '-'}` | {x['top1']:.2f} | {x['top5']:.2f} | {x['val_loss']:.3f} | "
-                     f"{x['final_train_loss']:.3f} | {x['seconds']:.0f} |")
+        runs = [x["seeds"][k] for k in seeds if k in x["seeds"]]
+        mean = (lambda key: sum(run[key] for run in runs) / len(runs))
+        per_seed = " / ".join(f"{run['top1']:.1f}" for run in runs)
+        lines.append(f"| {name} | `{x['flags'] or '-'}` | {mean('top1'):.2f} | {per_seed} | {mean('top5'):.2f} | "
+                     f"{mean('val_loss'):.3f} | {mean('seconds'):.0f} |")
     return "\n".join(lines) + "\n"
 
 
