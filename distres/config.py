@@ -22,6 +22,7 @@ ARCHS = ("resnet50", "resnext50_32x4d", "resnet18")
 DATASETS = ("cifar10", "imagefolder", "synthetic")
 BACKENDS = ("auto", "torch", "gpu", "dali", "synthetic")
 # What --autotune may change: settings that leave the batches alone, and the maths up to rounding.
+AUTO_AUGMENT = ("none", "ta_wide", "ra", "augmix")
 AUTOTUNE_LEVERS = ("data_backend", "workers", "channels_last", "compile", "threads", "bucket_cap_mb",
                    "broadcast_buffers")
 
@@ -79,6 +80,18 @@ class TrainConfig:
                             "different processes with different augmentation (torchvision's RASampler); the "
                             "epoch keeps its length, so it holds 1/N of the images; evaluation is unchanged",
                             group="data")
+
+    # --- augmentation (training)
+    auto_augment: str = opt("none", "per-sample automatic augmentation after the crop and flip, as torchvision's: "
+                            "ta_wide (TrivialAugmentWide), ra (RandAugment, 2 ops), augmix (severity 3, width 3); "
+                            "torch and gpu backends", choices=AUTO_AUGMENT, group="augment")
+    ra_magnitude: int = opt(9, "--auto-augment ra: magnitude bin of every op, 0-30", group="augment")
+    random_erase: float = opt(0.0, "probability of erasing a random box of each training image "
+                              "(torchvision's RandomErasing, value 0 after normalisation)", group="augment")
+    mixup_alpha: float = opt(0.0, "mixup: Beta(alpha, alpha) weight per batch, soft targets (0: off)",
+                             group="augment")
+    cutmix_alpha: float = opt(0.0, "cutmix: Beta(alpha, alpha) box area per batch, soft targets (0: off); "
+                              "with --mixup-alpha too, each batch takes one of the two", group="augment")
 
     # --- optimisation
     epochs: int = opt(90, "number of epochs", group="optim")
@@ -204,6 +217,7 @@ class TrainConfig:
             raise UserError(f"--ema-decay must be in [0, 1) (got {self.ema_decay}); e.g. 0.9998, or 0 for off")
         if not 0.0 < self.rollback_lr_factor <= 1.0:
             raise UserError(f"--rollback-lr-factor must be in (0, 1] (got {self.rollback_lr_factor:g}); e.g. 0.5")
+        self._validate_augment()
         if self.backbone_lr_scale < 0:
             raise UserError(f"--backbone-lr-scale must be >= 0 (got {self.backbone_lr_scale})")
         if self.keep_checkpoints < 1:
@@ -222,6 +236,15 @@ class TrainConfig:
         except ValueError:
             raise UserError(f"--lr-steps must be comma-separated epochs like 30,60,80 (got {self.lr_steps!r})")
         return self
+
+    def _validate_augment(self) -> None:
+        if not 0 <= self.ra_magnitude <= 30:
+            raise UserError(f"--ra-magnitude must be a bin from 0 to 30 (got {self.ra_magnitude}); torchvision's default is 9")
+        if not 0.0 <= self.random_erase <= 1.0:
+            raise UserError(f"--random-erase is a probability in [0, 1] (got {self.random_erase:g}); e.g. 0.25")
+        for name in ("mixup_alpha", "cutmix_alpha"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{flag(name)} must be >= 0, 0 for off (got {getattr(self, name):g}); e.g. 0.2")
 
     def profile_window(self) -> tuple[int, int] | None:
         """--profile-steps A:B as (A, B), or None."""
@@ -264,7 +287,8 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-GROUPS = {"model": "model", "weights": "starting weights and fine-tuning", "data": "data", "optim": "optimisation and precision",
+GROUPS = {"model": "model", "weights": "starting weights and fine-tuning", "data": "data",
+          "augment": "training augmentation", "optim": "optimisation and precision",
           "run": "run, outputs and checkpoints", "dist": "distributed",
           "perf": "profiling, TensorBoard and autotuning"}
 

@@ -13,10 +13,11 @@ global batch is split (``sharding`` says why). Every backend takes its order fro
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from distres.data.autoaug import Policy
 from distres.data.bad import BadSamples
 from distres.data.sharding import ShardSampler
 from distres.errors import RankError
@@ -58,6 +59,8 @@ class Spec:
     cpus: int  # this rank's share of the CPUs (threads for one-off work such as decoding a data set)
     repeats: int = 1  # --repeated-aug: copies of each training image per epoch
     accum: int = 1  # --grad-accum: micro-batches per optimizer step
+    policy: Policy = field(default_factory=lambda: Policy("none"))  # --auto-augment (training)
+    batch_aug: object = None  # batchaug.BatchAugment: erasing, mixup/cutmix (training), or None
 
     @property
     def device(self) -> torch.device:
@@ -118,6 +121,7 @@ class Loader:
         self.sampler = spec.sampler(num_samples)
         self.source = spec.source  # ``source.name(i)`` names sample i in messages and reports
         self.num_samples, self.device, self.norm, self.bad = num_samples, spec.device, spec.norm, spec.bad
+        self.batch_aug = spec.batch_aug if spec.train else None
         self._position = 0  # batches handed out since the start position
 
     @property
@@ -144,7 +148,15 @@ class Loader:
 
     def __iter__(self):
         self._position = 0
+        aug = self.batch_aug
+        if aug is not None:
+            aug.start_epoch(self.epoch, self.sampler.seeds(self.sampler.epoch_ids()))
         for batch in self._batches():
+            if aug is not None:
+                # A batch short of undecodable files takes the first seeds of its slice: still
+                # the same draws on every backend and on resume, which drop the same files.
+                first = self._position * self.sampler.batch_size
+                batch = aug(*batch, self.sampler.batch_key(self._position), slice(first, first + len(batch[1])))
             self._position += 1
             yield batch
 

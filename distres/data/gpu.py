@@ -75,7 +75,7 @@ class GpuLoader(Loader):
         self.images = transforms.pad_nhwc(images, self.pad).to(device)  # N x H x W x C
         self.labels = labels.to(device)
         super().__init__(spec, len(labels))
-        self.train, self.size = spec.train, size
+        self.train, self.size, self.policy = spec.train, size, spec.policy
 
     def _batches(self):
         # The epoch's order and crop boxes go to the device in one copy per epoch; each batch is
@@ -86,10 +86,46 @@ class GpuLoader(Loader):
             seeds = self.sampler.seeds(ids)
             crops = to_device(transforms.pad_crop_params(transforms.pad_crop_boxes(seeds, self.size, self.pad)),
                               self.device)
+            side = _SideStream(self.device, index, crops) if self.policy.active else None
         for part in self.sampler.batch_slices():
             i = index[part]
-            if self.train:
+            if self.train and side is not None:
+                images = side.run(self._augmented, i, crops[:, part], seeds[part])
+            elif self.train:
                 images = transforms.gather_pad_crops(self.images, i, crops[:, part], self.size, self.pad)
             else:
                 images = self.images[i]
             yield self.norm(images.permute(0, 3, 1, 2), self.labels[i])
+
+    def _augmented(self, i: torch.Tensor, crops: torch.Tensor, seeds) -> torch.Tensor:
+        """The pad-crops, then --auto-augment: the torch backend's per-sample ops, looped over
+        the batch on the device."""
+        images = transforms.gather_pad_crops(self.images, i, crops, self.size, self.pad)
+        return self.policy.apply_batch(images.permute(0, 3, 1, 2), seeds).permute(0, 2, 3, 1)
+
+
+class _SideStream:
+    """Where --auto-augment runs on CUDA. torchvision's geometric ops copy their matrices to the
+    device synchronously, which makes the host wait for the stream they run on; on a stream of
+    their own that wait covers only the augmentation's kernels, never the training step queued
+    on the compute stream. On other devices ``run`` just calls."""
+
+    def __init__(self, device: torch.device, *epoch_inputs: torch.Tensor):
+        self.stream = None
+        if device.type != "cuda":
+            return
+        self.stream, self.compute = torch.cuda.Stream(device), torch.cuda.current_stream(device)
+        self.stream.wait_stream(self.compute)  # the epoch's order and boxes, copied on the compute stream
+        for t in epoch_inputs:
+            t.record_stream(self.stream)
+
+    def run(self, fn, *args) -> torch.Tensor:
+        if self.stream is None:
+            return fn(*args)
+        with torch.cuda.stream(self.stream):
+            out = fn(*args)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        self.compute.wait_event(done)
+        out.record_stream(self.compute)  # made on the side stream, read on the compute stream
+        return out

@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 
 from distres.data import sources, transforms
+from distres.data.autoaug import Policy
 from distres.data.bad import BadSamples
+from distres.data.batchaug import BatchAugment
 from distres.data.base import Loader, Normalize, Spec
 from distres.errors import UserError, console
 
@@ -63,6 +65,11 @@ def build(cfg, ctx, memory_format: torch.memory_format, stats=None, train: bool 
         raise UserError("--data-backend synthetic goes with --data synthetic only; use --data-backend torch"
                         if backend == "synthetic" else
                         f"--data synthetic makes its images itself; drop --data-backend {backend}")
+    if train and cfg.auto_augment != "none" and backend in ("dali", "synthetic"):
+        raise UserError(f"--auto-augment {cfg.auto_augment} runs in the torch and gpu backends only: "
+                        + ("DALI's auto_aug draws from its own generators, not from the per-sample seeds; "
+                           if backend == "dali" else "")
+                        + "use --data-backend torch (or gpu)")
     size = cfg.train_image_size()
     splits, names, (mean, std) = _splits(cfg, ctx, size, classes)
     mean, std = stats or (mean, std)
@@ -75,7 +82,9 @@ def build(cfg, ctx, memory_format: torch.memory_format, stats=None, train: bool 
             continue
         spec = Spec(src, is_train, size, Normalize(mean, std, ctx.device, memory_format),
                     BadSamples(cfg.on_bad_sample), cfg.batch_size, ctx.rank, ctx.world_size, cfg.seed, workers,
-                    ctx.cpus_per_rank, cfg.repeated_aug, cfg.grad_accum)
+                    ctx.cpus_per_rank, repeats=cfg.repeated_aug, accum=cfg.grad_accum,
+                    policy=Policy(cfg.auto_augment, cfg.ra_magnitude),
+                    batch_aug=BatchAugment.from_config(cfg, len(names), ctx.rank))
         loaders.append(loader_class(backend)(spec))
 
     train_loader = loaders[0]

@@ -114,6 +114,13 @@ class ShardSampler(torch.utils.data.Sampler):
         """The augmentation seeds of these draws (``epoch_ids`` values) in this epoch."""
         return sample_seeds(self.seed, self.epoch, ids)
 
+    def batch_key(self, k: int) -> int:
+        """An identity of this rank's batch k (counted from the start position) for per-batch
+        random draws: the position of its first sample in the epoch's order. The same images
+        in the same slot of a step give the same key, whatever the split of the global batch."""
+        return (self.start_sample + (k // self.accum) * self.step_samples
+                + (k % self.accum) * self.world + self.rank)
+
     def batch_slices(self, start: int = 0) -> Iterator[slice]:
         """This rank's batches from batch ``start`` (counted from the start position) as slices
         of ``epoch_ids()``."""

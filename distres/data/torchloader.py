@@ -23,8 +23,8 @@ class BatchDataset(torch.utils.data.Dataset):
     of the batch come from one vectorised draw, and an undecodable file is left out of its
     batch and reported back, instead of killing the worker."""
 
-    def __init__(self, source, train: bool, size: int):
-        self.source, self.train, self.size = source, train, size
+    def __init__(self, source, train: bool, size: int, policy):
+        self.source, self.train, self.size, self.policy = source, train, size, policy
 
     def __len__(self) -> int:
         return len(self.source)
@@ -57,6 +57,8 @@ class BatchDataset(torch.utils.data.Dataset):
             boxes = transforms.rrc_boxes(seeds, [img.shape[-2] for img in images], [img.shape[-1] for img in images])
             batch = torch.stack([transforms.resized_crop_flip(img, boxes[k], self.size)
                                  for k, img in enumerate(images)])
+        if self.train:
+            batch = self.policy.apply_batch(batch, seeds)
         return batch, labels, bad
 
 
@@ -69,7 +71,7 @@ class TorchLoader(Loader):
         super().__init__(spec, len(spec.source))
         workers = spec.workers
         self.loader = torch.utils.data.DataLoader(
-            BatchDataset(spec.source, spec.train, spec.image_size), batch_sampler=self.sampler,
+            BatchDataset(spec.source, spec.train, spec.image_size, spec.policy), batch_sampler=self.sampler,
             collate_fn=_whole_batch, num_workers=workers, pin_memory=spec.pin_memory,
             persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
         )
