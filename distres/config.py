@@ -19,7 +19,8 @@ import yaml
 from distres.errors import ArgumentParser, UserError
 
 ARCHS = ("resnet50", "resnext50_32x4d", "resnet18")
-DATASETS = ("cifar10", "imagefolder", "synthetic")
+DATASETS = ("cifar10", "cifar100", "mnist", "imagefolder", "synthetic")
+NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "mnist": 28}  # data.known.KNOWN, without importing torch
 BACKENDS = ("auto", "torch", "gpu", "dali", "synthetic")
 # What --autotune may change: settings that leave the batches alone, and the maths up to rounding.
 AUTOTUNE_LEVERS = ("data_backend", "workers", "channels_last", "compile", "threads", "bucket_cap_mb",
@@ -60,14 +61,17 @@ class TrainConfig:
     # --- data
     data: str = opt("cifar10", "data set", choices=DATASETS, group="data")
     data_dir: str | None = opt(
-        None, "data folder; cifar10: holds cifar-10-batches-py/ or train/ + test/ JPEG folders "
-        "(default ~/.cache/distres/cifar10); imagefolder: holds train/ and val/ (or test/)",
+        None, "data folder; cifar10/cifar100: holds torchvision's cifar-10-batches-py/ or cifar-100-python/, "
+        "or train/ + test/ image folders; mnist: holds train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], "
+        "t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz] (or MNIST/raw/ with them), read as 3 identical "
+        "channels; default ~/.cache/distres/<data> ($DISTRES_DATA), downloaded there when online; "
+        "imagefolder: holds train/ and val/ (or test/)",
         group="data")
     data_backend: str = opt(
         "auto", "input pipeline: torch (DataLoader workers), gpu (whole data set in device memory, "
         "images <= 64 px), dali (NVIDIA DALI, pip install -e '.[dali]'), synthetic; auto: synthetic "
-        "for --data synthetic, gpu for cifar10 on a CUDA device, else torch", choices=BACKENDS, group="data")
-    image_size: int = opt(0, "training crop size; 0: 32 for cifar10, 224 otherwise", group="data")
+        "for --data synthetic, gpu for cifar10/cifar100/mnist on a CUDA device, else torch", choices=BACKENDS, group="data")
+    image_size: int = opt(0, "training crop size; 0: 32 for cifar10/cifar100, 28 for mnist, 224 otherwise", group="data")
     workers: int = opt(-1, "per rank: DataLoader worker processes (torch) or DALI threads (dali); "
                        "-1: from the CPUs available", group="data")
     on_bad_sample: str = opt("skip", "an image that cannot be decoded: skip it (named once in the log, "
@@ -230,7 +234,7 @@ class TrainConfig:
 
     def train_image_size(self) -> int:
         """The training crop: --image-size, else the data set's native size."""
-        return self.image_size or (32 if self.data == "cifar10" else 224)
+        return self.image_size or NATIVE_SIZE.get(self.data, 224)
 
     def lr_step_epochs(self) -> list[int]:
         return [int(s) for s in str(self.lr_steps).split(",") if s.strip()]

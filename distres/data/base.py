@@ -55,6 +55,7 @@ class Spec:
     seed: int
     workers: int  # DataLoader processes (torch) or DALI threads
     cpus: int  # this rank's share of the CPUs (threads for one-off work such as decoding a data set)
+    flip: bool = True  # random horizontal flips in training (not for data whose mirror image differs, digits)
 
     @property
     def device(self) -> torch.device:

@@ -118,7 +118,7 @@ class _Feed:
             resized, anchor = transforms.fit_geometry(sizes, ld.size)
             out += [resized.astype(np.float32), anchor.astype(np.int32)]
         if ld.train:
-            boxes = transforms.train_boxes(sample_seeds(ld.sampler.seed, epoch, kept), sizes, ld.size)
+            boxes = transforms.train_boxes(sample_seeds(ld.sampler.seed, epoch, kept), sizes, ld.size, ld.flip)
             out += [np.stack([boxes.top, boxes.left], 1).astype(np.int32),
                     np.stack([boxes.height, boxes.width], 1).astype(np.int32), boxes.flip.astype(np.int32)]
         return k, out, [ld.source.paths[i] for i in kept], bad
@@ -131,7 +131,7 @@ class DaliLoader(Loader):
             raise UserError("--data-backend dali reads image files; write them with "
                             "`python -m distres.prepare cifar10 SRC DST` and pass --data-dir DST")
         super().__init__(spec, len(spec.source))
-        self.train, self.size = spec.train, spec.image_size
+        self.train, self.size, self.flip = spec.train, spec.image_size, spec.flip
         self.batch_size, self.threads = spec.batch_size, max(1, spec.workers)
         self.hwc = spec.norm.memory_format == torch.channels_last
         self.random_resized_crop = self.train and self.size > transforms.SMALL_IMAGES

@@ -76,7 +76,7 @@ class GpuLoader(Loader):
         self.images = transforms.pad_nhwc(images, self.pad).to(device)  # N x H x W x C
         self.labels = labels.to(device)
         super().__init__(spec, len(labels))
-        self.train, self.size = spec.train, size
+        self.train, self.size, self.flip = spec.train, size, spec.flip
 
     def _batches(self):
         # The epoch's order and crop boxes go to the device in one copy per epoch; each batch is
@@ -85,7 +85,7 @@ class GpuLoader(Loader):
         index = to_device(torch.from_numpy(order), self.device)
         if self.train:
             seeds = sample_seeds(self.sampler.seed, self.sampler.epoch, order)
-            crops = to_device(transforms.pad_crop_params(transforms.pad_crop_boxes(seeds, self.size, self.pad)),
+            crops = to_device(transforms.pad_crop_params(transforms.pad_crop_boxes(seeds, self.size, self.pad, self.flip)),
                               self.device)
         for part in self.sampler.batch_slices():
             i = index[part]

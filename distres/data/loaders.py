@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from distres.data import sources, transforms
+from distres.data import known, sources, transforms
 from distres.data.bad import BadSamples
 from distres.data.base import Loader, Normalize, Spec
 from distres.errors import UserError, console
@@ -43,13 +43,13 @@ def default_workers(cpus_per_rank: int, device: torch.device) -> int:
 
 
 def resolve_backend(requested: str, data: str, device: torch.device) -> str:
-    """auto: synthetic for --data synthetic; gpu for CIFAR-10 on a CUDA device (it fits in
-    memory many times over); torch otherwise (dali is opt-in: an optional extra)."""
+    """auto: synthetic for --data synthetic; gpu for CIFAR-10/100 and MNIST on a CUDA device
+    (they fit in memory many times over); torch otherwise (dali is opt-in: an optional extra)."""
     if requested != "auto":
         return requested
     if data == "synthetic":
         return "synthetic"
-    return "gpu" if data == "cifar10" and device.type == "cuda" else "torch"
+    return "gpu" if data in known.KNOWN and device.type == "cuda" else "torch"
 
 
 def build(cfg, ctx, memory_format: torch.memory_format, stats=None, train: bool = True,
@@ -75,7 +75,7 @@ def build(cfg, ctx, memory_format: torch.memory_format, stats=None, train: bool 
             continue
         spec = Spec(src, is_train, size, Normalize(mean, std, ctx.device, memory_format),
                     BadSamples(cfg.on_bad_sample), cfg.batch_size, ctx.rank, ctx.world_size, cfg.seed, workers,
-                    ctx.cpus_per_rank)
+                    ctx.cpus_per_rank, flip=cfg.data not in known.NO_FLIP)
         loaders.append(loader_class(backend)(spec))
 
     train_loader = loaders[0]
@@ -97,10 +97,10 @@ def _splits(cfg, ctx, size: int, classes: list[str] | None):
             raise UserError(f"the model has {len(classes)} classes, --data synthetic {len(names)}; "
                             f"pass --synthetic-classes {len(classes)}")
         return splits, classes or names, ((0.5,) * 3, (0.25,) * 3)
-    if cfg.data == "cifar10":
-        root = Path(cfg.data_dir) if cfg.data_dir else sources.default_cifar10_dir()
-        splits = sources.cifar10_splits(root, download=ctx.local_rank == 0, classes=classes)
-        stats = transforms.CIFAR_MEAN, transforms.CIFAR_STD
+    if cfg.data in known.KNOWN:
+        root = Path(cfg.data_dir) if cfg.data_dir else known.default_dir(cfg.data)
+        splits = known.splits(cfg.data, root, download=ctx.local_rank == 0, classes=classes)
+        stats = known.KNOWN[cfg.data].mean, known.KNOWN[cfg.data].std
     else:
         splits = sources.imagefolder_splits(Path(cfg.data_dir), classes=classes)
         stats = transforms.IMAGENET_MEAN, transforms.IMAGENET_STD

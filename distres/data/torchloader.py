@@ -23,8 +23,8 @@ class BatchDataset(torch.utils.data.Dataset):
     of the batch come from one vectorised draw, and an undecodable file is left out of its
     batch and reported back, instead of killing the worker."""
 
-    def __init__(self, source, train: bool, size: int):
-        self.source, self.train, self.size = source, train, size
+    def __init__(self, source, train: bool, size: int, flip: bool = True):
+        self.source, self.train, self.size, self.flip = source, train, size, flip
 
     def __len__(self) -> int:
         return len(self.source)
@@ -49,12 +49,13 @@ class BatchDataset(torch.utils.data.Dataset):
             batch = torch.stack(images)
         elif self.size <= transforms.SMALL_IMAGES:  # the whole batch's pad-crops in one gather
             pad = transforms.pad_for(self.size)
-            boxes = transforms.pad_crop_boxes(seeds, self.size, pad)
+            boxes = transforms.pad_crop_boxes(seeds, self.size, pad, self.flip)
             padded = transforms.pad_nhwc(torch.stack(images).permute(0, 2, 3, 1), pad)
             batch = transforms.gather_pad_crops(padded, torch.arange(len(images)), transforms.pad_crop_params(boxes),
                                                 self.size, pad).permute(0, 3, 1, 2)
         else:
-            boxes = transforms.rrc_boxes(seeds, [img.shape[-2] for img in images], [img.shape[-1] for img in images])
+            boxes = transforms.rrc_boxes(seeds, [img.shape[-2] for img in images], [img.shape[-1] for img in images],
+                                         self.flip)
             batch = torch.stack([transforms.resized_crop_flip(img, boxes[k], self.size)
                                  for k, img in enumerate(images)])
         return batch, labels, bad
@@ -69,7 +70,7 @@ class TorchLoader(Loader):
         super().__init__(spec, len(spec.source))
         workers = spec.workers
         self.loader = torch.utils.data.DataLoader(
-            BatchDataset(spec.source, spec.train, spec.image_size), batch_sampler=self.sampler,
+            BatchDataset(spec.source, spec.train, spec.image_size, spec.flip), batch_sampler=self.sampler,
             collate_fn=_whole_batch, num_workers=workers, pin_memory=spec.pin_memory,
             persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
         )

@@ -55,17 +55,18 @@ class Boxes:
                 bool(self.flip[i]))
 
 
-def pad_crop_boxes(seeds: np.ndarray, size: int, pad: int) -> Boxes:
-    """CIFAR training augmentation on a size x size image: zero-pad, random crop, flip."""
+def pad_crop_boxes(seeds: np.ndarray, size: int, pad: int, flip: bool = True) -> Boxes:
+    """CIFAR training augmentation on a size x size image: zero-pad, random crop, flip
+    (``flip=False``: never, e.g. for digits; the crops stay those of the same seeds)."""
     u = uniforms(seeds, 3)
     offsets = np.floor(u[:, :2] * (2 * pad + 1)).astype(np.int64) - pad
     full = np.full(len(u), size, dtype=np.int64)
-    return Boxes(offsets[:, 0], offsets[:, 1], full, full.copy(), u[:, 2] < 0.5)
+    return Boxes(offsets[:, 0], offsets[:, 1], full, full.copy(), (u[:, 2] < 0.5) & flip)
 
 
-def rrc_boxes(seeds: np.ndarray, heights: np.ndarray, widths: np.ndarray) -> Boxes:
+def rrc_boxes(seeds: np.ndarray, heights: np.ndarray, widths: np.ndarray, flip: bool = True) -> Boxes:
     """ImageNet training augmentation: torchvision's RandomResizedCrop sampling (10 attempts
-    at a random area and aspect ratio, else a centre crop) for a batch, + flip."""
+    at a random area and aspect ratio, else a centre crop) for a batch, + flip (unless not ``flip``)."""
     h = np.asarray(heights, dtype=np.float64)[:, None]
     w = np.asarray(widths, dtype=np.float64)[:, None]
     u = uniforms(seeds, 4 * RRC_ATTEMPTS + 1)
@@ -88,7 +89,7 @@ def rrc_boxes(seeds: np.ndarray, heights: np.ndarray, widths: np.ndarray) -> Box
     top = np.where(found, top, (h - ch) // 2)
     left = np.where(found, left, (w - cw) // 2)
     as_int = (lambda a: a[:, 0].astype(np.int64))
-    return Boxes(as_int(top), as_int(left), as_int(ch), as_int(cw), u[:, -1] < 0.5)
+    return Boxes(as_int(top), as_int(left), as_int(ch), as_int(cw), (u[:, -1] < 0.5) & flip)
 
 
 def resized_crop_flip(img: torch.Tensor, box: tuple[int, int, int, int, bool], size: int) -> torch.Tensor:
@@ -126,12 +127,12 @@ def pad_for(size: int) -> int:
     return max(1, size // 8)  # 4 px at CIFAR's 32
 
 
-def train_boxes(seeds: np.ndarray, sizes: np.ndarray, size: int) -> Boxes:
+def train_boxes(seeds: np.ndarray, sizes: np.ndarray, size: int, flip: bool = True) -> Boxes:
     """The training boxes of a batch; ``sizes`` is (B, 2) of (height, width) of the images
     the boxes apply to (for small images: after ``resize_center_crop``)."""
     if size <= SMALL_IMAGES:
-        return pad_crop_boxes(seeds, size, pad_for(size))
-    return rrc_boxes(seeds, sizes[:, 0], sizes[:, 1])
+        return pad_crop_boxes(seeds, size, pad_for(size), flip)
+    return rrc_boxes(seeds, sizes[:, 0], sizes[:, 1], flip)
 
 
 def eval_size(size: int) -> int:
