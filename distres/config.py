@@ -71,7 +71,19 @@ class TrainConfig:
         "auto", "input pipeline: torch (DataLoader workers), gpu (whole data set in device memory, "
         "images <= 64 px), dali (NVIDIA DALI, pip install -e '.[dali]'), synthetic; auto: synthetic "
         "for --data synthetic, gpu for cifar10/cifar100/mnist on a CUDA device, else torch", choices=BACKENDS, group="data")
-    image_size: int = opt(0, "training crop size; 0: 32 for cifar10/cifar100, 28 for mnist, 224 otherwise", group="data")
+    image_size: int = opt(0, "training crop size; 0: 32 for cifar10/cifar100, 28 for mnist, 224 otherwise "
+                          "(with --progressive-resize: its END)", group="data")
+    eval_image_size: int = opt(0, "evaluation centre crop, also what evaluate, predict and export feed the model "
+                               "(FixRes: larger than the training crop pays, e.g. train 176, evaluate 224); "
+                               "0: the (final) training size", group="data")
+    eval_resize: int = opt(0, "evaluation: the shorter side is resized to this before the centre crop; "
+                           "0: the crop / 0.875 (256 for 224), the crop itself for images <= 64 px", group="data")
+    progressive_resize: str | None = opt(
+        None, "START:END: train at START px in the first epochs and at END px in the last ones (FFCV's "
+        "progressive resizing, e.g. 160:192), see --progressive-epochs; the batch size stays the same", group="data")
+    progressive_epochs: str | None = opt(
+        None, "A:B for --progressive-resize: START up to epoch A (counted from 0), then growing linearly, "
+        "rounded to a multiple of 32 px, to END at epoch B, then END", group="data")
     workers: int = opt(-1, "per rank: DataLoader worker processes (torch) or DALI threads (dali); "
                        "-1: from the CPUs available", group="data")
     on_bad_sample: str = opt("skip", "an image that cannot be decoded: skip it (named once in the log, "
@@ -178,7 +190,7 @@ class TrainConfig:
             if value <= 0:
                 raise UserError(f"--{flag(name)} must be > 0 (got {value})")
         for name in ("epochs", "max_steps", "checkpoint_every", "eval_every", "image_size", "freeze_backbone_epochs",
-                     "threads"):
+                     "threads", "eval_image_size", "eval_resize"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{flag(name)} must be >= 0 (got {getattr(self, name)})")
         if self.epochs == 0 and self.max_steps == 0:
@@ -198,6 +210,7 @@ class TrainConfig:
                             "e.g. --autotune-budget 60")
         self.tuned_levers()
         self.profile_window()
+        self.check_sizes()
         if self.tensorboard:
             _require_tensorboard()
         try:
@@ -232,9 +245,31 @@ class TrainConfig:
                             f"use all or a comma-separated list of {', '.join(AUTOTUNE_LEVERS)}")
         return names
 
+    def resize_schedule(self):
+        """--progressive-resize as a ``resolution.Schedule``, or None."""
+        from distres import resolution
+        return resolution.parse(self.progressive_resize, self.progressive_epochs)
+
+    def check_sizes(self) -> None:
+        schedule = self.resize_schedule()
+        if schedule and self.image_size and self.image_size != schedule.end:
+            raise UserError(f"--image-size {self.image_size} and --progressive-resize {self.progressive_resize} name "
+                            "two final training sizes; drop --image-size (END is the final size)")
+        crop, resize = self.eval_sizes()
+        if self.eval_resize and resize < crop:
+            raise UserError(f"--eval-resize {resize} is smaller than the evaluation crop {crop}; "
+                            "the shorter side must be at least the crop (or 0 for the default)")
+
     def train_image_size(self) -> int:
-        """The training crop: --image-size, else the data set's native size."""
-        return self.image_size or NATIVE_SIZE.get(self.data, 224)
+        """The (final) training crop: --image-size, END of --progressive-resize, else the data
+        set's native size."""
+        schedule = self.resize_schedule()
+        return self.image_size or (schedule.end if schedule else NATIVE_SIZE.get(self.data, 224))
+
+    def eval_sizes(self) -> tuple[int, int]:
+        """(centre crop, shorter side before it) of evaluation; the side 0 means
+        ``transforms.eval_size``'s default for the crop."""
+        return self.eval_image_size or self.train_image_size(), self.eval_resize
 
     def lr_step_epochs(self) -> list[int]:
         return [int(s) for s in str(self.lr_steps).split(",") if s.strip()]

@@ -147,13 +147,17 @@ def build(cfg, classes: list[str], image_size: int, ctx, pretrained=None) -> nn.
     return prepare(model, ctx.device, cfg.channels_last, cfg.sync_bn, ctx.distributed)
 
 
-def describe(model: nn.Module, arch: str, classes: list[str], mean, std, image_size: int) -> dict:
+def describe(model: nn.Module, arch: str, classes: list[str], mean, std, image_size: int, resize: int = 0,
+             train_image_size: int | None = None) -> dict:
     """What evaluate, predict and export need to rebuild and feed the model, kept in every
-    checkpoint and export: with it a model file stands alone."""
+    checkpoint and export: with it a model file stands alone. ``image_size`` and ``resize``
+    are evaluation's centre crop and the shorter side before it (0: the default for the
+    crop); ``train_image_size``, the (final) training crop, is only a record."""
     from distres.data.transforms import eval_size
     return {"arch": arch, "classes": list(classes), "num_classes": len(classes),
             "cifar_stem": isinstance(model.maxpool, nn.Identity), "mean": list(mean), "std": list(std),
-            "image_size": image_size, "resize": eval_size(image_size)}
+            "image_size": image_size, "resize": eval_size(image_size, resize),
+            "train_image_size": train_image_size or image_size}
 
 
 def from_description(meta: dict) -> nn.Module:
@@ -185,7 +189,15 @@ def parallelize(model: nn.Module, cfg, ctx) -> nn.Module:
             broadcast_buffers=cfg.broadcast_buffers,
         )
     if cfg.compile:
-        model = torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+        schedule = cfg.resize_schedule()
+        if schedule is not None:
+            # --progressive-resize: one static graph per training size (a few multiples of 32), each
+            # compiled once when its first epoch starts, rather than a dynamic-shape graph that is
+            # slower at every size; the limit makes room for them beside evaluation's shapes.
+            sizes = len(set(schedule.sizes(cfg.epochs)))
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * sizes + 8)
+        model = torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode,
+                              dynamic=False if schedule is not None else None)
     return model
 
 

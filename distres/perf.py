@@ -99,6 +99,7 @@ class StepMeter:
         self.t_run = time.perf_counter()  # the run's clock: records' "time", the final summary
         self._loss = torch.zeros((), device=ctx.device)  # summed on the device: no host sync per step
         self.refs: dict[str, str] = {}  # outputs the epoch verdict points at (a trace, the autotune table)
+        self.fields: dict = {}  # added to every train record (--progressive-resize: the epoch's image_size)
         self._reset_epoch()
         self.start_window()
 
@@ -162,7 +163,7 @@ class StepMeter:
                "images_per_sec": self._n * self.global_batch / elapsed,
                "data_wait_frac": self._wait / elapsed, "time": time.perf_counter() - self.t_run,
                "bad_samples": int(red[2].item()),  # undecodable images skipped so far, all ranks
-               **self.window(self._n, elapsed, self._wait, step)}
+               **self.window(self._n, elapsed, self._wait, step), **self.fields}
         self.logger.log(rec)
         self.start_window()
         return rec

@@ -55,6 +55,7 @@ class Run:
     stop: preempt.PreemptionFlag
     step: int  # optimizer steps done
     prof: profiling.Window  # --profile-steps
+    train_size: int = 0  # the crop size the last epoch trained at (--progressive-resize announces changes)
 
 
 def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
@@ -75,7 +76,8 @@ def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
     plan = optim.plan(cfg, bundle.train.sampler.num_batches(), ctx.world_size)
     optimizer = optim.build_optimizer(cfg, net, plan.lr)
     precision = engine.Precision(cfg.amp, ctx.device)
-    meta = models.describe(net, cfg.arch, bundle.classes, bundle.mean, bundle.std, bundle.image_size)
+    meta = models.describe(net, cfg.arch, bundle.classes, bundle.mean, bundle.std, bundle.eval_image_size,
+                           bundle.eval_resize, bundle.image_size)
     state = checkpoint.TrainingState(net, optimizer, optim.build_scheduler(cfg, optimizer, plan),
                                      precision.scaler, bundle.train, meta,
                                      EMA(net, cfg.ema_decay, cfg.ema_every) if cfg.ema_decay > 0 else None)
@@ -145,6 +147,10 @@ def train_epoch(r: Run) -> None:
     cfg, plan, loader = r.cfg, r.plan, r.bundle.train
     epoch, first = loader.epoch, loader.position // cfg.grad_accum
     last = min(plan.steps_per_epoch, first + plan.total_steps - r.step)  # exclusive
+    if cfg.progressive_resize and loader.image_size != r.train_size:
+        r.train_size = r.meter.fields["image_size"] = loader.image_size
+        if r.ctx.is_main:
+            console(f"distres: epoch {epoch + 1}: training at {r.train_size} px (--progressive-resize)")
     batches = iter(loader)
     bar = _progress(cfg, r.ctx, epoch, plan.epochs, first, plan.steps_per_epoch)
     r.meter.start_window()

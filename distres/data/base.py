@@ -56,6 +56,8 @@ class Spec:
     workers: int  # DataLoader processes (torch) or DALI threads
     cpus: int  # this rank's share of the CPUs (threads for one-off work such as decoding a data set)
     flip: bool = True  # random horizontal flips in training (not for data whose mirror image differs, digits)
+    resize: int = 0  # evaluation: the shorter side before the centre crop (0: ``transforms.eval_size``'s default)
+    sizes: object = None  # training: the crop size per epoch, a ``resolution.Schedule`` (None: image_size)
 
     @property
     def device(self) -> torch.device:
@@ -116,6 +118,7 @@ class Loader:
         self.sampler = spec.sampler(num_samples)
         self.source = spec.source  # ``source.name(i)`` names sample i in messages and reports
         self.num_samples, self.device, self.norm, self.bad = num_samples, spec.device, spec.norm, spec.bad
+        self._size, self._sizes = spec.image_size, spec.sizes
         self._position = 0  # batches of the current epoch handed out (incl. skipped on resume)
 
     @property
@@ -126,6 +129,12 @@ class Loader:
     @property
     def epoch(self) -> int:
         return self.sampler.epoch
+
+    @property
+    def image_size(self) -> int:
+        """The crop size of the current epoch's images (--progressive-resize: a function of the
+        epoch alone, so a resumed run continues at the size it stopped at)."""
+        return self._sizes.size(self.epoch) if self._sizes is not None else self._size
 
     @property
     def position(self) -> int:

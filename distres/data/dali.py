@@ -115,7 +115,7 @@ class _Feed:
         kept, sizes = np.array(kept), np.array(sizes)
         out = [datas, ld.source.labels[kept].numpy()]
         if not ld.random_resized_crop:
-            resized, anchor = transforms.fit_geometry(sizes, ld.size)
+            resized, anchor = transforms.fit_geometry(sizes, ld.size, ld.resize)
             out += [resized.astype(np.float32), anchor.astype(np.int32)]
         if ld.train:
             boxes = transforms.train_boxes(sample_seeds(ld.sampler.seed, epoch, kept), sizes, ld.size, ld.flip)
@@ -130,8 +130,11 @@ class DaliLoader(Loader):
         if not isinstance(spec.source, FolderSource):
             raise UserError("--data-backend dali reads image files; write them with "
                             "`python -m distres.prepare cifar10 SRC DST` and pass --data-dir DST")
+        if spec.sizes is not None:
+            raise UserError("--progressive-resize works with --data-backend torch, gpu or synthetic: the dali "
+                            "pipeline is built for one image size")
         super().__init__(spec, len(spec.source))
-        self.train, self.size, self.flip = spec.train, spec.image_size, spec.flip
+        self.train, self.size, self.flip, self.resize = spec.train, spec.image_size, spec.flip, spec.resize
         self.batch_size, self.threads = spec.batch_size, max(1, spec.workers)
         self.hwc = spec.norm.memory_format == torch.channels_last
         self.random_resized_crop = self.train and self.size > transforms.SMALL_IMAGES

@@ -135,17 +135,20 @@ def train_boxes(seeds: np.ndarray, sizes: np.ndarray, size: int, flip: bool = Tr
     return rrc_boxes(seeds, sizes[:, 0], sizes[:, 1], flip)
 
 
-def eval_size(size: int) -> int:
-    """Evaluation resizes the shorter side to this, then centre-crops size."""
+def eval_size(size: int, resize: int = 0) -> int:
+    """Evaluation resizes the shorter side to this, then centre-crops size: ``resize`` when
+    given (--eval-resize), else size / 0.875 (size itself for small images)."""
+    if resize:
+        return resize
     return size if size <= SMALL_IMAGES else round(size / EVAL_CROP_RATIO)
 
 
-def fit_geometry(sizes: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+def fit_geometry(sizes: np.ndarray, size: int, resize: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """What ``resize_center_crop`` does to images of these (height, width) rows, as numbers
     (for backends that cannot call it): the resized (height, width), with torchvision's
     rounding, and the centre crop's (top, left)."""
     h, w = sizes[:, 0].astype(np.float64), sizes[:, 1].astype(np.float64)
-    s = eval_size(size)
+    s = eval_size(size, resize)
     new_long = (s * np.maximum(h, w) / np.minimum(h, w)).astype(np.int64)
     new_h = np.where(w <= h, new_long, s)
     new_w = np.where(w <= h, s, new_long)
@@ -153,10 +156,10 @@ def fit_geometry(sizes: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([new_h, new_w], 1), np.stack([top, left], 1).astype(np.int64)
 
 
-def resize_center_crop(img: torch.Tensor, size: int) -> torch.Tensor:
+def resize_center_crop(img: torch.Tensor, size: int, resize: int = 0) -> torch.Tensor:
     """Evaluation (and gpu-backend storage): shorter side to ``eval_size``, centre crop size;
-    an image already size x size is left alone."""
-    if img.shape[-2:] == (size, size) and size <= SMALL_IMAGES:
+    a small image already size x size is left alone (unless ``resize`` asks otherwise)."""
+    if img.shape[-2:] == (size, size) and eval_size(size, resize) == size:
         return img
-    img = TF.resize(img, [eval_size(size)], antialias=True)
+    img = TF.resize(img, [eval_size(size, resize)], antialias=True)
     return TF.center_crop(img, [size, size])
