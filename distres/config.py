@@ -40,6 +40,9 @@ class TrainConfig:
         "auto", "3x3 stride-1 stem without max-pool for small images; auto: on when image size <= 64",
         choices=("auto", "on", "off"), group="model")
     zero_init_residual: bool = opt(True, "zero-init the last BN of each residual block", group="model")
+    blurpool: bool = opt(False, "BlurPool: a fixed 3x3 low-pass filter before every strided convolution with >= 16 "
+                         "input channels (anti-aliased downsampling, as FFCV's ResNet-50 configs; no new parameters)",
+                         group="model")
     channels_last: bool = opt(True, "NHWC memory format for model and inputs", group="model")
     compile: bool = opt(False, "torch.compile the model", group="model")
     compile_mode: str = opt("default", "torch.compile mode",
