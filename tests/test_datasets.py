@@ -37,19 +37,15 @@ def test_resnet18_learns_real_mnist(tmp_path):
         pytest.skip(f"real-data test: {MNIST_T10K} not present")
     root = _write_mnist_split(MNIST_T10K, tmp_path / "mnist", 8000)
     out = tmp_path / "run"
-    # The ImageNet stem (28 -> 7 px before layer1) keeps the run short on a CPU.
-    r = run_train(["--arch", "resnet18", "--data", "mnist", "--data-dir", str(root), "--cifar-stem", "off",
-                   "--epochs", "2", "--batch-size", "64", "--lr", "0.1", "--warmup-epochs", "0.2",
-                   "--label-smoothing", "0", "--device", "cpu", "--no-progress", "--log-every", "100",
-                   "--wandb", "disabled", "--output-dir", str(out)], timeout=600)
+    # configs/mnist.yaml: ResNet-18 with the ImageNet stem, 4 epochs of 125 steps.
+    r = run_train(["--config", str(REPO / "configs" / "mnist.yaml"), "--data-dir", str(root), "--device", "cpu",
+                   "--no-progress", "--wandb", "disabled", "--eval-every", "0", "--output-dir", str(out)], timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "mnist 28px" in r.stdout + r.stderr
     ev = [x for x in read_metrics(out) if x["kind"] == "eval"][-1]
     assert ev["eval_samples"] == 2000
-    assert ev["top1"] > MNIST_BAR, ev
-
-
-MNIST_BAR = 97.0
+    # Measured on a 2-core CPU: 98.80% top-1 (98.75% after 3 epochs). Chance is 10%.
+    assert ev["top1"] > 97.5, ev
 
 
 def test_mnist_reads_idx_files_as_three_channels(tmp_path):
