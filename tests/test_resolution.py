@@ -56,20 +56,20 @@ def test_schedule_examples_and_errors():
 
 
 def test_progressive_run_resumes_at_the_scheduled_size_and_evaluates_at_the_eval_size(tmp_path, monkeypatch):
-    # 4 steps per epoch; sizes by epoch 32, 64, 96, 96 (the ImageNet stem keeps 96 px cheap).
+    # 2 steps per epoch; sizes by epoch 32, 64, 96, 96 (the ImageNet stem keeps 96 px cheap).
     out = tmp_path / "run"
     base = TINY[:TINY.index("--image-size")] + TINY[TINY.index("--image-size") + 2:] + [
-        "--cifar-stem", "off", "--batch-size", "8", "--synthetic-samples", "32", "--epochs", "4",
+        "--cifar-stem", "off", "--batch-size", "8", "--synthetic-samples", "16", "--epochs", "4",
         "--progressive-resize", "32:96", "--progressive-epochs", "0:2", "--eval-image-size", "64",
         "--eval-resize", "72", "--eval-every", "0", "--output-dir", str(out)]
-    r = run_train(base + ["--max-steps", "6"])  # stops in epoch 2, at 64 px
+    r = run_train(base + ["--max-steps", "3"])  # stops in epoch 2, at 64 px
     assert r.returncode == 0, r.stderr[-3000:]
     assert "epoch 1: training at 32 px" in r.stderr and "epoch 2: training at 64 px" in r.stderr
     r = run_train(base + ["--resume"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "epoch 2: training at 64 px" in r.stderr and "epoch 3: training at 96 px" in r.stderr
     sizes = {x["step"]: x["image_size"] for x in read_metrics(out) if x["kind"] == "train"}
-    assert sizes == {s: [32, 64, 96, 96][(s - 1) // 4] for s in range(1, 17)}, sizes
+    assert sizes == {s: [32, 64, 96, 96][(s - 1) // 2] for s in range(1, 9)}, sizes
 
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert {k: state["meta"][k] for k in ("image_size", "resize", "train_image_size")} == \
