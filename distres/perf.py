@@ -45,7 +45,7 @@ def levers(cfg, device_type: str, backend: str) -> tuple[str, str]:
         # No decoding to speed up: a batch is a gather on the device, so the wait is the
         # host's per-batch work, which a larger batch amortises.
         data = f"a larger --batch-size (the {backend} backend makes batches on the device)"
-    elif device_type == "cuda" and cfg.data == "cifar10":
+    elif device_type == "cuda" and cfg.data in ("cifar10", "cifar100", "mnist"):
         data = "--data-backend gpu (the whole data set resident on the GPU)"
     elif device_type == "cuda" and backend == "torch":
         installed = importlib.util.find_spec("nvidia") is not None and \
