@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from distres import dist
+from distres.config import NATIVE_SIZE
 from distres.errors import console
 from distres.models import find_ddp
 from distres.tracking import Logger
@@ -45,7 +46,7 @@ def levers(cfg, device_type: str, backend: str) -> tuple[str, str]:
         # No decoding to speed up: a batch is a gather on the device, so the wait is the
         # host's per-batch work, which a larger batch amortises.
         data = f"a larger --batch-size (the {backend} backend makes batches on the device)"
-    elif device_type == "cuda" and cfg.data in ("cifar10", "cifar100", "mnist"):
+    elif device_type == "cuda" and cfg.data in NATIVE_SIZE:
         data = "--data-backend gpu (the whole data set resident on the GPU)"
     elif device_type == "cuda" and backend == "torch":
         installed = importlib.util.find_spec("nvidia") is not None and \
