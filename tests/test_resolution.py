@@ -105,3 +105,19 @@ def test_eval_crop_and_resize_in_loaders_and_predict(tmp_path):
     assert torch.equal(inference.read_image(path, {"image_size": 48, "resize": 60}), want)
     # 0: the crop / 0.875, as before
     assert inference.read_image(path, {"image_size": 70, "resize": 0}).shape == (3, 70, 70)
+
+
+def test_torch_and_gpu_backends_change_size_per_epoch_alike(tmp_path):
+    root = make_imagefolder(tmp_path / "data", {"train": {"a": 4, "b": 4}, "val": {"a": 1, "b": 1}}, size=32)
+    batches = {}
+    for backend in ("torch", "gpu"):
+        cfg = parse_args(["--data", "imagefolder", "--data-dir", str(root), "--batch-size", "4", "--workers", "0",
+                          "--data-backend", backend, "--progressive-resize", "16:32", "--progressive-epochs", "0:1"])
+        loader = build(cfg, CPU, torch.contiguous_format).train
+        batches[backend] = []
+        for epoch in (0, 1, 0):  # back to 16 px: as a resumed run would need it
+            loader.set_epoch(epoch)
+            batches[backend].append(torch.cat([x for x, _ in loader]))
+    assert [b.shape[-1] for b in batches["torch"]] == [16, 32, 16]
+    for t, g in zip(batches["torch"], batches["gpu"]):
+        assert torch.equal(t, g)
