@@ -46,7 +46,7 @@ def test_resnet18_learns_real_mnist(tmp_path):
     assert "mnist 28px" in r.stdout + r.stderr
     ev = [x for x in read_metrics(out) if x["kind"] == "eval"][-1]
     assert ev["eval_samples"] == 2000
-    # Measured on a 2-core CPU: 98.80% top-1 (98.75% after 3 epochs). Chance is 10%.
+    # Measured on a 2-core CPU (one thread, 62 s): 98.75% top-1. Chance is 10%.
     assert ev["top1"] > 97.5, ev
 
 
