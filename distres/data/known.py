@@ -66,13 +66,13 @@ def splits(name: str, root: Path, download: bool, classes: list[str] | None = No
 
 def _download(name: str, root: Path, expected: str) -> None:
     import torchvision.datasets as tvd
-    cls = {"cifar100": tvd.CIFAR100, "mnist": tvd.MNIST}[name]
+    cls, title = {"cifar100": (tvd.CIFAR100, "CIFAR-100"), "mnist": (tvd.MNIST, "MNIST")}[name]
     try:
         root.mkdir(parents=True, exist_ok=True)
         for train in (True, False):
             cls(str(root), train=train, download=True)
     except Exception as e:  # no network, proxy, disk full: the fix is the same
-        raise UserError(f"{name} is not in {root} and could not be downloaded ({type(e).__name__}); "
+        raise UserError(f"{title} is not in {root} and could not be downloaded ({type(e).__name__}); "
                         f"offline, pass --data-dir with {expected}") from None
 
 
