@@ -18,7 +18,6 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 
-CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 EVAL_CROP_RATIO = 0.875  # resize 256 -> centre crop 224
 SMALL_IMAGES = 64  # at or below this size: CIFAR-style pad-crop-flip instead of RandomResizedCrop
