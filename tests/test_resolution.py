@@ -121,3 +121,12 @@ def test_torch_and_gpu_backends_change_size_per_epoch_alike(tmp_path):
     assert [b.shape[-1] for b in batches["torch"]] == [16, 32, 16]
     for t, g in zip(batches["torch"], batches["gpu"]):
         assert torch.equal(t, g)
+
+
+def test_dali_refuses_progressive_resizing(tmp_path):
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI not installed")
+    root = make_imagefolder(tmp_path / "data", {"train": {"a": 2, "b": 2}, "val": {"a": 1, "b": 1}}, size=32)
+    cfg = parse_args(["--data", "imagefolder", "--data-dir", str(root), "--batch-size", "2", "--data-backend", "dali",
+                      "--progressive-resize", "16:32", "--progressive-epochs", "0:1"])
+    with pytest.raises(UserError, match="dali pipeline is built for one image size"):
+        build(cfg, CPU, torch.contiguous_format)
