@@ -19,7 +19,9 @@ import yaml
 from distres.errors import ArgumentParser, UserError
 
 ARCHS = ("resnet50", "resnext50_32x4d", "resnet18")
-DATASETS = ("cifar10", "imagefolder", "synthetic")
+DATASETS = ("cifar10", "cifar100", "mnist", "imagefolder", "synthetic")
+# The data sets known by name (data/known.py) and their native image size, the default --image-size.
+NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "mnist": 28}
 BACKENDS = ("auto", "torch", "gpu", "dali", "synthetic")
 # What --autotune may change: settings that leave the batches alone, and the maths up to rounding.
 AUTO_AUGMENT = ("none", "ta_wide", "ra", "augmix")
@@ -40,6 +42,9 @@ class TrainConfig:
         "auto", "3x3 stride-1 stem without max-pool for small images; auto: on when image size <= 64",
         choices=("auto", "on", "off"), group="model")
     zero_init_residual: bool = opt(True, "zero-init the last BN of each residual block", group="model")
+    blurpool: bool = opt(False, "BlurPool: a fixed 3x3 low-pass filter before every strided convolution with >= 16 "
+                         "input channels (anti-aliased downsampling, as FFCV's ResNet-50 configs; no new parameters)",
+                         group="model")
     channels_last: bool = opt(True, "NHWC memory format for model and inputs", group="model")
     compile: bool = opt(False, "torch.compile the model", group="model")
     compile_mode: str = opt("default", "torch.compile mode",
@@ -61,14 +66,29 @@ class TrainConfig:
     # --- data
     data: str = opt("cifar10", "data set", choices=DATASETS, group="data")
     data_dir: str | None = opt(
-        None, "data folder; cifar10: holds cifar-10-batches-py/ or train/ + test/ JPEG folders "
-        "(default ~/.cache/distres/cifar10); imagefolder: holds train/ and val/ (or test/)",
+        None, "data folder; cifar10/cifar100: holds torchvision's cifar-10-batches-py/ or cifar-100-python/, "
+        "or train/ + test/ image folders; mnist: holds train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], "
+        "t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz] (or MNIST/raw/ with them), read as 3 identical "
+        "channels; default ~/.cache/distres/<data> ($DISTRES_DATA), downloaded there when online; "
+        "imagefolder: holds train/ and val/ (or test/)",
         group="data")
     data_backend: str = opt(
         "auto", "input pipeline: torch (DataLoader workers), gpu (whole data set in device memory, "
         "images <= 64 px), dali (NVIDIA DALI, pip install -e '.[dali]'), synthetic; auto: synthetic "
-        "for --data synthetic, gpu for cifar10 on a CUDA device, else torch", choices=BACKENDS, group="data")
-    image_size: int = opt(0, "training crop size; 0: 32 for cifar10, 224 otherwise", group="data")
+        "for --data synthetic, gpu for cifar10/cifar100/mnist on a CUDA device, else torch", choices=BACKENDS, group="data")
+    image_size: int = opt(0, "training crop size; 0: 32 for cifar10/cifar100, 28 for mnist, 224 otherwise "
+                          "(with --progressive-resize: its END)", group="data")
+    eval_image_size: int = opt(0, "evaluation centre crop, also what evaluate, predict and export feed the model "
+                               "(FixRes: larger than the training crop pays, e.g. train 176, evaluate 224); "
+                               "0: the (final) training size", group="data")
+    eval_resize: int = opt(0, "evaluation: the shorter side is resized to this before the centre crop; "
+                           "0: the crop / 0.875 (256 for 224), the crop itself for images <= 64 px", group="data")
+    progressive_resize: str | None = opt(
+        None, "START:END: train at START px in the first epochs and at END px in the last ones (FFCV's "
+        "progressive resizing, e.g. 160:192), see --progressive-epochs; the batch size stays the same", group="data")
+    progressive_epochs: str | None = opt(
+        None, "A:B for --progressive-resize: START up to epoch A (counted from 0), then growing linearly, "
+        "rounded to a multiple of 32 px, to END at epoch B, then END", group="data")
     workers: int = opt(-1, "per rank: DataLoader worker processes (torch) or DALI threads (dali); "
                        "-1: from the CPUs available", group="data")
     on_bad_sample: str = opt("skip", "an image that cannot be decoded: skip it (named once in the log, "
@@ -206,7 +226,7 @@ class TrainConfig:
             if value <= 0:
                 raise UserError(f"--{flag(name)} must be > 0 (got {value})")
         for name in ("epochs", "max_steps", "checkpoint_every", "eval_every", "image_size", "freeze_backbone_epochs",
-                     "threads"):
+                     "threads", "eval_image_size", "eval_resize"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{flag(name)} must be >= 0 (got {getattr(self, name)})")
         if self.epochs == 0 and self.max_steps == 0:
@@ -229,6 +249,7 @@ class TrainConfig:
                             "e.g. --autotune-budget 60")
         self.tuned_levers()
         self.profile_window()
+        self.check_sizes()
         if self.tensorboard:
             _require_tensorboard()
         try:
@@ -272,9 +293,31 @@ class TrainConfig:
                             f"use all or a comma-separated list of {', '.join(AUTOTUNE_LEVERS)}")
         return names
 
+    def resize_schedule(self):
+        """--progressive-resize as a ``resolution.Schedule``, or None."""
+        from distres import resolution
+        return resolution.parse(self.progressive_resize, self.progressive_epochs)
+
+    def check_sizes(self) -> None:
+        schedule = self.resize_schedule()
+        if schedule and self.image_size and self.image_size != schedule.end:
+            raise UserError(f"--image-size {self.image_size} and --progressive-resize {self.progressive_resize} name "
+                            "two final training sizes; drop --image-size (END is the final size)")
+        crop, resize = self.eval_sizes()
+        if self.eval_resize and resize < crop:
+            raise UserError(f"--eval-resize {resize} is smaller than the evaluation crop {crop}; "
+                            "the shorter side must be at least the crop (or 0 for the default)")
+
     def train_image_size(self) -> int:
-        """The training crop: --image-size, else the data set's native size."""
-        return self.image_size or (32 if self.data == "cifar10" else 224)
+        """The (final) training crop: --image-size, END of --progressive-resize, else the data
+        set's native size."""
+        schedule = self.resize_schedule()
+        return self.image_size or (schedule.end if schedule else NATIVE_SIZE.get(self.data, 224))
+
+    def eval_sizes(self) -> tuple[int, int]:
+        """(centre crop, shorter side before it) of evaluation; the side 0 means
+        ``transforms.eval_size``'s default for the crop."""
+        return self.eval_image_size or self.train_image_size(), self.eval_resize
 
     def lr_step_epochs(self) -> list[int]:
         return [int(s) for s in str(self.lr_steps).split(",") if s.strip()]

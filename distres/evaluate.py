@@ -79,7 +79,7 @@ def run(a, ctx) -> dict:
     meta = trained.meta
     cfg = inference.with_overrides(trained.config, data=a.data, data_dir=a.data_dir, data_backend=a.data_backend,
                                    batch_size=a.batch_size, workers=a.workers, amp=a.amp,
-                                   image_size=meta["image_size"])
+                                   eval_image_size=meta["image_size"], eval_resize=meta.get("resize", 0))
     if a.data is not None and a.data != trained.config.data and a.data_dir is None and a.data != "synthetic":
         raise UserError(f"--data {a.data} needs --data-dir (the checkpoint's folder is for {trained.config.data})")
     if cfg.data == "imagefolder" and not cfg.data_dir:

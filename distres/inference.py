@@ -73,7 +73,7 @@ def normalizer(meta: dict, device: torch.device, channels_last: bool) -> Normali
 def read_image(path: str, meta: dict) -> torch.Tensor:
     """An image file as the model's uint8 input: shorter side resized, centre crop, as the
     validation images of its training run were."""
-    return transforms.resize_center_crop(decode_torchvision(path), meta["image_size"])
+    return transforms.resize_center_crop(decode_torchvision(path), meta["image_size"], meta.get("resize", 0))
 
 
 def find_images(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:

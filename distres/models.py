@@ -27,7 +27,7 @@ def use_cifar_stem(setting: str, image_size: int) -> bool:
 
 
 def build_model(arch: str, num_classes: int, cifar_stem: bool = False,
-                zero_init_residual: bool = True) -> nn.Module:
+                zero_init_residual: bool = True, blurpool: bool = False) -> nn.Module:
     if arch not in _BUILDERS:
         raise UserError(f"unknown --arch {arch!r}; choose one of {', '.join(_BUILDERS)}")
     model = _BUILDERS[arch](weights=None, num_classes=num_classes,
@@ -36,6 +36,39 @@ def build_model(arch: str, num_classes: int, cifar_stem: bool = False,
         model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
         model.maxpool = nn.Identity()
+    if blurpool:
+        blur_strided_convs(model)
+    return model
+
+
+class BlurConv2d(nn.Conv2d):
+    """A strided convolution that first low-passes its input with a fixed 3x3 binomial filter
+    ([1 2 1] x [1 2 1] / 16, depthwise, stride 1): anti-aliased downsampling (Zhang, "Making
+    convolutional networks shift-invariant again", 2019), as FFCV's and Composer's BlurPool.
+    The filter is a non-persistent buffer, so the state dict keeps torchvision's keys and
+    shapes: the same weights files load with and without it."""
+
+    def add_blur(self) -> "BlurConv2d":
+        taps = torch.tensor([1.0, 2.0, 1.0])
+        kernel = (taps[:, None] * taps[None, :] / 16).expand(self.in_channels, 1, 3, 3)
+        self.register_buffer("blur", kernel.to(self.weight.device).contiguous(), persistent=False)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.conv2d(x, self.blur.to(x.dtype), padding=1, groups=self.in_channels)
+        return super().forward(x)
+
+
+BLUR_MIN_CHANNELS = 16  # FFCV's rule: not the stem's 3-channel convolution
+
+
+def blur_strided_convs(model: nn.Module) -> nn.Module:
+    """Every strided Conv2d with at least 16 input channels as a BlurConv2d (FFCV's
+    ``apply_blurpool``; the max-pool of the stem stays)."""
+    for m in model.modules():
+        if type(m) is nn.Conv2d and max(m.stride) > 1 and m.in_channels >= BLUR_MIN_CHANNELS:
+            m.__class__ = BlurConv2d
+            m.add_blur()
     return model
 
 
@@ -141,24 +174,29 @@ def build(cfg, classes: list[str], image_size: int, ctx, pretrained=None) -> nn.
     """The run's model for these classes, on its device, starting from ``pretrained``
     (``weights.Pretrained``) when given, ready to load a checkpoint into."""
     stem = weights.use_cifar_stem(pretrained, cfg.cifar_stem, use_cifar_stem(cfg.cifar_stem, image_size))
-    model = build_model(cfg.arch, len(classes), stem, cfg.zero_init_residual)
+    model = build_model(cfg.arch, len(classes), stem, cfg.zero_init_residual, cfg.blurpool)
     if pretrained is not None and pretrained.state:
         weights.load_into(model, pretrained, classes, announce=ctx.is_main)
     return prepare(model, ctx.device, cfg.channels_last, cfg.sync_bn, ctx.distributed)
 
 
-def describe(model: nn.Module, arch: str, classes: list[str], mean, std, image_size: int) -> dict:
+def describe(model: nn.Module, arch: str, classes: list[str], mean, std, image_size: int, resize: int = 0,
+             train_image_size: int | None = None) -> dict:
     """What evaluate, predict and export need to rebuild and feed the model, kept in every
-    checkpoint and export: with it a model file stands alone."""
+    checkpoint and export: with it a model file stands alone. ``image_size`` and ``resize``
+    are evaluation's centre crop and the shorter side before it (0: the default for the
+    crop); ``train_image_size``, the (final) training crop, is only a record."""
     from distres.data.transforms import eval_size
     return {"arch": arch, "classes": list(classes), "num_classes": len(classes),
             "cifar_stem": isinstance(model.maxpool, nn.Identity), "mean": list(mean), "std": list(std),
-            "image_size": image_size, "resize": eval_size(image_size)}
+            "image_size": image_size, "resize": eval_size(image_size, resize),
+            "train_image_size": train_image_size or image_size,
+            "blurpool": any(isinstance(m, BlurConv2d) for m in model.modules())}
 
 
 def from_description(meta: dict) -> nn.Module:
     """A plain torchvision model (no CPU matmul convolutions: exports trace it) for meta."""
-    return build_model(meta["arch"], meta["num_classes"], meta["cifar_stem"])
+    return build_model(meta["arch"], meta["num_classes"], meta["cifar_stem"], blurpool=meta.get("blurpool", False))
 
 
 def set_backbone_trainable(model: nn.Module, trainable: bool) -> bool:
@@ -186,7 +224,15 @@ def parallelize(model: nn.Module, cfg, ctx) -> nn.Module:
             **({} if cfg.broadcast_buffers else {"broadcast_buffers": False}),
         )
     if cfg.compile:
-        model = torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+        schedule = cfg.resize_schedule()
+        if schedule is not None:
+            # --progressive-resize: one static graph per training size (a few multiples of 32), each
+            # compiled once when its first epoch starts, rather than a dynamic-shape graph that is
+            # slower at every size; the limit makes room for them beside evaluation's shapes.
+            sizes = len(set(schedule.sizes(cfg.epochs)))
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * sizes + 8)
+        model = torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode,
+                              dynamic=False if schedule is not None else None)
     return model
 
 

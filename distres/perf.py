@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from distres import dist
+from distres.config import NATIVE_SIZE
 from distres.errors import console
 from distres.models import find_ddp
 from distres.tracking import Logger
@@ -45,7 +46,7 @@ def levers(cfg, device_type: str, backend: str) -> tuple[str, str]:
         # No decoding to speed up: a batch is a gather on the device, so the wait is the
         # host's per-batch work, which a larger batch amortises.
         data = f"a larger --batch-size (the {backend} backend makes batches on the device)"
-    elif device_type == "cuda" and cfg.data == "cifar10":
+    elif device_type == "cuda" and cfg.data in NATIVE_SIZE:
         data = "--data-backend gpu (the whole data set resident on the GPU)"
     elif device_type == "cuda" and backend == "torch":
         installed = importlib.util.find_spec("nvidia") is not None and \
@@ -99,6 +100,7 @@ class StepMeter:
         self.t_run = time.perf_counter()  # the run's clock: records' "time", the final summary
         self._loss = torch.zeros((), device=ctx.device)  # summed on the device: no host sync per step
         self.refs: dict[str, str] = {}  # outputs the epoch verdict points at (a trace, the autotune table)
+        self.fields: dict = {}  # added to every train record (--progressive-resize: the epoch's image_size)
         self._reset_epoch()
         self.start_window()
 
@@ -167,7 +169,7 @@ class StepMeter:
                "images_per_sec": self._n * self.global_batch / elapsed,
                "data_wait_frac": self._wait / elapsed, "time": time.perf_counter() - self.t_run,
                "bad_samples": int(red[2].item()),  # undecodable images skipped so far, all ranks
-               **self.window(self._n, elapsed, self._wait, step)}
+               **self.window(self._n, elapsed, self._wait, step), **self.fields}
         self.logger.log(rec)
         self.start_window()
         return rec

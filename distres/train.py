@@ -58,6 +58,7 @@ class Run:
     logger: tracking.Logger
     watch: watchdog.Watchdog  # --dist-timeout
     rollbacks: int = 0  # --on-nonfinite rollback: how many so far
+    train_size: int = 0  # the crop size the last epoch trained at (--progressive-resize announces changes)
 
     @property
     def lr(self) -> float:
@@ -89,7 +90,8 @@ def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
                       checkpoint.resumed_position(ckpt.found[0]) if ckpt.found else None)
     optimizer = optim.build_optimizer(cfg, net, plan.lr)
     precision = engine.Precision(cfg.amp, ctx.device)
-    meta = models.describe(net, cfg.arch, bundle.classes, bundle.mean, bundle.std, bundle.image_size)
+    meta = models.describe(net, cfg.arch, bundle.classes, bundle.mean, bundle.std, bundle.eval_image_size,
+                           bundle.eval_resize, bundle.image_size)
     state = checkpoint.TrainingState(net, optimizer, optim.build_scheduler(cfg, optimizer, plan),
                                      precision.scaler, bundle.train, meta,
                                      EMA(net, cfg.ema_decay, cfg.ema_every) if cfg.ema_decay > 0 else None,
@@ -173,6 +175,10 @@ def train_epoch(r: Run) -> None:
     done = loader.position // plan.global_batch  # steps of this epoch before this pass
     left = len(loader) // cfg.grad_accum  # steps to the end of the epoch
     steps = min(left, plan.total_steps - r.step)
+    if cfg.progressive_resize and loader.image_size != r.train_size:
+        r.train_size = r.meter.fields["image_size"] = loader.image_size
+        if r.ctx.is_main:
+            console(f"distres: epoch {epoch + 1}: training at {r.train_size} px (--progressive-resize)")
     batches = iter(loader)
     bar = _progress(cfg, r.ctx, epoch, plan.epochs, done, done + left)
     r.meter.start_window()

@@ -61,6 +61,9 @@ class Spec:
     accum: int = 1  # --grad-accum: micro-batches per optimizer step
     policy: Policy = field(default_factory=lambda: Policy("none"))  # --auto-augment (training)
     batch_aug: object = None  # batchaug.BatchAugment: erasing, mixup/cutmix (training), or None
+    flip: bool = True  # random horizontal flips in training (not for data whose mirror image differs, digits)
+    resize: int = 0  # evaluation: the shorter side before the centre crop (0: ``transforms.eval_size``'s default)
+    sizes: object = None  # training: the crop size per epoch, a ``resolution.Schedule`` (None: image_size)
 
     @property
     def device(self) -> torch.device:
@@ -122,6 +125,7 @@ class Loader:
         self.source = spec.source  # ``source.name(i)`` names sample i in messages and reports
         self.num_samples, self.device, self.norm, self.bad = num_samples, spec.device, spec.norm, spec.bad
         self.batch_aug = spec.batch_aug if spec.train else None
+        self._size, self._sizes = spec.image_size, spec.sizes
         self._position = 0  # batches handed out since the start position
 
     @property
@@ -132,6 +136,12 @@ class Loader:
     @property
     def epoch(self) -> int:
         return self.sampler.epoch
+
+    @property
+    def image_size(self) -> int:
+        """The crop size of the current epoch's images (--progressive-resize: a function of the
+        epoch alone, so a resumed run continues at the size it stopped at)."""
+        return self._sizes.size(self.epoch) if self._sizes is not None else self._size
 
     @property
     def position(self) -> int:

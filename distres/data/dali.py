@@ -116,10 +116,10 @@ class _Feed:
         index = kept % ld.num_samples
         out = [datas, ld.source.labels[index].numpy()]
         if not ld.random_resized_crop:
-            resized, anchor = transforms.fit_geometry(sizes, ld.size)
+            resized, anchor = transforms.fit_geometry(sizes, ld.size, ld.resize)
             out += [resized.astype(np.float32), anchor.astype(np.int32)]
         if ld.train:
-            boxes = transforms.train_boxes(sample_seeds(ld.sampler.seed, epoch, kept), sizes, ld.size)
+            boxes = transforms.train_boxes(sample_seeds(ld.sampler.seed, epoch, kept), sizes, ld.size, ld.flip)
             out += [np.stack([boxes.top, boxes.left], 1).astype(np.int32),
                     np.stack([boxes.height, boxes.width], 1).astype(np.int32), boxes.flip.astype(np.int32)]
         return k, out, [ld.source.paths[i] for i in index], bad
@@ -131,8 +131,11 @@ class DaliLoader(Loader):
         if not isinstance(spec.source, FolderSource):
             raise UserError("--data-backend dali reads image files; write them with "
                             "`python -m distres.prepare cifar10 SRC DST` and pass --data-dir DST")
+        if spec.sizes is not None:
+            raise UserError("--progressive-resize works with --data-backend torch, gpu or synthetic: the dali "
+                            "pipeline is built for one image size")
         super().__init__(spec, len(spec.source))
-        self.train, self.size = spec.train, spec.image_size
+        self.train, self.size, self.flip, self.resize = spec.train, spec.image_size, spec.flip, spec.resize
         self.batch_size, self.threads = spec.batch_size, max(1, spec.workers)
         self.hwc = spec.norm.memory_format == torch.channels_last
         self.random_resized_crop = self.train and self.size > transforms.SMALL_IMAGES

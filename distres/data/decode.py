@@ -4,6 +4,14 @@ Decoder choice, by measurement (``benchmarks/loaders.py``, results in
 ``benchmarks/results/loaders-cpu.md``): torchvision.io (libjpeg-turbo, straight into a uint8
 tensor) decodes faster than PIL with identical pixels, so it is the default; PIL stays as the
 fallback for formats torchvision cannot read and as the benchmark's comparison.
+
+Every image becomes 8-bit RGB, the same in every backend (the dali backend's decoder gives
+the same pixels; ``tests/test_datasets.py`` checks each mode): grayscale (L) is replicated to
+three channels, LA and RGBA lose their alpha channel (no blending onto a background, as PIL's
+``convert("RGB")``), palette images (P, with or without transparency) are looked up in their
+palette, CMYK JPEGs are converted to RGB, and 16-bit images (I;16 PNGs, 48-bit RGB PNGs) are
+scaled to 8 bits by round(v / 257), the rounding DALI's decoder uses (PIL, only a fallback
+here, reads 48-bit RGB as 8 bits itself, truncating: within 1 of it).
 """
 
 from __future__ import annotations
@@ -33,9 +41,19 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
+def to_uint8(img: torch.Tensor) -> torch.Tensor:
+    """A decoded image in 8 bits: 16-bit values scaled by round(v / 257)."""
+    if img.dtype == torch.uint8:
+        return img
+    return ((img.to(torch.int32) * 255 + 32767) // 65535).to(torch.uint8)
+
+
 def decode_pil(path: str) -> torch.Tensor:
     from PIL import Image
     with Image.open(path) as im:
+        if im.mode.startswith("I"):  # 16-bit (or 32-bit integer) grayscale: convert("RGB") would clip it
+            arr = torch.from_numpy(np.array(im).astype(np.int32)).clamp(0, 65535)
+            return to_uint8(arr).expand(3, *arr.shape).contiguous()
         arr = np.array(im.convert("RGB"))
     return torch.from_numpy(arr).permute(2, 0, 1)
 
@@ -44,7 +62,7 @@ def decode_torchvision(path: str) -> torch.Tensor:
     """An image file -> uint8 RGB tensor, CHW. torchvision reads JPEG, PNG, WebP and GIF; BMP
     and TIFF go to PIL. A file neither can read raises torchvision's error."""
     try:
-        return decode_image(read_file(path), mode=ImageReadMode.RGB)
+        return to_uint8(decode_image(read_file(path), mode=ImageReadMode.RGB))
     except RuntimeError as err:
         try:
             return decode_pil(path)

@@ -36,10 +36,11 @@ def _check_fits(n: int, size: int, device: torch.device) -> None:
                         "use --data-backend torch or dali, or a smaller --image-size")
 
 
-def load_all(source, size: int, bad, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+def load_all(source, size: int, bad, workers: int, resize: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Every image of source at size x size (``resize_center_crop``), as N x H x W x C uint8
     on the CPU, and the labels; undecodable files are left out (and reported)."""
-    if isinstance(source, ArraySource) and tuple(source.images.shape[-2:]) == (size, size):
+    if isinstance(source, ArraySource) and tuple(source.images.shape[-2:]) == (size, size) \
+            and transforms.eval_size(size, resize) == size:
         return source.images.permute(0, 2, 3, 1).contiguous(), source.labels
 
     def one(i: int):
@@ -47,7 +48,7 @@ def load_all(source, size: int, bad, workers: int) -> tuple[torch.Tensor, torch.
             img, _ = source.load(i)
         except DECODE_ERRORS as e:
             return None, (source.name(i), describe(e))
-        return transforms.resize_center_crop(img, size).permute(1, 2, 0), None
+        return transforms.resize_center_crop(img, size, resize).permute(1, 2, 0), None
 
     # Decoding releases the GIL, so threads keep all the cores busy without pickling images.
     with ThreadPoolExecutor(max(1, workers)) as pool:
@@ -62,29 +63,39 @@ def load_all(source, size: int, bad, workers: int) -> tuple[torch.Tensor, torch.
 
 class GpuLoader(Loader):
     def __init__(self, spec: Spec):
-        size = spec.image_size
-        if size > transforms.SMALL_IMAGES:
+        largest = max([spec.image_size] + ([spec.sizes.start, spec.sizes.end] if spec.sizes else []))
+        if largest > transforms.SMALL_IMAGES:
             raise UserError(f"--data-backend gpu is for small images (<= {transforms.SMALL_IMAGES} px, "
-                            f"pad-crop-flip augmentation); for --image-size {size} use --data-backend torch or dali")
-        device = spec.device
+                            f"pad-crop-flip augmentation); for --image-size {largest} use --data-backend torch or dali")
+        self.spec, self.train, self.flip, self.policy = spec, spec.train, spec.flip, spec.policy
+        self.size = 0  # the size the images are stored at (``_store``)
+        self._store(spec.image_size)
+        super().__init__(spec, len(self.labels))
+
+    def _store(self, size: int) -> None:
+        """Hold every image at size x size on the device (again when --progressive-resize
+        changes the size: a few times per run, each a pass over the data set)."""
+        spec = self.spec
         # Training images are stored with their zero border already added (CIFAR: 40 x 40, 240 MB
         # instead of 150), so that a batch is a single gather with no padding kernel.
         self.pad = transforms.pad_for(size) if spec.train else 0
-        _check_fits(len(spec.source), size + 2 * self.pad, device)
-        images, labels = load_all(spec.source, size, spec.bad, spec.cpus)
-        self.images = transforms.pad_nhwc(images, self.pad).to(device)  # N x H x W x C
-        self.labels = labels.to(device)
-        super().__init__(spec, len(labels))
-        self.train, self.size, self.policy = spec.train, size, spec.policy
+        self.images = None  # (the old size's tensor is freed before the new one is made)
+        _check_fits(len(spec.source), size + 2 * self.pad, spec.device)
+        images, labels = load_all(spec.source, size, spec.bad if not self.size else _Quiet(), spec.cpus, spec.resize)
+        self.images = transforms.pad_nhwc(images, self.pad).to(spec.device)  # N x H x W x C
+        self.labels = labels.to(spec.device)
+        self.size = size
 
     def _batches(self):
+        if self.image_size != self.size:
+            self._store(self.image_size)
         # The epoch's order and crop boxes go to the device in one copy per epoch; each batch is
         # then a slice and a gather there, with nothing for the host to wait for.
         ids = self.sampler.epoch_ids()
         index = to_device(torch.from_numpy(ids % self.num_samples), self.device)
         if self.train:
             seeds = self.sampler.seeds(ids)
-            crops = to_device(transforms.pad_crop_params(transforms.pad_crop_boxes(seeds, self.size, self.pad)),
+            crops = to_device(transforms.pad_crop_params(transforms.pad_crop_boxes(seeds, self.size, self.pad, self.flip)),
                               self.device)
             side = _SideStream(self.device, index, crops) if self.policy.active else None
         for part in self.sampler.batch_slices():
@@ -129,3 +140,11 @@ class _SideStream:
         self.compute.wait_event(done)
         out.record_stream(self.compute)  # made on the side stream, read on the compute stream
         return out
+
+
+class _Quiet:
+    """Bad files were reported when the data set was first stored; storing it again at another
+    size finds the same ones."""
+
+    def report_all(self, bad) -> None:
+        pass

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from distres.data import sources, transforms
+from distres.data import known, sources, transforms
 from distres.data.autoaug import Policy
 from distres.data.bad import BadSamples
 from distres.data.batchaug import BatchAugment
@@ -28,11 +28,13 @@ class DataBundle:
     train: Loader | None  # None: built for evaluation only
     val: Loader
     num_classes: int
-    image_size: int
+    image_size: int  # the (final) training crop
     backend: str  # the resolved --data-backend
     classes: list[str]  # label -> name
     mean: tuple[float, ...]  # the normalisation the loaders apply (0..1 units)
     std: tuple[float, ...]
+    eval_image_size: int = 0  # the validation crop
+    eval_resize: int = 0  # its shorter side before the crop (``transforms.eval_size``)
 
 
 def default_workers(cpus_per_rank: int, device: torch.device) -> int:
@@ -45,13 +47,13 @@ def default_workers(cpus_per_rank: int, device: torch.device) -> int:
 
 
 def resolve_backend(requested: str, data: str, device: torch.device) -> str:
-    """auto: synthetic for --data synthetic; gpu for CIFAR-10 on a CUDA device (it fits in
-    memory many times over); torch otherwise (dali is opt-in: an optional extra)."""
+    """auto: synthetic for --data synthetic; gpu for CIFAR-10/100 and MNIST on a CUDA device
+    (they fit in memory many times over); torch otherwise (dali is opt-in: an optional extra)."""
     if requested != "auto":
         return requested
     if data == "synthetic":
         return "synthetic"
-    return "gpu" if data == "cifar10" and device.type == "cuda" else "torch"
+    return "gpu" if data in known.KNOWN and device.type == "cuda" else "torch"
 
 
 def build(cfg, ctx, memory_format: torch.memory_format, stats=None, train: bool = True,
@@ -71,7 +73,9 @@ def build(cfg, ctx, memory_format: torch.memory_format, stats=None, train: bool 
                            if backend == "dali" else "")
                         + "use --data-backend torch (or gpu)")
     size = cfg.train_image_size()
-    splits, names, (mean, std) = _splits(cfg, ctx, size, classes)
+    eval_crop, eval_resize = cfg.eval_sizes()
+    eval_resize = transforms.eval_size(eval_crop, eval_resize)
+    splits, names, (mean, std) = _splits(cfg, ctx, (size, eval_crop), classes)
     mean, std = stats or (mean, std)
     workers = cfg.workers if cfg.workers >= 0 else default_workers(ctx.cpus_per_rank, ctx.device)
 
@@ -80,11 +84,13 @@ def build(cfg, ctx, memory_format: torch.memory_format, stats=None, train: bool 
         if is_train and not train:
             loaders.append(None)
             continue
-        spec = Spec(src, is_train, size, Normalize(mean, std, ctx.device, memory_format),
+        spec = Spec(src, is_train, size if is_train else eval_crop, Normalize(mean, std, ctx.device, memory_format),
                     BadSamples(cfg.on_bad_sample), cfg.batch_size, ctx.rank, ctx.world_size, cfg.seed, workers,
                     ctx.cpus_per_rank, repeats=cfg.repeated_aug, accum=cfg.grad_accum,
                     policy=Policy(cfg.auto_augment, cfg.ra_magnitude),
-                    batch_aug=BatchAugment.from_config(cfg, len(names), ctx.rank))
+                    batch_aug=BatchAugment.from_config(cfg, len(names), ctx.rank),
+                    flip=cfg.data not in known.NO_FLIP,
+                    resize=0 if is_train else eval_resize, sizes=cfg.resize_schedule() if is_train else None)
         loaders.append(loader_class(backend)(spec))
 
     train_loader = loaders[0]
@@ -92,24 +98,26 @@ def build(cfg, ctx, memory_format: torch.memory_format, stats=None, train: bool 
         raise UserError(
             f"{train_loader.num_samples} training samples cannot fill one batch of {cfg.batch_size} on each of "
             f"{ctx.world_size} processes; lower --batch-size or launch fewer processes")
-    return DataBundle(train_loader, loaders[1], len(names), size, backend, names, tuple(mean), tuple(std))
+    return DataBundle(train_loader, loaders[1], len(names), size, backend, names, tuple(mean), tuple(std),
+                      eval_crop, eval_resize)
 
 
-def _splits(cfg, ctx, size: int, classes: list[str] | None):
-    """(train source, val source), the class names, and the data set's (mean, std)."""
+def _splits(cfg, ctx, sizes: tuple[int, int], classes: list[str] | None):
+    """(train source, val source), the class names, and the data set's (mean, std); ``sizes``:
+    the training and evaluation crops (synthetic images are made at them)."""
     if cfg.data == "synthetic":
         from distres.data.synthetic import SyntheticSource
-        splits = [SyntheticSource(n, cfg.synthetic_classes, size, cfg.seed, k, ctx.device)
+        splits = [SyntheticSource(n, cfg.synthetic_classes, sizes[k], cfg.seed, k, ctx.device)
                   for k, n in enumerate((cfg.synthetic_samples, max(1, cfg.synthetic_samples // 8)))]
         names = [str(k) for k in range(cfg.synthetic_classes)]
         if classes is not None and len(classes) != len(names):
             raise UserError(f"the model has {len(classes)} classes, --data synthetic {len(names)}; "
                             f"pass --synthetic-classes {len(classes)}")
         return splits, classes or names, ((0.5,) * 3, (0.25,) * 3)
-    if cfg.data == "cifar10":
-        root = Path(cfg.data_dir) if cfg.data_dir else sources.default_cifar10_dir()
-        splits = sources.cifar10_splits(root, download=ctx.local_rank == 0, classes=classes)
-        stats = transforms.CIFAR_MEAN, transforms.CIFAR_STD
+    if cfg.data in known.KNOWN:
+        root = Path(cfg.data_dir) if cfg.data_dir else known.default_dir(cfg.data)
+        splits = known.splits(cfg.data, root, download=ctx.local_rank == 0, classes=classes)
+        stats = known.KNOWN[cfg.data].mean, known.KNOWN[cfg.data].std
     else:
         splits = sources.imagefolder_splits(Path(cfg.data_dir), classes=classes)
         stats = transforms.IMAGENET_MEAN, transforms.IMAGENET_STD

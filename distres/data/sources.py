@@ -106,10 +106,6 @@ def imagefolder_splits(root: Path, classes: list[str] | None = None) -> tuple[Fo
     return train, FolderSource(val_dir, classes=train.classes)
 
 
-def default_cifar10_dir() -> Path:
-    return Path(os.environ.get("DISTRES_DATA", Path.home() / ".cache" / "distres")) / "cifar10"
-
-
 def cifar10_splits(root: Path, download: bool, classes: list[str] | None = None) -> tuple:
     """CIFAR-10 from torchvision's files, or an ImageFolder copy (train/ + test/), or a download.
     ``classes``: as for ``imagefolder_splits`` (the model's; CIFAR-10's own must match them)."""

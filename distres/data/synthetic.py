@@ -39,6 +39,11 @@ class SyntheticLoader(Loader):
         src = self.source
         # One copy of the epoch's order per epoch, then device-side slices: no per-step host wait.
         pool_index = to_device(torch.from_numpy(self.sampler.epoch_indices() % len(src.labels)), self.device)
+        size = self.image_size  # (--progressive-resize: the pool is made at the final size)
         for part in self.sampler.batch_slices():
             i = pool_index[part]
-            yield self.norm(src.images[i], src.labels[i])
+            images = src.images[i]
+            if images.shape[-1] != size:
+                images = torch.nn.functional.interpolate(images.float(), size=size, mode="bilinear", antialias=True)
+                images = images.round_().clamp_(0, 255).to(torch.uint8)
+            yield self.norm(images, src.labels[i])

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 
-CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 EVAL_CROP_RATIO = 0.875  # resize 256 -> centre crop 224
 SMALL_IMAGES = 64  # at or below this size: CIFAR-style pad-crop-flip instead of RandomResizedCrop
@@ -55,17 +54,18 @@ class Boxes:
                 bool(self.flip[i]))
 
 
-def pad_crop_boxes(seeds: np.ndarray, size: int, pad: int) -> Boxes:
-    """CIFAR training augmentation on a size x size image: zero-pad, random crop, flip."""
+def pad_crop_boxes(seeds: np.ndarray, size: int, pad: int, flip: bool = True) -> Boxes:
+    """CIFAR training augmentation on a size x size image: zero-pad, random crop, flip
+    (``flip=False``: never, e.g. for digits; the crops stay those of the same seeds)."""
     u = uniforms(seeds, 3)
     offsets = np.floor(u[:, :2] * (2 * pad + 1)).astype(np.int64) - pad
     full = np.full(len(u), size, dtype=np.int64)
-    return Boxes(offsets[:, 0], offsets[:, 1], full, full.copy(), u[:, 2] < 0.5)
+    return Boxes(offsets[:, 0], offsets[:, 1], full, full.copy(), (u[:, 2] < 0.5) & flip)
 
 
-def rrc_boxes(seeds: np.ndarray, heights: np.ndarray, widths: np.ndarray) -> Boxes:
+def rrc_boxes(seeds: np.ndarray, heights: np.ndarray, widths: np.ndarray, flip: bool = True) -> Boxes:
     """ImageNet training augmentation: torchvision's RandomResizedCrop sampling (10 attempts
-    at a random area and aspect ratio, else a centre crop) for a batch, + flip."""
+    at a random area and aspect ratio, else a centre crop) for a batch, + flip (unless not ``flip``)."""
     h = np.asarray(heights, dtype=np.float64)[:, None]
     w = np.asarray(widths, dtype=np.float64)[:, None]
     u = uniforms(seeds, 4 * RRC_ATTEMPTS + 1)
@@ -88,7 +88,7 @@ def rrc_boxes(seeds: np.ndarray, heights: np.ndarray, widths: np.ndarray) -> Box
     top = np.where(found, top, (h - ch) // 2)
     left = np.where(found, left, (w - cw) // 2)
     as_int = (lambda a: a[:, 0].astype(np.int64))
-    return Boxes(as_int(top), as_int(left), as_int(ch), as_int(cw), u[:, -1] < 0.5)
+    return Boxes(as_int(top), as_int(left), as_int(ch), as_int(cw), (u[:, -1] < 0.5) & flip)
 
 
 def resized_crop_flip(img: torch.Tensor, box: tuple[int, int, int, int, bool], size: int) -> torch.Tensor:
@@ -126,25 +126,28 @@ def pad_for(size: int) -> int:
     return max(1, size // 8)  # 4 px at CIFAR's 32
 
 
-def train_boxes(seeds: np.ndarray, sizes: np.ndarray, size: int) -> Boxes:
+def train_boxes(seeds: np.ndarray, sizes: np.ndarray, size: int, flip: bool = True) -> Boxes:
     """The training boxes of a batch; ``sizes`` is (B, 2) of (height, width) of the images
     the boxes apply to (for small images: after ``resize_center_crop``)."""
     if size <= SMALL_IMAGES:
-        return pad_crop_boxes(seeds, size, pad_for(size))
-    return rrc_boxes(seeds, sizes[:, 0], sizes[:, 1])
+        return pad_crop_boxes(seeds, size, pad_for(size), flip)
+    return rrc_boxes(seeds, sizes[:, 0], sizes[:, 1], flip)
 
 
-def eval_size(size: int) -> int:
-    """Evaluation resizes the shorter side to this, then centre-crops size."""
+def eval_size(size: int, resize: int = 0) -> int:
+    """Evaluation resizes the shorter side to this, then centre-crops size: ``resize`` when
+    given (--eval-resize), else size / 0.875 (size itself for small images)."""
+    if resize:
+        return resize
     return size if size <= SMALL_IMAGES else round(size / EVAL_CROP_RATIO)
 
 
-def fit_geometry(sizes: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+def fit_geometry(sizes: np.ndarray, size: int, resize: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """What ``resize_center_crop`` does to images of these (height, width) rows, as numbers
     (for backends that cannot call it): the resized (height, width), with torchvision's
     rounding, and the centre crop's (top, left)."""
     h, w = sizes[:, 0].astype(np.float64), sizes[:, 1].astype(np.float64)
-    s = eval_size(size)
+    s = eval_size(size, resize)
     new_long = (s * np.maximum(h, w) / np.minimum(h, w)).astype(np.int64)
     new_h = np.where(w <= h, new_long, s)
     new_w = np.where(w <= h, s, new_long)
@@ -152,10 +155,10 @@ def fit_geometry(sizes: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([new_h, new_w], 1), np.stack([top, left], 1).astype(np.int64)
 
 
-def resize_center_crop(img: torch.Tensor, size: int) -> torch.Tensor:
+def resize_center_crop(img: torch.Tensor, size: int, resize: int = 0) -> torch.Tensor:
     """Evaluation (and gpu-backend storage): shorter side to ``eval_size``, centre crop size;
-    an image already size x size is left alone."""
-    if img.shape[-2:] == (size, size) and size <= SMALL_IMAGES:
+    a small image already size x size is left alone (unless ``resize`` asks otherwise)."""
+    if img.shape[-2:] == (size, size) and eval_size(size, resize) == size:
         return img
-    img = TF.resize(img, [eval_size(size)], antialias=True)
+    img = TF.resize(img, [eval_size(size, resize)], antialias=True)
     return TF.center_crop(img, [size, size])
