@@ -21,8 +21,8 @@ from distres.errors import ArgumentParser, UserError
 ARCHS = ("resnet50", "resnext50_32x4d", "resnet18")
 DATASETS = ("cifar10", "imagefolder", "synthetic")
 BACKENDS = ("auto", "torch", "gpu", "dali", "synthetic")
-# What --autotune may change: settings that leave the batches alone, and the maths up to rounding.
 AUTO_AUGMENT = ("none", "ta_wide", "ra", "augmix")
+# What --autotune may change: settings that leave the batches alone, and the maths up to rounding.
 AUTOTUNE_LEVERS = ("data_backend", "workers", "channels_last", "compile", "threads", "bucket_cap_mb",
                    "broadcast_buffers")
 
