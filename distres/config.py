@@ -23,8 +23,8 @@ DATASETS = ("cifar10", "cifar100", "mnist", "imagefolder", "synthetic")
 # The data sets known by name (data/known.py) and their native image size, the default --image-size.
 NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "mnist": 28}
 BACKENDS = ("auto", "torch", "gpu", "dali", "synthetic")
-# What --autotune may change: settings that leave the batches alone, and the maths up to rounding.
 AUTO_AUGMENT = ("none", "ta_wide", "ra", "augmix")
+# What --autotune may change: settings that leave the batches alone, and the maths up to rounding.
 AUTOTUNE_LEVERS = ("data_backend", "workers", "channels_last", "compile", "threads", "bucket_cap_mb",
                    "broadcast_buffers")
 

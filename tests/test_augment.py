@@ -221,8 +221,8 @@ def test_resume_with_every_augmentation_is_bitwise_equal(cifar, tmp_path):
     (["--ra-magnitude", "31"], "distres: error: --ra-magnitude must be a bin from 0 to 30 (got 31); "
                                "torchvision's default is 9"),
 ])
-def test_augmentation_mistakes_are_one_line_errors(cifar, tmp_path, capsys, flags, message):
-    code = main(["--data", "imagefolder", "--data-dir", str(cifar), "--device", "cpu", "--image-size", "32",
+def test_augmentation_mistakes_are_one_line_errors(tmp_path, capsys, flags, message):
+    code = main(["--data", "imagefolder", "--data-dir", str(tmp_path), "--device", "cpu", "--image-size", "32",
                  "--output-dir", str(tmp_path / "o"), "--no-progress", "--wandb", "disabled", *flags])
     assert code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == message
