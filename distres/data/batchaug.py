@@ -8,7 +8,7 @@ value 0 after normalisation) with each sample's draws from its augmentation seed
 cutmix follow torchvision/timm: one lambda from Beta(alpha, alpha) per batch, each image mixed
 with the next one in the batch (``roll``), one of the two per batch with p = 0.5 when both are
 on, and soft targets that the loss smooths as it would hard labels. Their draws come from
-(run seed, epoch, batch, rank), counter-based: nothing to checkpoint, a resumed run redraws
+(run seed, epoch, batch), counter-based: nothing to checkpoint, a resumed run redraws
 them. All parameters are host numbers: mixing passes them as scalars, and the erasing boxes
 of an epoch cross to the device in one asynchronous copy, so nothing makes the host wait.
 """
@@ -57,9 +57,11 @@ def erase(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     return images.masked_fill_((inside_r[:, :, None] & inside_c[:, None, :])[:, None], 0.0)
 
 
-def batch_rng(seed: int, epoch: int, batch: int, rank: int) -> np.random.Generator:
-    """The mixing draws of one batch: a Philox stream keyed by (seed, epoch, batch, rank)."""
-    key = np.random.SeedSequence([seed & _MASK63, epoch, batch, rank, _MIX_SALT])
+def batch_rng(seed: int, epoch: int, batch: int) -> np.random.Generator:
+    """The mixing draws of one batch: a Philox stream keyed by (seed, epoch, batch), ``batch``
+    the batch's key in the epoch (``ShardSampler.batch_key``: distinct for every rank's batch,
+    and the same for the same images whatever the split of the global batch)."""
+    key = np.random.SeedSequence([seed & _MASK63, epoch, batch, _MIX_SALT])
     return np.random.Generator(np.random.Philox(key))
 
 
@@ -94,23 +96,24 @@ class BatchAugment:
     to the device in one copy, at its first batch (when the image size is known)."""
 
     def __init__(self, random_erase: float, mixup_alpha: float, cutmix_alpha: float, num_classes: int,
-                 seed: int, rank: int):
+                 seed: int):
         self.p, self.mixup_alpha, self.cutmix_alpha = random_erase, mixup_alpha, cutmix_alpha
-        self.num_classes, self.seed, self.rank = num_classes, seed, rank
+        self.num_classes, self.seed = num_classes, seed
         self.epoch, self.seeds, self.boxes = 0, np.zeros(0, dtype=np.uint64), None
 
     @classmethod
-    def from_config(cls, cfg, num_classes: int, rank: int) -> "BatchAugment | None":
+    def from_config(cls, cfg, num_classes: int) -> "BatchAugment | None":
         if cfg.random_erase <= 0 and cfg.mixup_alpha <= 0 and cfg.cutmix_alpha <= 0:
             return None
-        return cls(cfg.random_erase, cfg.mixup_alpha, cfg.cutmix_alpha, num_classes, cfg.seed, rank)
+        return cls(cfg.random_erase, cfg.mixup_alpha, cfg.cutmix_alpha, num_classes, cfg.seed)
 
     def start_epoch(self, epoch: int, seeds: np.ndarray) -> None:
         """``seeds``: the augmentation seeds of this rank's samples of the epoch, in order."""
         self.epoch, self.seeds, self.boxes = epoch, seeds, None
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, batch: int, rows: slice):
-        """Batch number ``batch`` of the epoch, whose samples are ``rows`` of the epoch's seeds."""
+        """The batch whose key is ``batch`` (``ShardSampler.batch_key``), its samples ``rows`` of the
+        epoch's seeds."""
         if self.p > 0:
             if self.boxes is None:
                 # In chunks: the draws of a whole ImageNet epoch at once would take gigabytes.
@@ -119,6 +122,6 @@ class BatchAugment:
                 self.boxes = to_device(torch.from_numpy(boxes), images.device)
             images = erase(images, self.boxes[rows])
         if self.mixup_alpha > 0 or self.cutmix_alpha > 0:
-            rng = batch_rng(self.seed, self.epoch, batch, self.rank)
+            rng = batch_rng(self.seed, self.epoch, batch)
             images, labels = mix(images, labels, self.num_classes, rng, self.mixup_alpha, self.cutmix_alpha)
         return images, labels

@@ -88,7 +88,7 @@ def build(cfg, ctx, memory_format: torch.memory_format, stats=None, train: bool 
                     BadSamples(cfg.on_bad_sample), cfg.batch_size, ctx.rank, ctx.world_size, cfg.seed, workers,
                     ctx.cpus_per_rank, repeats=cfg.repeated_aug, accum=cfg.grad_accum,
                     policy=Policy(cfg.auto_augment, cfg.ra_magnitude),
-                    batch_aug=BatchAugment.from_config(cfg, len(names), ctx.rank),
+                    batch_aug=BatchAugment.from_config(cfg, len(names)),
                     flip=cfg.data not in known.NO_FLIP,
                     resize=0 if is_train else eval_resize, sizes=cfg.resize_schedule() if is_train else None)
         loaders.append(loader_class(backend)(spec))
