@@ -195,14 +195,28 @@ def _global_batch(order: dict) -> int:
     return order["batch_size"] * order["grad_accum"] * order["world_size"]
 
 
-def resumed_position(state: dict) -> Resumed:
-    """Where a checkpoint stands, for ``optim.plan``."""
-    order = state.get("data_order", {})
-    saved_batch = _global_batch(order) if all(k in order for k in SPLIT_KEYS) else None
+def saved_order(state: dict, cfg) -> dict:
+    """The data order a checkpoint was written with. Older formats lack some keys: the first
+    had no record but the world size, the second no --repeated-aug (there was none)."""
+    return {**data_order(cfg, state.get("world_size", 1)), "repeated_aug": 1, **state.get("data_order", {})}
+
+
+def order_changes(state: dict, cfg, world_size: int) -> list[str]:
+    """What the epoch's order depends on and changed since the checkpoint."""
+    saved, now = saved_order(state, cfg), data_order(cfg, world_size)
+    return [k for k in ORDER_KEYS if saved[k] != now[k]]
+
+
+def resumed_position(state: dict, cfg, world_size: int) -> Resumed:
+    """Where a checkpoint stands, for ``optim.plan``: the interrupted epoch continues at the
+    samples consumed, or restarts when its order changed."""
+    saved = saved_order(state, cfg)
     sample = state.get("samples_in_epoch")
     if sample is None:  # saved by a version that counted optimizer steps
-        sample = state["step_in_epoch"] * (saved_batch or 0)
-    return Resumed(state["step"], state["epoch"], sample, saved_batch or 0, state.get("schedule_axis"))
+        sample = state["step_in_epoch"] * _global_batch(saved)
+    if order_changes(state, cfg, world_size):
+        sample = 0
+    return Resumed(state["step"], state["epoch"], sample, _global_batch(saved), state.get("schedule_axis"))
 
 
 class Checkpointer:
@@ -210,6 +224,9 @@ class Checkpointer:
         self.cfg, self.ctx, self.folder = cfg, ctx, folder
         if folder.parent.exists() and not folder.parent.is_dir():
             raise UserError(f"--output-dir {folder.parent} is a file, not a folder; choose another --output-dir")
+        if ctx.is_main and folder.is_dir():  # what a process killed mid-write left behind
+            for stale in folder.glob(".*.tmp-*"):
+                stale.unlink(missing_ok=True)
         self.found = self._find()  # (state, path) to resume from, or None
         # A resume that found no checkpoint still continues the output directory (the logger
         # drops the records of an attempt that died before its first checkpoint).
@@ -293,18 +310,15 @@ class Checkpointer:
                 if self.ctx.is_main:
                     console(f"distres: {path} has no EMA; the EMA starts from its weights")
         set_rng_state(rank_rng(state, self.ctx.rank), self.ctx.device)
-        position = resumed_position(state)
-        saved_order = state.get("data_order", {"world_size": state["world_size"]})
-        now = data_order(cfg, self.ctx.world_size)
-        sample = position.sample
-        changed = [k for k in ORDER_KEYS if k in saved_order and saved_order[k] != now[k]]
-        if changed and sample:
+        position = resumed_position(state, cfg, self.ctx.world_size)
+        saved, now = saved_order(state, cfg), data_order(cfg, self.ctx.world_size)
+        changed = order_changes(state, cfg, self.ctx.world_size)
+        if changed and (state.get("samples_in_epoch") or state.get("step_in_epoch")):
             warnings.warn(f"{', '.join(changed)} changed since the checkpoint, so the order of the "
                           "interrupted epoch differs: that epoch restarts from its beginning", stacklevel=1)
-            sample = 0
-        if any(saved_order.get(k, now[k]) != now[k] for k in SPLIT_KEYS):
-            self._resplit(saved_order, now, position, sample, ts)
-        ts.loader.load_state_dict({"epoch": state["epoch"], "sample": sample})
+        if any(saved[k] != now[k] for k in SPLIT_KEYS):
+            self._resplit(saved, now, position, position.sample, ts)
+        ts.loader.load_state_dict({"epoch": state["epoch"], "sample": position.sample})
 
     def roll_back(self, ts: TrainingState) -> int:
         """Load this run's newest checkpoint into ts again (a collective: every write has

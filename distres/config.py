@@ -8,6 +8,7 @@ Every field carries its help text, so ``--help`` and the YAML keys never drift a
 from __future__ import annotations
 
 import argparse
+import math
 import dataclasses
 import difflib
 from dataclasses import dataclass, field
@@ -178,7 +179,7 @@ class TrainConfig:
     dist_timeout: float = opt(
         10.0, "minutes a process may wait in one training step, evaluation or checkpoint (its collectives) "
         "before the job stops: every waiting process names the step, what it waited in and the processes "
-        "that never arrived", group="dist")
+        "that never arrived (under --compile, steps that may compile are not timed)", group="dist")
     bucket_cap_mb: float = opt(25.0, "DDP gradient bucket size in MB", group="dist")
     static_graph: bool = opt(False, "DDP static_graph (same graph every step)", group="dist")
     broadcast_buffers: bool = opt(
@@ -221,7 +222,7 @@ class TrainConfig:
                     "log_every": self.log_every, "ema_every": self.ema_every,
                     "synthetic_classes": self.synthetic_classes, "synthetic_samples": self.synthetic_samples,
                     "autotune_steps": self.autotune_steps, "repeated_aug": self.repeated_aug,
-                    "rollback_tries": self.rollback_tries, "dist_timeout": self.dist_timeout}
+                    "rollback_tries": self.rollback_tries}
         for name, value in positive.items():
             if value <= 0:
                 raise UserError(f"--{flag(name)} must be > 0 (got {value})")
@@ -235,6 +236,9 @@ class TrainConfig:
             raise UserError(f"--lr must be >= 0 (got {self.lr})")
         if not 0.0 <= self.ema_decay < 1.0:
             raise UserError(f"--ema-decay must be in [0, 1) (got {self.ema_decay}); e.g. 0.9998, or 0 for off")
+        if not (math.isfinite(self.dist_timeout) and self.dist_timeout > 0):
+            raise UserError(f"--dist-timeout must be a positive number of minutes (got {self.dist_timeout:g}); "
+                            "e.g. 30 for slow steps")
         if not 0.0 < self.rollback_lr_factor <= 1.0:
             raise UserError(f"--rollback-lr-factor must be in (0, 1] (got {self.rollback_lr_factor:g}); e.g. 0.5")
         self._validate_augment()

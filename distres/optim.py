@@ -45,6 +45,12 @@ class Axis:
             return step
         return self.base + (step - self.base_step) * self.ratio
 
+    def step_at(self, clock: float) -> int:
+        """The first step at which the clock reaches ``clock``."""
+        if self.ratio == 1.0 and self.base_step == 0:
+            return int(clock)
+        return self.base_step + max(0, math.ceil((clock - self.base) / self.ratio - 1e-9))
+
     def state_dict(self) -> dict:
         return {"global_batch": self.global_batch, "base_step": self.base_step, "base": self.base}
 
@@ -57,7 +63,7 @@ class Plan:
     global_batch: int  # images per optimizer step, all processes
     lr: float  # peak learning rate
     axis: Axis  # the schedule's clock (see Axis)
-    schedule_steps: tuple[int, int]  # (steps per epoch, total steps) in the clock's units
+    schedule_steps: tuple[int, int]  # (steps per epoch, total steps) on the clock
 
 
 @dataclass(frozen=True)
@@ -83,34 +89,35 @@ def _horizon(cfg, num_samples: int, global_batch: int) -> tuple[int, int, int]:
 
 
 def plan(cfg, num_samples: int, world_size: int, resumed: Resumed | None = None) -> Plan:
-    """How long the run is, from --epochs / --max-steps and the samples of an epoch. A run
-    resumed with another global batch finishes its epochs at the new one: the steps left are
-    counted from the samples left."""
+    """How long the run is, from --epochs / --max-steps and the samples of an epoch. The horizon
+    (epochs, --max-steps, the schedule's length) is counted on the schedule's clock, in steps
+    of the run's first global batch; a run resumed with another one finishes it at the new size,
+    its steps left counted from the samples left."""
     micro = cfg.batch_size * world_size
     batches = num_samples // micro
     if batches // cfg.grad_accum == 0:
         raise UserError(f"--grad-accum {cfg.grad_accum} needs more batches than the "
                         f"{batches} each rank has per epoch; lower it or --batch-size")
     global_batch = micro * cfg.grad_accum
-    steps_per_epoch, epochs, total_steps = _horizon(cfg, num_samples, global_batch)
     axis = Axis(global_batch)
     if resumed is not None:
         then = Axis(**resumed.axis) if resumed.axis else Axis(resumed.global_batch)
         then = Axis(then.global_batch, then.base_step, then.base, resumed.global_batch / then.global_batch)
         axis = then if resumed.global_batch == global_batch else \
             Axis(then.global_batch, resumed.step, float(then(resumed.step)), global_batch / then.global_batch)
+    first_per_epoch, epochs, first_total = _horizon(cfg, num_samples, axis.global_batch)
+    steps_per_epoch = num_samples // global_batch
+    total_steps = first_total
+    if resumed is not None:
         left = 0
         if resumed.epoch < epochs:
-            left = (num_samples - resumed.sample) // global_batch + (epochs - resumed.epoch - 1) * steps_per_epoch
+            left = max(0, num_samples - resumed.sample) // global_batch \
+                + (epochs - resumed.epoch - 1) * steps_per_epoch
         total_steps = resumed.step + left
         if cfg.max_steps > 0:
-            total_steps = min(total_steps, cfg.max_steps)
-    if axis.ratio == 1.0 and axis.base_step == 0:
-        schedule_steps = (steps_per_epoch, total_steps)
-    else:
-        first_per_epoch, _, first_total = _horizon(cfg, num_samples, axis.global_batch)
-        schedule_steps = (first_per_epoch, first_total)
-    return Plan(steps_per_epoch, epochs, total_steps, global_batch, peak_lr(cfg, world_size), axis, schedule_steps)
+            total_steps = min(total_steps, axis.step_at(first_total))
+    return Plan(steps_per_epoch, epochs, total_steps, global_batch, peak_lr(cfg, world_size), axis,
+                (first_per_epoch, first_total))
 
 
 def peak_lr(cfg, world_size: int) -> float:

@@ -87,7 +87,7 @@ def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
     net = models.build(cfg, bundle.classes, bundle.image_size, ctx, pretrained)
     del pretrained
     plan = optim.plan(cfg, bundle.train.num_samples, ctx.world_size,
-                      checkpoint.resumed_position(ckpt.found[0]) if ckpt.found else None)
+                      checkpoint.resumed_position(ckpt.found[0], cfg, ctx.world_size) if ckpt.found else None)
     optimizer = optim.build_optimizer(cfg, net, plan.lr)
     precision = engine.Precision(cfg.amp, ctx.device)
     meta = models.describe(net, cfg.arch, bundle.classes, bundle.mean, bundle.std, bundle.eval_image_size,
@@ -97,10 +97,7 @@ def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
                                      EMA(net, cfg.ema_decay, cfg.ema_every) if cfg.ema_decay > 0 else None,
                                      plan.axis)
     step = ckpt.restore(state)
-    trainable = bundle.train.epoch >= cfg.freeze_backbone_epochs
-    models.set_backbone_trainable(net, trainable)
-    if trainable and cfg.freeze_backbone_epochs:
-        optim.init_momentum(optimizer)  # resumed after the head-only epochs (see the epoch loop)
+    _match_backbone(cfg, state)
     window = profiling.Window(cfg, ctx, out, step, plan.total_steps)  # checks --profile-steps against the run
     model = models.parallelize(net, cfg, ctx)
     if ctx.is_main:
@@ -122,7 +119,7 @@ def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
     if ctx.is_main:
         console(f"distres: {cfg.arch} on {ctx.world_size} x {ctx.device.type} ({ctx.backend or 'single process'}), "
                 f"{cfg.data} {bundle.image_size}px ({bundle.backend} loader), {bundle.num_classes} classes, "
-                f"global batch {plan.global_batch}, lr {plan.lr:g}, amp {cfg.amp}, "
+                f"global batch {plan.global_batch}, lr {max(state.scheduler.base_lrs):g}, amp {cfg.amp}, "
                 f"{plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps")
     last_eval = None
     completed = False  # the outstanding preemption all-reduce exists on every rank only then
@@ -130,9 +127,8 @@ def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
         while r.step < plan.total_steps and bundle.train.epoch < plan.epochs:
             epoch = bundle.train.epoch
             if epoch == cfg.freeze_backbone_epochs > 0 and bundle.train.position == 0:
-                if models.set_backbone_trainable(net, True):
+                if _match_backbone(cfg, state):
                     r.model = models.parallelize(net, cfg, ctx)  # DDP then reduces the backbone's gradients too
-                    optim.init_momentum(optimizer)
                 if ctx.is_main:
                     console(f"distres: epoch {epoch + 1}: the backbone trains from now on")
             try:
@@ -149,9 +145,10 @@ def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
                 raise _preempted(r, epoch + 1, 0)
         if last_eval is None:  # resumed after the last step: still report the accuracy
             last_eval = _evaluate(r, logger, plan.epochs)
-        r.watch.leave()
         completed = True
+        r.watch.enter("a checkpoint", r.step)
         ckpt.finish()  # the last checkpoint is on disk (or its failure is the run's error)
+        r.watch.leave()
     except Preempted:
         completed = True  # every rank raised it at the same step
         raise
@@ -187,7 +184,11 @@ def train_epoch(r: Run) -> None:
             r.prof.boundary(r.step, r.meter)
         r.watch.enter("loading data", r.step + 1)
         micro = r.meter.fetch(batches)
-        r.watch.enter("the training step", r.step + 1)  # its backward all-reduces the gradients
+        if cfg.compile and s == 0:
+            # A pass's first step may compile (a new run, DDP rebuilt, a new image size): not timed.
+            r.watch.leave()
+        else:
+            r.watch.enter("the training step", r.step + 1)  # its backward all-reduces the gradients
         with r.meter.step_context(r.model, r.step):  # no_sync() in probe windows (--bench-comm-probe)
             loss = engine.train_step(r.model, micro, r.loss_fn, r.state.optimizer, r.precision, cfg.clip_grad_norm)
         r.state.scheduler.step()
@@ -229,8 +230,7 @@ def _diverged(r: Run, err: divergence.Diverged) -> None:
     for group, was, now in zip(r.state.optimizer.param_groups, sched.base_lrs, lowered):
         group["lr"] *= now / was
     sched.base_lrs = lowered
-    trainable = r.bundle.train.epoch >= cfg.freeze_backbone_epochs
-    if models.set_backbone_trainable(r.state.model, trainable):
+    if _match_backbone(cfg, r.state):
         r.model = models.parallelize(r.state.model, cfg, r.ctx)
     r.logger.rewind(r.step)
     r.logger.log({"kind": "rollback", "step": r.step, "diverged_at": err.step, "reason": err.what,
@@ -239,6 +239,18 @@ def _diverged(r: Run, err: divergence.Diverged) -> None:
         console(f"distres: {err.what} at step {err.step}; rollback {r.rollbacks} of {cfg.rollback_tries}: back to "
                 f"{r.ckpt.last_saved} (step {r.step}) with the lr x {cfg.rollback_lr_factor:g} "
                 f"(now {r.state.optimizer.param_groups[0]['lr']:.4g})")
+
+
+def _match_backbone(cfg, state: checkpoint.TrainingState) -> bool:
+    """Freeze or unfreeze the backbone for the loader's epoch (--freeze-backbone-epochs), after
+    a start, a resume, a rollback or at the switch; whether it changed (DDP must then be rebuilt).
+    A trainable backbone gets its SGD momentum buffers: a checkpoint from the head-only epochs
+    has none for it, and fused SGD cannot step a mix (see ``optim.init_momentum``)."""
+    trainable = state.loader.epoch >= cfg.freeze_backbone_epochs
+    changed = models.set_backbone_trainable(state.model, trainable)
+    if trainable and cfg.freeze_backbone_epochs:
+        optim.init_momentum(state.optimizer)
+    return changed
 
 
 def _preempted(r: Run, epoch: int, in_epoch: int) -> Preempted:

@@ -222,3 +222,30 @@ def test_a_failed_background_write_is_a_user_error_and_keeps_the_previous(tmp_pa
         ck.finish()  # the collective wait: every rank raises it, not rank 0 alone
     monkeypatch.undo()
     assert checkpoint.load_latest(tmp_path / "checkpoints")[0]["step"] == 1
+
+
+def test_the_horizon_stays_on_the_schedules_clock_across_a_change_of_global_batch():
+    """--max-steps and the lr schedule count steps of the run's first global batch: a run of
+    250 steps of 20 samples resumed at step 150 with batch 10 takes 200 more steps (not none),
+    and with batch 40 50 more, each ending exactly where the schedule does."""
+    from distres import optim
+    from distres.config import TrainConfig
+    first = {"global_batch": 20, "base_step": 0, "base": 0.0}
+    for batch, total in ((10, 350), (40, 200), (20, 250)):
+        cfg = TrainConfig(epochs=0, max_steps=250, batch_size=batch)
+        plan = optim.plan(cfg, 1000, 1, optim.Resumed(150, 3, 0, 20, first))
+        assert plan.total_steps == total and plan.schedule_steps == (50, 250)
+        assert plan.axis(plan.total_steps) == 250
+
+
+def test_a_checkpoint_of_the_first_format_resumes_with_the_current_split():
+    """The first format recorded only the world size: the steps done in the epoch are counted
+    in the current global batch (no division by an unknown one)."""
+    from distres.config import TrainConfig
+    state = {"step": 11, "epoch": 1, "step_in_epoch": 3, "world_size": 2}
+    cfg = TrainConfig(batch_size=8, grad_accum=1)
+    pos = checkpoint.resumed_position(state, cfg, 2)
+    assert (pos.step, pos.epoch, pos.sample, pos.global_batch, pos.axis) == (11, 1, 3 * 16, 16, None)
+    assert checkpoint.resumed_position(dict(state, data_order={"seed": 5, "world_size": 2, "batch_size": 8,
+                                                               "grad_accum": 1, "data": "cifar10", "data_dir": None}),
+                                       cfg, 2).sample == 0  # another seed: the epoch restarts
