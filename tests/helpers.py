@@ -48,6 +48,14 @@ def start_train(args: list[str], nproc: int = 1, extra_torchrun: list[str] = (),
                             stdout=out, stderr=subprocess.STDOUT, text=True)
 
 
+def one_error_line(stderr: str) -> str:
+    """The one 'distres: error: ...' line of a failed command's stderr (no traceback)."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    errors = [ln for ln in stderr.splitlines() if ln.startswith("distres: error: ")]
+    assert len(errors) == 1, stderr[-3000:]
+    return errors[0]
+
+
 def wait_for(condition, timeout: float, what: str, poll: float = 0.05):
     """Poll condition() until it returns something truthy; fail the test after timeout."""
     import time

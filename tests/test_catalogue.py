@@ -17,19 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import REPO, TINY, cli_env, make_imagefolder, run_train
+from tests.helpers import REPO, TINY, cli_env, make_imagefolder, one_error_line, run_train
 from distres import evaluate, export, predict, prepare, train
 
 RUN = ["--device", "cpu", "--no-progress", "--wandb", "disabled"]
-
-
-def _one_error_line(stderr: str) -> str:
-    lines = [ln for ln in stderr.strip().splitlines() if ln.strip() and not ln.startswith("distres: ") or
-             ln.startswith("distres: error: ")]
-    assert "Traceback" not in stderr, stderr
-    errors = [ln for ln in lines if ln.startswith("distres: error: ")]
-    assert len(errors) == 1, stderr
-    return errors[0]
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +153,7 @@ def test_bad_input_gets_one_line(name, made, capsys, monkeypatch):
     code = fn(argv)
     err = capsys.readouterr().err
     assert code == 2, (name, err[-2000:])
-    line = _one_error_line(err)
+    line = one_error_line(err)
     assert needle in line, (name, line)
     assert made["ckpt"].read_bytes() == made["ckpt_bytes"]  # the earlier run's checkpoint is intact
 
@@ -173,14 +164,14 @@ def test_a_multi_process_launch_without_a_rendezvous_address(made, capsys, monke
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert train.main([*TINY, *RUN, "--output-dir", str(made["root"] / "env")]) == 2
-    assert "needs MASTER_ADDR and MASTER_PORT" in _one_error_line(capsys.readouterr().err)
+    assert "needs MASTER_ADDR and MASTER_PORT" in one_error_line(capsys.readouterr().err)
 
 
 def test_from_the_command_line_and_under_torchrun(tmp_path):
     r = subprocess.run([sys.executable, "-m", "distres.train", "--batch-size", "0"], cwd=REPO, env=cli_env(),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
-    _one_error_line(r.stderr)
+    one_error_line(r.stderr)
     small = make_imagefolder(tmp_path / "small", {"train": {"a": 3}, "val": {"a": 1}})
     r = run_train(["--data", "imagefolder", "--data-dir", str(small), "--batch-size", "2",
                    "--image-size", "32", "--device", "cpu"], nproc=2)
@@ -204,6 +195,6 @@ def test_a_full_disk_during_a_checkpoint_write(tmp_path):
                         "--max-steps", "2", "--output-dir", str(out)], cwd=REPO, env=cli_env(), capture_output=True,
                        text=True, timeout=300, preexec_fn=limit)
     assert r.returncode == 2, r.stderr[-3000:]
-    line = _one_error_line(r.stderr)
+    line = one_error_line(r.stderr)
     assert "cannot write a checkpoint to" in line and "File too large" in line and "free space" in line, line
     assert not [p.name for p in Path(out / "checkpoints").iterdir() if ".tmp" in p.name]

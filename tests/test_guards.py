@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from tests.helpers import TINY, read_metrics, run_train, start_train, wait_for
+from tests.helpers import TINY, one_error_line, read_metrics, run_train, start_train, wait_for
 
 # Epoch 1 trains at lr 0.003125 (global batch 8); the step schedule then multiplies the lr by
 # 1e5, and epoch 2's loss turns non-finite within a few steps. Epoch 1's checkpoint is good.
@@ -26,18 +26,11 @@ def _finite_checkpoints(out) -> list[str]:
     return names
 
 
-def _error_line(stderr: str) -> str:
-    assert "Traceback" not in stderr, stderr[-3000:]
-    errors = [ln for ln in stderr.splitlines() if ln.startswith("distres: error: ")]
-    assert len(errors) == 1, stderr[-3000:]
-    return errors[0]
-
-
 def test_a_diverging_run_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path):
     out = tmp_path / "stop"
     r = run_train(BLOWS_UP + ["--output-dir", str(out)])
     assert r.returncode == 2, r.stderr[-3000:]
-    line = _error_line(r.stderr)
+    line = one_error_line(r.stderr)
     step = int(line.split(" at step ")[1].split()[0])
     assert 8 < step <= 16 and "(lr 312.5)" in line, line
     assert f"the last good checkpoint is {out / 'checkpoints' / 'step-00000008.pt'}" in line
@@ -64,7 +57,7 @@ def test_rollback_reloads_the_last_good_checkpoint_with_a_lower_lr(tmp_path):
     out = tmp_path / "give-up"  # lr x 0.5 is not enough: gives up after one rollback
     r = run_train(BLOWS_UP + ["--output-dir", str(out), "--on-nonfinite", "rollback", "--rollback-tries", "1"])
     assert r.returncode == 2, r.stderr[-3000:]
-    assert "after 1 rollback; the last good checkpoint is" in _error_line(r.stderr)
+    assert "after 1 rollback; the last good checkpoint is" in one_error_line(r.stderr)
     assert _finite_checkpoints(out) == ["step-00000008.pt"]
 
 
@@ -124,7 +117,7 @@ def test_a_data_worker_that_dies_is_named(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 2
-    line = _error_line(log.read_text())
+    line = one_error_line(log.read_text())
     assert line.startswith("distres: error: rank 0: a data loading worker died (DataLoader worker (pid ") \
         and "Killed" in line and "--workers" in line, line
 
