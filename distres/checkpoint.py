@@ -317,7 +317,7 @@ class Checkpointer:
             warnings.warn(f"{', '.join(changed)} changed since the checkpoint, so the order of the "
                           "interrupted epoch differs: that epoch restarts from its beginning", stacklevel=1)
         if any(saved[k] != now[k] for k in SPLIT_KEYS):
-            self._resplit(saved, now, position, position.sample, ts)
+            self._resplit(saved, now, position, ts)
         ts.loader.load_state_dict({"epoch": state["epoch"], "sample": position.sample})
 
     def roll_back(self, ts: TrainingState) -> int:
@@ -328,14 +328,14 @@ class Checkpointer:
         self.found = load(path), path
         return self.restore(ts)
 
-    def _resplit(self, saved: dict, now: dict, position: Resumed, sample: int, ts: TrainingState) -> None:
+    def _resplit(self, saved: dict, now: dict, position: Resumed, ts: TrainingState) -> None:
         """A run resumed with another split of its global batch continues the epoch's order at
         the sample it had reached; with another global batch size, its lr stays unless
         --rescale-lr-on-resume asks to follow the batch."""
         split = (lambda o: f"{o['world_size']} x {o['batch_size']} x grad-accum {o['grad_accum']}")
         old, new = position.global_batch, _global_batch(now)
         line = (f"distres: resumed on {split(now)} (global batch {new}), saved on {split(saved)} "
-                f"({old}): epoch {position.epoch + 1} continues at sample {sample}")
+                f"({old}): epoch {position.epoch + 1} continues at sample {position.sample}")
         if old and new != old:
             peak = max(ts.scheduler.base_lrs)
             if self.cfg.rescale_lr_on_resume:

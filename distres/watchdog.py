@@ -20,7 +20,6 @@ import threading
 import time
 
 EXIT_HUNG = 124  # as timeout(1)
-COLLECTIVES = ("the training step", "a checkpoint", "evaluation", "the end of an epoch")
 
 
 class Watchdog:
