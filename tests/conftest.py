@@ -12,6 +12,16 @@ import pytest
 from tests.helpers import CIFAR10_TARBALL
 
 
+@pytest.fixture(scope="module")
+def module_dir(tmp_path_factory, request) -> Path:
+    """A folder for the runs a test module shares, removed once its tests are done: a run's
+    checkpoints take tens of MB, and a whole suite kept on disk would fill a small one. (The
+    tests' own tmp_path folders go when they pass: tmp_path_retention_policy in pyproject.toml.)"""
+    root = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def cifar10_subset(tmp_path_factory) -> Path:
     """The real CIFAR-10 JPEGs: 400 train and 100 test images per class, as an ImageFolder."""

@@ -25,11 +25,11 @@ CPU = DistContext(0, 0, 1, 1, torch.device("cpu"), None)
 
 
 @pytest.fixture(scope="module")
-def cifar(tmp_path_factory):
+def cifar(module_dir):
     """The first few real CIFAR-10 JPEGs of every class (train and test), as an ImageFolder."""
     if not CIFAR10_TARBALL.is_file():
         pytest.skip(f"real-data test: {CIFAR10_TARBALL} not present")
-    root = tmp_path_factory.mktemp("cifar-few")
+    root = module_dir
     taken: dict[tuple[str, str], int] = {}
     with tarfile.open(CIFAR10_TARBALL) as tar:
         for m in tar:

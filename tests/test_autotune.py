@@ -33,8 +33,8 @@ def _common(data_dir):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("autotune")
+def runs(module_dir):
+    root = module_dir
     data_dir = make_imagefolder(root / "data", {"train": {"a": 16, "b": 16}, "val": {"a": 4, "b": 4}}, size=1024)
     tune = ["--autotune", "--autotune-levers", "workers,data_backend", "--autotune-steps", "4"]
     tuned, plain = root / "tuned", root / "plain"

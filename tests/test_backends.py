@@ -28,11 +28,11 @@ def _need(backend):
 
 
 @pytest.fixture(scope="module")
-def coded(tmp_path_factory):
+def coded(module_dir):
     """32-px PNG images (lossless), each a flat colour whose red channel is its index among
     the split's files in ImageFolder order, so any output pixel names its sample."""
     from PIL import Image
-    root = tmp_path_factory.mktemp("coded")
+    root = module_dir
     for split, n in (("train", N_TRAIN), ("val", N_VAL)):
         for i in range(n):
             cls = "a" if i < n // 2 else "b"  # sorted class folders keep the index order

@@ -16,9 +16,9 @@ ARGS = ["--arch", "resnet18", "--data", "imagefolder", "--image-size", "32", "--
 
 
 @pytest.fixture(scope="module")
-def damaged(tmp_path_factory):
+def damaged(module_dir):
     """24 training JPEGs (2 of them broken) + 1 text file; 8 validation JPEGs."""
-    root = make_imagefolder(tmp_path_factory.mktemp("damaged"),
+    root = make_imagefolder(module_dir,
                             {"train": {"a": 12, "b": 12}, "val": {"a": 4, "b": 4}})
     bad = [break_jpeg(root / "train" / "a" / "0003.jpg", "truncated"),
            break_jpeg(root / "train" / "b" / "0005.jpg", "corrupt")]

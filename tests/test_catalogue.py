@@ -24,9 +24,9 @@ RUN = ["--device", "cpu", "--no-progress", "--wandb", "disabled"]
 
 
 @pytest.fixture(scope="module")
-def made(tmp_path_factory):
+def made(module_dir):
     """Folders, files and one real 2-step run that the cases point at."""
-    root = tmp_path_factory.mktemp("catalogue")
+    root = module_dir
     p = {"root": root}
     (root / "empty" / "train").mkdir(parents=True)
     (root / "empty" / "val").mkdir()

@@ -164,8 +164,8 @@ def _png48(rgb16: np.ndarray) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def modes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("modes")
+def modes(module_dir):
+    root = module_dir
     expected = {}
     for split in ("train", "val"):
         expected = _mode_images(root / split / "all")

@@ -19,10 +19,10 @@ VAL = {"cat": 7, "dog": 6, "fox": 8}
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(module_dir):
     """A 2-rank gloo run on a small ImageFolder of real JPEGs, with EMA, the ImageNet stem (so
     that the stock torchvision model loads its export) and bf16 as training runs by default."""
-    root = tmp_path_factory.mktemp("inference")
+    root = module_dir
     data = make_imagefolder(root / "data", {"train": {c: 24 for c in CLASSES}, "val": VAL}, size=36)
     out = root / "run"
     r = run_train(["--arch", "resnet18", "--data", "imagefolder", "--data-dir", str(data), "--image-size", "32",

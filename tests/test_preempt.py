@@ -22,8 +22,8 @@ STEPS = 64
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("uninterrupted")
+def uninterrupted(module_dir):
+    out = module_dir
     r = run_train(ARGS + ["--output-dir", str(out)], nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     return torch.load(out / "checkpoints" / checkpoint.LAST, weights_only=True)

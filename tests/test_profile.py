@@ -14,8 +14,8 @@ FIRST, LAST, STEPS = 3, 5, 8
 
 
 @pytest.fixture(scope="module")
-def profiled(tmp_path_factory):
-    out = tmp_path_factory.mktemp("profiled")
+def profiled(module_dir):
+    out = module_dir
     # 128 samples / (2 ranks x 8) = 8 steps; the window sits inside the one epoch
     r = run_train(TINY + ["--batch-size", "8", "--synthetic-samples", "128", "--epochs", "1", "--eval-every", "0",
                           "--profile-steps", f"{FIRST}:{LAST}", "--output-dir", str(out)], nproc=2)

@@ -30,10 +30,10 @@ def _raw_steps(tb_dir, tag: str) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def resumed(tmp_path_factory):
+def resumed(module_dir):
     """A run that logged steps 1-5 and died with its newest checkpoint at step 3 (its step-5
     checkpoint removed), then resumed: steps 4 and 5 are logged twice."""
-    out = tmp_path_factory.mktemp("tb") / "run"
+    out = module_dir / "run"
     common = TINY + ["--tensorboard", "--batch-size", "4", "--synthetic-samples", "32", "--epochs", "1",
                      "--checkpoint-every", "3", "--output-dir", str(out)]
     first = run_train(common + ["--max-steps", "5"])
