@@ -25,7 +25,7 @@ PARTS=(
   "bare:6:bare ResNet-50 step without distres: NCHW/channels_last, batch 256/384, compile, reduce-overhead, DDP at world size 1 with zero_grad in place / set_to_none / no broadcast_buffers"
   "levers:8:ResNet-50 through distres.train, 224 px synthetic, 1 GPU: fp32 -> bf16 -> channels_last -> batch 256 -> compile, and DDP at world size 1 vs none"
   "levers-x:6:the same for ResNeXt-50 32x4d (bf16 channels_last batch 256, eager and compiled)"
-  "loaders:5:input pipelines without a model: torch and gpu backends on the CIFAR-10 JPEGs, torch on 224-px generated JPEGs (dali when installed)"
+  "loaders:5:input pipelines without a model: torch and gpu backends on the CIFAR-10 JPEGs, torch (decoding in workers and on the GPU) on 224-px generated JPEGs (dali when installed)"
   "cifar10:7:configs/cifar10-gpu.yaml end to end on the CIFAR-10 JPEGs: accuracy and seconds"
   "scaling:6:CPU vs 1 GPU, ResNet-50 on the CIFAR-10 JPEGs (gpuN skipped on one GPU)"
 )
@@ -112,7 +112,7 @@ case $part in
     "$PY" benchmarks/loaders.py run --data-dir "$DATA_DIR" --backends gpu,torch --image-size 32 --batch-size 512 \
       --batches 100 --warmup 5 --repeats 2 --workers 15 --out "$dir" --name loaders-gpu-cifar10 >/dev/null
     "$PY" benchmarks/loaders.py generate .cache/data/imagenet-like --num 2000 | tail -n 1
-    "$PY" benchmarks/loaders.py run --data-dir .cache/data/imagenet-like --backends torch,dali,torchvision-stock \
+    "$PY" benchmarks/loaders.py run --data-dir .cache/data/imagenet-like --backends torch,torch-device-decode,dali,torchvision-stock \
       --image-size 224 --batch-size 256 --batches 15 --warmup 3 --repeats 2 --workers 15 \
       --out "$dir" --name loaders-gpu-224 >/dev/null
     cat "$dir"/*.md >"$summary"; cat "$summary" ;;

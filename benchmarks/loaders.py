@@ -116,7 +116,8 @@ def _sync(device):
 
 def make_loader(backend: str, data_dir: Path, size: int, batch: int, workers: int, device,
                 decoder: str = "torchvision"):
-    """A training loader of one backend for this process alone, as distres.data.build makes it."""
+    """A training loader of one backend for this process alone, as distres.data.build makes it
+    (``torch-device-decode``: the torch backend with --decode-on device)."""
     import torch
     from distres.data.bad import BadSamples
     from distres.data.base import Normalize, Spec
@@ -125,8 +126,9 @@ def make_loader(backend: str, data_dir: Path, size: int, batch: int, workers: in
     from distres.data.transforms import IMAGENET_MEAN, IMAGENET_STD
     src = FolderSource(data_dir / "train", decoder=decoder)
     spec = Spec(src, True, size, Normalize(IMAGENET_MEAN, IMAGENET_STD, device, torch.channels_last),
-                BadSamples("fail"), batch, 0, 1, 0, workers, available_cpus())
-    return loader_class(backend)(spec)
+                BadSamples("fail"), batch, 0, 1, 0, workers, available_cpus(),
+                decode_on_device=backend == "torch-device-decode")
+    return loader_class(backend.removesuffix("-device-decode"))(spec)
 
 
 def _dali_native(data_dir: Path, size: int, batch: int, workers: int, device):
@@ -401,7 +403,8 @@ def main() -> None:
     run = sub.choices["run"]
     run.add_argument("--data-dir", type=Path, required=True, help="an ImageFolder with train/")
     run.add_argument("--backends", default="torch,dali",
-                     help="comma-separated: torch, gpu, dali, and for reference dali-native, torchvision-stock")
+                     help="comma-separated: torch, torch-device-decode (--decode-on device), gpu, dali, and for "
+                     "reference dali-native, torchvision-stock")
     run.add_argument("--image-size", type=int, default=224)
     run.add_argument("--name", default="loaders", help="result file name (without extension)")
     al = sub.choices["all"]

@@ -92,6 +92,10 @@ class TrainConfig:
         "rounded to a multiple of 32 px, to END at epoch B, then END", group="data")
     workers: int = opt(-1, "per rank: DataLoader worker processes (torch) or DALI threads (dali); "
                        "-1: from the CPUs available", group="data")
+    decode_on: str = opt("workers", "torch backend: where JPEGs are decoded and cropped: workers (DataLoader "
+                         "processes, libjpeg-turbo) or device (the training device, a batch per call: nvJPEG on "
+                         "CUDA; the workers then only read files, and decode other formats)",
+                         choices=("workers", "device"), group="data")
     on_bad_sample: str = opt("skip", "an image that cannot be decoded: skip it (named once in the log, "
                              "counted as bad_samples in metrics.jsonl) or fail (stop, naming the file)",
                              choices=("skip", "fail"), group="data")

@@ -118,7 +118,8 @@ def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
         r.meter.refs["autotune table"] = str(out / "autotune.json")
     if ctx.is_main:
         console(f"distres: {cfg.arch} on {ctx.world_size} x {ctx.device.type} ({ctx.backend or 'single process'}), "
-                f"{cfg.data} {bundle.image_size}px ({bundle.backend} loader), {bundle.num_classes} classes, "
+                f"{cfg.data} {bundle.image_size}px ({bundle.backend} loader"
+                f"{', decoding on the ' + ctx.device.type if cfg.decode_on == 'device' else ''}), {bundle.num_classes} classes, "
                 f"global batch {plan.global_batch}, lr {max(state.scheduler.base_lrs):g}, amp {cfg.amp}, "
                 f"{plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps")
     last_eval = None

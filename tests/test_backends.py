@@ -243,3 +243,50 @@ def test_device_resident_backends_copy_once_per_epoch(coded, backend, monkeypatc
         batches = _epoch(loader, epoch)
         assert len(batches) == loader.sampler.num_batches() > 3
         assert len(copies) == (2 if backend == "gpu" else 1), copies  # order (+ boxes), once
+
+
+@pytest.fixture(scope="module")
+def photos(module_dir):
+    """JPEGs of mixed sizes and aspect ratios (smooth gradients, as photos are, so that the
+    crops' resampling matters), plus one truncated and one corrupt file in train/."""
+    from torchvision.io import encode_jpeg
+
+    from tests.helpers import break_jpeg
+    g = torch.Generator().manual_seed(0)
+    root = module_dir / "photos"
+    for split, n in (("train", 22), ("val", 6)):
+        for i in range(n):
+            h, w = 40 + 13 * (i % 5), 48 + 11 * (i % 7)
+            base = torch.rand(3, 1, 1, generator=g) * torch.linspace(0, 1, h)[:, None] * torch.linspace(0.5, 1, w)
+            img = (255 * (base + 0.2 * torch.rand(3, h, w, generator=g)).clamp(0, 1)).to(torch.uint8)
+            folder = root / split / ("a" if i % 2 else "b")
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{i:03d}.jpg").write_bytes(encode_jpeg(img, quality=90).numpy().tobytes())
+    break_jpeg(root / "train/a/001.jpg", "truncated")
+    break_jpeg(root / "train/b/002.jpg", "corrupt")
+    return root
+
+
+@pytest.mark.parametrize("size", [32, 72])
+def test_decoding_on_the_device_gives_the_workers_batches(photos, size):
+    """--decode-on device on a CPU device decodes with the workers' libjpeg-turbo and crops with
+    the same code, so its batches are the workers' bit for bit: the pad-crops of small images
+    and the RandomResizedCrop boxes of larger ones, with --auto-augment, the evaluation crops,
+    a resume mid-epoch, and the same undecodable files left out and counted."""
+    def bundle(where):
+        cfg = parse_args(["--data", "imagefolder", "--data-dir", str(photos), "--image-size", str(size),
+                          "--batch-size", str(BATCH), "--seed", "5", "--auto-augment", "ta_wide",
+                          "--decode-on", where, "--workers", "0"])
+        return build(cfg, DistContext(0, 0, 1, 1, torch.device("cpu"), None), torch.channels_last)
+
+    workers, device = bundle("workers"), bundle("device")
+    assert device.train.loader.dataset.encoded and not workers.train.loader.dataset.encoded
+    for split in ("train", "val"):
+        for start in (0, BATCH):
+            want, got = _epoch(getattr(workers, split), 1, start), _epoch(getattr(device, split), 1, start)
+            assert len(want) == len(got) > 0
+            for (xa, ya), (xb, yb) in zip(want, got):
+                assert torch.equal(ya, yb) and torch.equal(xa, xb)
+                assert xb.shape[-1] == size and xb.is_contiguous(memory_format=torch.channels_last)
+    assert workers.train.bad_samples == device.train.bad_samples >= 2  # both broken files, in every pass
+

@@ -14,11 +14,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from tests.helpers import REPO, TINY, cli_env, make_imagefolder, one_error_line, run_train
 from distres import evaluate, export, predict, prepare, train
+from distres.data import known
 
 RUN = ["--device", "cpu", "--no-progress", "--wandb", "disabled"]
 
@@ -46,6 +48,11 @@ def made(module_dir):
     (root / "garbage.pt").write_bytes(b"not a checkpoint")
     torch.save({"weight": torch.zeros(2)}, root / "plain.pt")
     (root / "noimages").mkdir()
+    (root / "mnist").mkdir()
+    for train_split, n in ((True, 8), (False, 4)):  # a tiny MNIST: the idx files hold decoded arrays
+        images, labels = known.MNIST_FILES[train_split]
+        known.write_idx(root / "mnist" / images, np.zeros((n, 28, 28), dtype=np.uint8))
+        known.write_idx(root / "mnist" / labels, np.arange(n, dtype=np.uint8) % 2)
     run = root / "run"
     r = run_train(TINY + ["--batch-size", "4", "--synthetic-samples", "16", "--max-steps", "2",
                           "--output-dir", str(run)])
@@ -114,6 +121,12 @@ CASES = {
     "gpu backend for large images": (lambda p: _train("--data", "imagefolder", "--data-dir", str(p["folder"]),
                                                       "--data-backend", "gpu", "--image-size", "96")(p),
                                      "--data-backend gpu is for small images"),
+    "decoding on the device in another backend": (
+        lambda p: _train("--data", "imagefolder", "--data-dir", str(p["folder"]), "--data-backend", "gpu",
+                         "--decode-on", "device", "--image-size", "32")(p), "--decode-on device is an option of"),
+    "decoding on the device without files": (
+        lambda p: _train("--data", "mnist", "--data-dir", str(p["root"] / "mnist"), "--decode-on", "device",
+                         "--batch-size", "2")(p), "comes as arrays already decoded"),
     # paths, checkpoints and weights
     "output dir is a file": (lambda p: (train.main, [*TINY, "--max-steps", "1", *RUN,
                                                       "--output-dir", str(p["root"] / "a-file")]), "a-file"),

@@ -82,6 +82,38 @@ def test_gpu_backend_on_the_gpu_matches_itself_on_the_cpu(tmp_path):
                 assert torch.equal(yg.cpu(), yc) and torch.equal(xg.cpu(), xc)
 
 
+def test_nvjpeg_decoding_matches_the_workers_and_trains(tmp_path):
+    """--decode-on device on the GPU (nvJPEG, then crops on the device): the same samples, boxes
+    and labels as the CPU workers, the pixels within nvJPEG's and the float resize's rounding;
+    and a short training run on it."""
+    from distres.config import parse_args
+    from distres.data import build
+    from distres.dist import DistContext
+
+    root = make_imagefolder(tmp_path / "data", {"train": {"a": 40, "b": 40}, "val": {"a": 10, "b": 11}}, size=96)
+    for size in (32, 80):
+        bundles = []
+        for where, device in (("workers", "cpu"), ("device", "cuda")):
+            cfg = parse_args(["--data", "imagefolder", "--data-dir", str(root), "--image-size", str(size),
+                              "--batch-size", "16", "--decode-on", where, "--workers", "2"])
+            dev = torch.device(device, 0) if device == "cuda" else torch.device("cpu")
+            bundles.append(build(cfg, DistContext(0, 0, 1, 1, dev, None), torch.channels_last))
+        for split in ("train", "val"):
+            for b in bundles:
+                getattr(b, split).set_epoch(1)
+            pairs = list(zip(getattr(bundles[0], split), getattr(bundles[1], split)))
+            assert len(pairs) == getattr(bundles[0], split).sampler.num_batches() > 0
+            for (xc, yc), (xg, yg) in pairs:
+                assert xg.is_cuda and xg.is_contiguous(memory_format=torch.channels_last)
+                assert torch.equal(yg.cpu(), yc)
+                assert (xg.cpu() - xc).abs().mean() < 0.03  # about 1.5 grey levels
+    r = run_train(["--arch", "resnet18", "--data", "imagefolder", "--data-dir", str(root), "--image-size", "64",
+                   "--decode-on", "device", "--device", "cuda", "--batch-size", "16", "--epochs", "2",
+                   "--no-progress", "--wandb", "disabled", "--output-dir", str(tmp_path / "run")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [x["epoch"] for x in read_metrics(tmp_path / "run") if x["kind"] == "eval"] == [1, 2]
+
+
 def test_cuda_rng_round_trips_through_a_checkpoint(tmp_path):
     from distres import checkpoint
 

@@ -64,6 +64,7 @@ class Spec:
     flip: bool = True  # random horizontal flips in training (not for data whose mirror image differs, digits)
     resize: int = 0  # evaluation: the shorter side before the centre crop (0: ``transforms.eval_size``'s default)
     sizes: object = None  # training: the crop size per epoch, a ``resolution.Schedule`` (None: image_size)
+    decode_on_device: bool = False  # --decode-on device (torch backend)
 
     @property
     def device(self) -> torch.device:
@@ -115,6 +116,35 @@ def _handed_over(batch, done: torch.cuda.Event):
     for t in batch:
         t.record_stream(compute)
     return batch
+
+
+class SideStream:
+    """Where a backend's per-batch device work runs on CUDA: on a stream of its own, so that any
+    wait for it (torchvision's geometric ops and decoders copy to the device synchronously, which
+    makes the host wait for the stream they run on) covers only that work, never the training step
+    queued on the compute stream. On other devices ``run`` just calls."""
+
+    def __init__(self, device: torch.device, *epoch_inputs: torch.Tensor):
+        self.stream = None
+        if device.type != "cuda":
+            return
+        self.stream, self.compute = torch.cuda.Stream(device), torch.cuda.current_stream(device)
+        self.stream.wait_stream(self.compute)  # e.g. an epoch's order and boxes, copied on the compute stream
+        for t in epoch_inputs:
+            t.record_stream(self.stream)
+
+    def run(self, fn, *args):
+        """fn(*args): a tensor or a tuple of tensors, ready for the compute stream to read."""
+        if self.stream is None:
+            return fn(*args)
+        with torch.cuda.stream(self.stream):
+            out = fn(*args)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        self.compute.wait_event(done)
+        for t in out if isinstance(out, tuple) else (out,):
+            t.record_stream(self.compute)  # made on the side stream, read on the compute stream
+        return out
 
 
 class Loader:

@@ -72,6 +72,7 @@ def decode_torchvision(path: str) -> torch.Tensor:
 
 DECODERS = {"torchvision": decode_torchvision, "pil": decode_pil}
 
+JPEG_MAGIC = b"\xff\xd8"
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
@@ -81,7 +82,7 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
     Walks the marker segments to the start-of-frame (a few microseconds, against ~40 for
     PIL's header parse) and checks the end-of-image marker, which a truncated file lacks;
     DALI's decoder would otherwise fail the whole batch on it."""
-    if data[:2] != b"\xff\xd8" or b"\xff\xd9" not in data[-64:]:
+    if data[:2] != JPEG_MAGIC or b"\xff\xd9" not in data[-64:]:
         return None
     i, n = 2, len(data)
     while i + 4 <= n:
@@ -103,7 +104,7 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
 
 def image_size(data: bytes) -> tuple[int, int] | None:
     """(height, width) of any image file from its header; None when it cannot be read."""
-    if data[:2] == b"\xff\xd8":
+    if data[:2] == JPEG_MAGIC:
         return jpeg_size(data)
     from PIL import Image
     try:

@@ -17,7 +17,7 @@ import torch
 
 from distres.data import transforms
 from distres.data.decode import DECODE_ERRORS, describe
-from distres.data.base import Loader, Spec, to_device
+from distres.data.base import Loader, SideStream, Spec, to_device
 from distres.data.sources import ArraySource
 from distres.errors import UserError
 
@@ -97,7 +97,7 @@ class GpuLoader(Loader):
             seeds = self.sampler.seeds(ids)
             crops = to_device(transforms.pad_crop_params(transforms.pad_crop_boxes(seeds, self.size, self.pad, self.flip)),
                               self.device)
-            side = _SideStream(self.device, index, crops) if self.policy.active else None
+            side = SideStream(self.device, index, crops) if self.policy.active else None
         for part in self.sampler.batch_slices():
             i = index[part]
             if self.train and side is not None:
@@ -113,33 +113,6 @@ class GpuLoader(Loader):
         the batch on the device."""
         images = transforms.gather_pad_crops(self.images, i, crops, self.size, self.pad)
         return self.policy.apply_batch(images.permute(0, 3, 1, 2), seeds).permute(0, 2, 3, 1)
-
-
-class _SideStream:
-    """Where --auto-augment runs on CUDA. torchvision's geometric ops copy their matrices to the
-    device synchronously, which makes the host wait for the stream they run on; on a stream of
-    their own that wait covers only the augmentation's kernels, never the training step queued
-    on the compute stream. On other devices ``run`` just calls."""
-
-    def __init__(self, device: torch.device, *epoch_inputs: torch.Tensor):
-        self.stream = None
-        if device.type != "cuda":
-            return
-        self.stream, self.compute = torch.cuda.Stream(device), torch.cuda.current_stream(device)
-        self.stream.wait_stream(self.compute)  # the epoch's order and boxes, copied on the compute stream
-        for t in epoch_inputs:
-            t.record_stream(self.stream)
-
-    def run(self, fn, *args) -> torch.Tensor:
-        if self.stream is None:
-            return fn(*args)
-        with torch.cuda.stream(self.stream):
-            out = fn(*args)
-            done = torch.cuda.Event()
-            done.record(self.stream)
-        self.compute.wait_event(done)
-        out.record_stream(self.compute)  # made on the side stream, read on the compute stream
-        return out
 
 
 class _Quiet:

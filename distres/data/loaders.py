@@ -1,6 +1,7 @@
 """``build``: the train and validation loaders of a run, on the backend it asks for.
 
-- ``torch``: DataLoader worker processes decode and crop uint8; pinned memory; normalised on the device.
+- ``torch``: DataLoader worker processes decode and crop uint8; pinned memory; normalised on the device
+  (``--decode-on device``: the workers read the files, the device decodes and crops).
 - ``gpu``: the whole (small) data set decoded once into one uint8 tensor on the device.
 - ``dali``: NVIDIA DALI decodes and crops (on the GPU when there is one; the optional extra).
 - ``synthetic``: learnable random images made on the device, no I/O (throughput runs).
@@ -72,6 +73,10 @@ def build(cfg, ctx, memory_format: torch.memory_format, stats=None, train: bool 
                         + ("DALI's auto_aug draws from its own generators, not from the per-sample seeds; "
                            if backend == "dali" else "")
                         + "use --data-backend torch (or gpu)")
+    if cfg.decode_on == "device" and backend != "torch":
+        raise UserError(f"--decode-on device is an option of --data-backend torch; the {backend} backend "
+                        + ("makes its images on the device" if backend == "synthetic" else "decodes by itself")
+                        + ": drop --decode-on device or pass --data-backend torch")
     size = cfg.train_image_size()
     eval_crop, eval_resize = cfg.eval_sizes()
     eval_resize = transforms.eval_size(eval_crop, eval_resize)
@@ -90,7 +95,8 @@ def build(cfg, ctx, memory_format: torch.memory_format, stats=None, train: bool 
                     policy=Policy(cfg.auto_augment, cfg.ra_magnitude),
                     batch_aug=BatchAugment.from_config(cfg, len(names)),
                     flip=cfg.data not in known.NO_FLIP,
-                    resize=0 if is_train else eval_resize, sizes=cfg.resize_schedule() if is_train else None)
+                    resize=0 if is_train else eval_resize, sizes=cfg.resize_schedule() if is_train else None,
+                    decode_on_device=cfg.decode_on == "device")
         loaders.append(loader_class(backend)(spec))
 
     train_loader = loaders[0]
