@@ -106,7 +106,7 @@ def test_nvjpeg_decoding_matches_the_workers_and_trains(tmp_path):
             for (xc, yc), (xg, yg) in pairs:
                 assert xg.is_cuda and xg.is_contiguous(memory_format=torch.channels_last)
                 assert torch.equal(yg.cpu(), yc)
-                assert (xg.cpu() - xc).abs().mean() < 0.03  # about 1.5 grey levels
+                assert (xg.cpu() - xc).abs().mean() < 0.05  # under 3 grey levels; another crop of this noise: tens
     r = run_train(["--arch", "resnet18", "--data", "imagefolder", "--data-dir", str(root), "--image-size", "64",
                    "--decode-on", "device", "--device", "cuda", "--batch-size", "16", "--epochs", "2",
                    "--no-progress", "--wandb", "disabled", "--output-dir", str(tmp_path / "run")])

@@ -181,8 +181,9 @@ class TorchLoader(Loader):
             self.bad.report_all(bad)
             if not kept:
                 raise all_bad(bad, len(items))
-            images = assemble(images, seeds[kept], size, spec.train, spec.policy, spec.flip, spec.resize)
-            return self.norm(images, labels[kept])
+            if len(kept) < len(items):  # (indexing only then keeps the labels in pinned memory)
+                seeds, labels = seeds[kept], labels[kept]
+            return self.norm(assemble(images, seeds, size, spec.train, spec.policy, spec.flip, spec.resize), labels)
 
         for items, labels, bad, (seeds, size, names) in self.loader:
             self.bad.report_all(bad)
