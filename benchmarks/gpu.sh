@@ -28,6 +28,7 @@ PARTS=(
   "loaders:5:input pipelines without a model: torch and gpu backends on the CIFAR-10 JPEGs, torch (decoding in workers and on the GPU) on 224-px generated JPEGs (dali when installed)"
   "cifar10:7:configs/cifar10-gpu.yaml end to end on the CIFAR-10 JPEGs: accuracy and seconds"
   "scaling:6:CPU vs 1 GPU, ResNet-50 on the CIFAR-10 JPEGs (gpuN skipped on one GPU)"
+  "seed:6:the seed article's job (ResNet-50, ImageNet stem, CIFAR-10, 10 epochs) on this GPU: its plain loop (benchmarks/seed_loop.py: batch 64, Adam, fp32), then distres with configs/cifar10-cpu.yaml's recipe and the gpu backend; seconds and test top-1 of each"
 )
 
 part=${1:-list}
@@ -121,6 +122,14 @@ case $part in
     timeout -k 10 480 "$PY" -m distres.train --config configs/cifar10-gpu.yaml --data-dir "$DATA_DIR" \
       --output-dir "$dir/run" --no-progress --wandb disabled
     grep -h '"kind": "eval"' "$dir/run/metrics.jsonl" >"$summary"; tail -n 3 "$summary" ;;
+  seed)
+    need_cifar10 || exit 1
+    timeout -k 10 330 "$PY" benchmarks/seed_loop.py --data-dir "$DATA_DIR" --device cuda --epochs 10 --workers 8 \
+      | tee "$dir/seed-loop.json"
+    timeout -k 10 200 "$PY" -m distres.train --config configs/cifar10-cpu.yaml --epochs 10 --device cuda \
+      --data-backend gpu --data-dir "$DATA_DIR" --output-dir "$dir/run" --checkpoint-every 0 --eval-every 10 \
+      --no-progress --wandb disabled 2>&1 | tee "$dir/distres.txt" | tail -n 3
+    { cat "$dir/seed-loop.json"; grep -h "distres: done" "$dir/distres.txt"; } >"$summary"; cat "$summary" ;;
   scaling)
     need_cifar10 || exit 1
     scaling scaling-gpu-resnet50-cifar10 --units cpu1,gpu1,gpuN --arch resnet50 --batch-size 256 \
