@@ -5,11 +5,25 @@ from __future__ import annotations
 import os
 import shutil
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import CIFAR10_TARBALL
+
+DISK_NEEDED_GB = 2  # the most the suite holds at once (its largest test's checkpoints), with room
+
+
+def pytest_sessionstart(session):
+    """Say first when the temporary folder's disk is nearly full: otherwise the tests that train
+    fail one by one, each with its run's 'No space left on device'."""
+    tmp = Path(tempfile.gettempdir())
+    free = shutil.disk_usage(tmp).free / 2**30
+    if free < DISK_NEEDED_GB:
+        session.config.pluginmanager.get_plugin("terminalreporter").write_line(
+            f"warning: {free:.1f} GB free in {tmp}; the tests that train need about {DISK_NEEDED_GB} GB there "
+            "(free some, or point TMPDIR elsewhere)", yellow=True)
 
 
 @pytest.fixture(scope="module")
