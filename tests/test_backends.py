@@ -248,8 +248,9 @@ def test_device_resident_backends_copy_once_per_epoch(coded, backend, monkeypatc
 @pytest.fixture(scope="module")
 def photos(module_dir):
     """JPEGs of mixed sizes and aspect ratios (smooth gradients, as photos are, so that the
-    crops' resampling matters), plus one truncated and one corrupt file in train/."""
-    from torchvision.io import encode_jpeg
+    crops' resampling matters), a PNG in each split, and one truncated and one corrupt JPEG in
+    train/."""
+    from torchvision.io import encode_jpeg, encode_png
 
     from tests.helpers import break_jpeg
     g = torch.Generator().manual_seed(0)
@@ -264,6 +265,9 @@ def photos(module_dir):
             (folder / f"{i:03d}.jpg").write_bytes(encode_jpeg(img, quality=90).numpy().tobytes())
     break_jpeg(root / "train/a/001.jpg", "truncated")
     break_jpeg(root / "train/b/002.jpg", "corrupt")
+    for split in ("train", "val"):  # a PNG among the JPEGs: the workers decode it in either mode
+        ramp = torch.linspace(0, 255, 70).to(torch.uint8).expand(3, 45, 70)
+        (root / split / "a" / "ramp.png").write_bytes(encode_png(ramp).numpy().tobytes())
     return root
 
 
@@ -276,7 +280,7 @@ def test_decoding_on_the_device_gives_the_workers_batches(photos, size):
     def bundle(where):
         cfg = parse_args(["--data", "imagefolder", "--data-dir", str(photos), "--image-size", str(size),
                           "--batch-size", str(BATCH), "--seed", "5", "--auto-augment", "ta_wide",
-                          "--decode-on", where, "--workers", "0"])
+                          "--decode-on", where, "--workers", "1"])  # through a worker process, as in use
         return build(cfg, DistContext(0, 0, 1, 1, torch.device("cpu"), None), torch.channels_last)
 
     workers, device = bundle("workers"), bundle("device")

@@ -90,7 +90,14 @@ def test_nvjpeg_decoding_matches_the_workers_and_trains(tmp_path):
     from distres.data import build
     from distres.dist import DistContext
 
+    from PIL import Image
+
+    from tests.helpers import break_jpeg
     root = make_imagefolder(tmp_path / "data", {"train": {"a": 40, "b": 40}, "val": {"a": 10, "b": 11}}, size=96)
+    break_jpeg(root / "train/a/0001.jpg", "truncated")  # left out by the workers' check
+    break_jpeg(root / "train/a/0002.jpg", "corrupt")  # fails nvJPEG, the retry and the CPU decoder
+    Image.new("L", (90, 70), 77).save(root / "train/b/gray.jpg")  # 1 channel, expanded to RGB
+    Image.new("RGB", (90, 70), (1, 2, 3)).save(root / "train/b/lossless.png")  # decoded by the workers
     for size in (32, 80):
         bundles = []
         for where, device in (("workers", "cpu"), ("device", "cuda")):
@@ -107,6 +114,7 @@ def test_nvjpeg_decoding_matches_the_workers_and_trains(tmp_path):
                 assert xg.is_cuda and xg.is_contiguous(memory_format=torch.channels_last)
                 assert torch.equal(yg.cpu(), yc)
                 assert (xg.cpu() - xc).abs().mean() < 0.05  # under 3 grey levels; another crop of this noise: tens
+        assert bundles[0].train.bad_samples == bundles[1].train.bad_samples == 2
     r = run_train(["--arch", "resnet18", "--data", "imagefolder", "--data-dir", str(root), "--image-size", "64",
                    "--decode-on", "device", "--device", "cuda", "--batch-size", "16", "--epochs", "2",
                    "--no-progress", "--wandb", "disabled", "--output-dir", str(tmp_path / "run")])

@@ -27,14 +27,18 @@ from distres.data.base import Loader, SideStream, Spec, all_bad, prefetch, to_de
 from distres.errors import UserError
 
 
-def assemble(images: list[torch.Tensor], seeds: np.ndarray, size: int, train: bool, policy, flip: bool,
-             resize: int) -> torch.Tensor:
-    """Decoded uint8 CHW images (any sizes, any one device) -> the batch, B x C x size x size:
-    the training crops of their seeds (pad-crop-flip for small images, RandomResizedCrop + flip
-    otherwise) and --auto-augment, or the evaluation resize + centre crop. The workers call it
-    on the CPU; with --decode-on device the training device does, on what it decoded."""
-    if not train or size <= transforms.SMALL_IMAGES:
-        images = [transforms.resize_center_crop(img, size, resize) for img in images]
+def fit(img: torch.Tensor, size: int, train: bool, resize: int) -> torch.Tensor:
+    """What happens to an image before the batch's crops: small training images and every
+    evaluation image are brought to size x size (``resize_center_crop``); larger training images
+    stay whole for their RandomResizedCrop box."""
+    return transforms.resize_center_crop(img, size, resize) if not train or size <= transforms.SMALL_IMAGES else img
+
+
+def assemble(images: list[torch.Tensor], seeds: np.ndarray, size: int, train: bool, policy, flip: bool) -> torch.Tensor:
+    """Decoded uint8 CHW images, each already through ``fit`` (any one device) -> the batch,
+    B x C x size x size: the training crops of their seeds (pad-crop-flip for small images,
+    RandomResizedCrop + flip otherwise) and --auto-augment; evaluation images as they are. The
+    workers call it on the CPU; with --decode-on device the training device does."""
     if not train:
         return torch.stack(images)
     if size <= transforms.SMALL_IMAGES:  # the whole batch's pad-crops in one gather
@@ -56,9 +60,11 @@ class BatchDataset(torch.utils.data.Dataset):
     batch and reported back, instead of killing the worker. Each item is (index, seed, crop
     size): the workers persist across epochs, and the size may change between them.
 
-    With ``encoded`` (--decode-on device) a worker only reads each JPEG's bytes and checks that
-    the file is whole; decoding and cropping are left to the training device (``DeviceDecoder``).
-    Files in other formats are decoded here all the same."""
+    With ``encoded`` (--decode-on device) a worker only reads the batch's JPEGs and checks that
+    each is whole, and hands them over as one byte tensor (one shared-memory transfer per batch,
+    not one per image); decoding and cropping are left to the training device
+    (``DeviceDecoder``). Other files, and JPEGs whose layout the check does not know, are
+    decoded here all the same."""
 
     def __init__(self, source, train: bool, policy, flip: bool = True, resize: int = 0, encoded: bool = False):
         self.source, self.train, self.policy, self.flip, self.resize = source, train, policy, flip, resize
@@ -76,62 +82,85 @@ class BatchDataset(torch.utils.data.Dataset):
             except DECODE_ERRORS as e:
                 bad.append((self.source.name(index), describe(e)))
                 continue
-            images.append(img)
+            # fitted one by one: a worker holds one full-size image at a time, not a batch of them
+            images.append(img if self.encoded else fit(img, size, self.train, self.resize))
             labels.append(label)
             seeds.append(seed)
             names.append(self.source.name(index))
         labels = torch.tensor(labels, dtype=torch.int64)
         seeds = np.array(seeds, dtype=np.uint64)
         if self.encoded:
-            return images, labels, bad, (seeds, size, names)
+            coded = b"".join(img for img in images if isinstance(img, bytes))
+            lengths = [len(img) if isinstance(img, bytes) else 0 for img in images]
+            decoded = [img for img in images if not isinstance(img, bytes)]
+            return torch.frombuffer(bytearray(coded) or bytearray(1), dtype=torch.uint8), labels, bad, \
+                (lengths, decoded, seeds, size, names)
         if not images:
             return torch.empty(0, 3, size, size, dtype=torch.uint8), labels, bad
-        return assemble(images, seeds, size, self.train, self.policy, self.flip, self.resize), labels, bad
+        return assemble(images, seeds, size, self.train, self.policy, self.flip), labels, bad
 
-    def _read(self, index: int) -> tuple[torch.Tensor, int]:
-        """A JPEG as its bytes (a 1-D uint8 tensor), any other image decoded (CHW)."""
-        path = self.source.name(index)
-        data = read_bytes(path)
-        if data[:2] != JPEG_MAGIC:
-            return self.source.load(index)
-        if jpeg_size(data) is None:
-            raise ValueError("not a whole JPEG (truncated or damaged header)")
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8), int(self.source.labels[index])
+    def _read(self, index: int) -> tuple[bytes | torch.Tensor, int]:
+        """A whole JPEG as its bytes; any other image decoded (CHW)."""
+        data = read_bytes(self.source.name(index))
+        if data[:2] != JPEG_MAGIC or jpeg_size(data) is None:
+            return self.source.load(index)  # (a damaged JPEG fails here, as in the workers' path)
+        return data, int(self.source.labels[index])
 
 
 class DeviceDecoder:
     """--decode-on device: a batch of JPEG bytes decoded in one call on the training device
     (torchvision's ``decode_jpeg``: nvJPEG on CUDA, libjpeg-turbo on a CPU device, where the
-    pixels are the workers' own), then cropped there by ``assemble``. An image the batched
-    call rejects is retried alone, then on the CPU (nvJPEG lacks some JPEG variants, e.g. CMYK),
-    and only left out, as bad, when the CPU cannot decode it either."""
+    pixels are the workers' own). An image the batched call rejects is retried alone, then with
+    the workers' decoder (nvJPEG lacks some JPEG variants, e.g. CMYK), and only left out, as bad,
+    when that fails too. Running out of device memory is not a bad image: it is raised."""
 
     def __init__(self, device: torch.device):
         self.device = device
 
-    def __call__(self, items: list[torch.Tensor], names) -> tuple[list[torch.Tensor], list[int], list]:
-        """(decoded images on the device, the positions kept, [(name, why)] of the bad ones)."""
-        coded = [k for k, t in enumerate(items) if t.dim() == 1]
-        out = {k: to_device(t, self.device) for k, t in enumerate(items) if t.dim() != 1}
+    def __call__(self, coded: list[torch.Tensor | None], decoded: list[torch.Tensor], names: list[str]):
+        """``coded[k]``: image k's JPEG bytes, or None where ``decoded`` holds it (in order).
+        Returns (the images on the device, the positions kept, [(name, why)] of the bad ones)."""
+        rest = iter(decoded)
+        out = {k: to_device(next(rest), self.device) for k, t in enumerate(coded) if t is None}
+        jpegs = [k for k, t in enumerate(coded) if t is not None]
         bad = {}
         try:
-            out.update(zip(coded, self._decode([items[k] for k in coded])))
-        except DECODE_ERRORS:
-            for k in coded:
+            out.update(zip(jpegs, self._decode([coded[k] for k in jpegs])))
+        except DECODE_ERRORS as batch_err:
+            _raise_if_device_failed(batch_err)
+            for k in jpegs:
                 try:
-                    out[k] = self._decode([items[k]])[0]
-                except DECODE_ERRORS as e:
+                    out[k] = self._decode([coded[k]], after_failure=True)[0]
+                except DECODE_ERRORS as one_err:
+                    _raise_if_device_failed(one_err)
                     try:  # the workers' decoder, from the file
                         out[k] = to_device(decode_torchvision(names[k]), self.device)
-                    except DECODE_ERRORS:
-                        bad[k] = describe(e)
-        kept = [k for k in range(len(items)) if k in out]
+                    except DECODE_ERRORS as cpu_err:
+                        bad[k] = describe(cpu_err)
+        kept = sorted(out)
         return [out[k] for k in kept], kept, [(names[k], why) for k, why in bad.items()]
 
-    def _decode(self, data: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _decode(self, data: list[torch.Tensor], after_failure: bool = False) -> list[torch.Tensor]:
         if not data:
             return []
+        if self.device.type == "cuda":
+            # torchvision's CUDA decoder allocates its outputs on the current stream but writes
+            # them from a stream of its own that does not wait for ours: memory freed by the last
+            # batch could be rewritten while our queued crops still read it. Let those finish
+            # (after a failed call, everything: its writes may still be running).
+            if after_failure:
+                torch.cuda.synchronize(self.device)
+            else:
+                torch.cuda.current_stream(self.device).synchronize()
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+
+
+def _raise_if_device_failed(err: BaseException) -> None:
+    """torchvision rewraps the device's errors (out of memory, a CUDA fault) in the RuntimeError
+    a bad file gives; those are not the file's fault and must not drop good images."""
+    text = str(err)
+    if isinstance(err, torch.OutOfMemoryError) or "out of memory" in text or "CUDA error" in text:
+        raise err
 
 
 class _SizedBatches:
@@ -176,20 +205,24 @@ class TorchLoader(Loader):
     def _device_batches(self):
         spec, decode, side = self.spec, DeviceDecoder(self.device), SideStream(self.device)
 
-        def batch(items, labels, seeds, size, names):
-            images, kept, bad = decode(items, names)
+        def batch(coded, labels, decoded, seeds, size, names):
+            images, kept, bad = decode(coded, decoded, names)
             self.bad.report_all(bad)
             if not kept:
-                raise all_bad(bad, len(items))
-            if len(kept) < len(items):  # (indexing only then keeps the labels in pinned memory)
+                raise all_bad(bad, len(coded))
+            images = [fit(img, size, spec.train, spec.resize) for img in images]
+            if len(kept) < len(coded):  # (indexing only then keeps the labels in pinned memory)
                 seeds, labels = seeds[kept], labels[kept]
-            return self.norm(assemble(images, seeds, size, spec.train, spec.policy, spec.flip, spec.resize), labels)
+            return self.norm(assemble(images, seeds, size, spec.train, spec.policy, spec.flip), labels)
 
-        for items, labels, bad, (seeds, size, names) in self.loader:
+        for blob, labels, bad, (lengths, decoded, seeds, size, names) in self.loader:
             self.bad.report_all(bad)
-            if not items:
+            if not lengths:
                 raise all_bad(bad, len(bad))
-            yield side.run(batch, items, labels, seeds, size, names)
+            sizes = [n for n in lengths if n]
+            parts = iter(torch.split(blob[:sum(sizes)], sizes) if sizes else ())
+            coded = [next(parts) if n else None for n in lengths]
+            yield side.run(batch, coded, labels, decoded, seeds, size, names)
 
     def _host_batches(self):
         for images, labels, bad in self.loader:
