@@ -48,21 +48,28 @@ def main() -> None:
     it = iter(loader)
     for i in range(a.warmup + a.steps):
         t0 = time.perf_counter()
-        x, y = next(it)
-        x, y = x.to(device), y.to(device)
-        opt.zero_grad()
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        opt.step()
+        step(model, opt, loss_fn, *next(it), device)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= a.warmup:
             times.append(time.perf_counter() - t0)
     total = sum(times)
-    print(json.dumps({"loop": "seed", "images_per_sec": a.batch_size * len(times) / total,
-                      "median_step_s": statistics.median(times), "steps": len(times),
-                      "batch_size": a.batch_size, "workers": a.workers,
-                      "threads": torch.get_num_threads(), "torch": torch.__version__}))
+    report(a, device, images_per_sec=a.batch_size * len(times) / total,
+           median_step_s=statistics.median(times), steps=len(times))
+
+
+def step(model, opt, loss_fn, x, y, device) -> None:
+    """The tutorial's training step."""
+    x, y = x.to(device), y.to(device)
+    opt.zero_grad()
+    loss = loss_fn(model(x), y)
+    loss.backward()
+    opt.step()
+
+
+def report(a, device, **figures) -> None:
+    print(json.dumps({"loop": "seed", **figures, "batch_size": a.batch_size, "workers": a.workers,
+                      "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__}))
 
 
 def whole_epochs(a, model, opt, loss_fn, loader, tf, device) -> None:
@@ -71,11 +78,7 @@ def whole_epochs(a, model, opt, loss_fn, loader, tf, device) -> None:
     t0 = time.perf_counter()
     for _ in range(a.epochs):
         for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            opt.zero_grad()
-            loss = loss_fn(model(x), y)
-            loss.backward()
-            opt.step()
+            step(model, opt, loss_fn, x, y, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
@@ -88,10 +91,8 @@ def whole_epochs(a, model, opt, loss_fn, loader, tf, device) -> None:
         for x, y in test:
             correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
             total += len(y)
-    print(json.dumps({"loop": "seed", "epochs": a.epochs, "train_seconds": round(seconds, 1),
-                      "images_per_sec": a.epochs * len(loader.dataset) / seconds, "top1": 100 * correct / total,
-                      "batch_size": a.batch_size, "workers": a.workers, "device": str(device),
-                      "threads": torch.get_num_threads(), "torch": torch.__version__}))
+    report(a, device, epochs=a.epochs, train_seconds=round(seconds, 1),
+           images_per_sec=a.epochs * len(loader.dataset) / seconds, top1=100 * correct / total)
 
 
 if __name__ == "__main__":

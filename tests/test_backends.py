@@ -42,10 +42,11 @@ def coded(module_dir):
     return root
 
 
-def _bundle(root, backend, rank, world=2, cpu_channels_last=True):
-    cfg = parse_args(["--data", "imagefolder", "--data-dir", str(root), "--image-size", "32", "--seed", "3",
+def _bundle(root, backend, rank, world=2, cpu_channels_last=True, size=32, extra=()):
+    cfg = parse_args(["--data", "imagefolder", "--data-dir", str(root), "--image-size", str(size), "--seed", "3",
                       "--batch-size", str(BATCH), "--data-backend", backend,
-                      "--workers", "0" if backend == "torch" else "1"])  # torch: decode in this process
+                      "--workers", "0" if backend == "torch" else "1",  # torch: decode in this process
+                      *extra])  # (a flag given again in extra wins)
     ctx = DistContext(rank, rank, world, world, torch.device("cpu"), "gloo" if world > 1 else None)
     fmt = torch.channels_last if cpu_channels_last else torch.contiguous_format
     return build(cfg, ctx, fmt)
@@ -277,13 +278,10 @@ def test_decoding_on_the_device_gives_the_workers_batches(photos, size):
     the same code, so its batches are the workers' bit for bit: the pad-crops of small images
     and the RandomResizedCrop boxes of larger ones, with --auto-augment, the evaluation crops,
     a resume mid-epoch, and the same undecodable files left out and counted."""
-    def bundle(where):
-        cfg = parse_args(["--data", "imagefolder", "--data-dir", str(photos), "--image-size", str(size),
-                          "--batch-size", str(BATCH), "--seed", "5", "--auto-augment", "ta_wide",
-                          "--decode-on", where, "--workers", "1"])  # through a worker process, as in use
-        return build(cfg, DistContext(0, 0, 1, 1, torch.device("cpu"), None), torch.channels_last)
-
-    workers, device = bundle("workers"), bundle("device")
+    workers, device = (_bundle(photos, "torch", 0, world=1, size=size,
+                               extra=("--auto-augment", "ta_wide", "--decode-on", where,
+                                      "--workers", "1"))  # through a worker process, as in use
+                       for where in ("workers", "device"))
     assert device.train.loader.dataset.encoded and not workers.train.loader.dataset.encoded
     for split in ("train", "val"):
         for start in (0, BATCH):

@@ -57,13 +57,13 @@ def test_compiled_ddp_with_gradient_accumulation_resumes(tmp_path):
     assert [x["step"] for x in read_metrics(tmp_path / "run") if x["kind"] == "train"] == [4, 8]
 
 
-def _bundle(root, device: str, backend: str, workers: int = 0):
+def _bundle(root, device: str, backend: str, workers: int = 0, size: int = 32, extra: tuple = ()):
     from distres.config import parse_args
     from distres.data import build
     from distres.dist import DistContext
 
-    cfg = parse_args(["--data", "imagefolder", "--data-dir", str(root), "--image-size", "32", "--seed", "3",
-                      "--batch-size", "16", "--data-backend", backend, "--workers", str(workers)])
+    cfg = parse_args(["--data", "imagefolder", "--data-dir", str(root), "--image-size", str(size), "--seed", "3",
+                      "--batch-size", "16", "--data-backend", backend, "--workers", str(workers), *extra])
     ctx = DistContext(0, 0, 1, 1, torch.device(device, 0) if device == "cuda" else torch.device("cpu"), None)
     return build(cfg, ctx, torch.channels_last)
 
@@ -86,25 +86,17 @@ def test_nvjpeg_decoding_matches_the_workers_and_trains(tmp_path):
     """--decode-on device on the GPU (nvJPEG, then crops on the device): the same samples, boxes
     and labels as the CPU workers, the pixels within nvJPEG's and the float resize's rounding;
     and a short training run on it."""
-    from distres.config import parse_args
-    from distres.data import build
-    from distres.dist import DistContext
-
     from PIL import Image
 
     from tests.helpers import break_jpeg
     root = make_imagefolder(tmp_path / "data", {"train": {"a": 40, "b": 40}, "val": {"a": 10, "b": 11}}, size=96)
-    break_jpeg(root / "train/a/0001.jpg", "truncated")  # left out by the workers' check
+    break_jpeg(root / "train/a/0001.jpg", "truncated")  # fails in the workers, in either mode
     break_jpeg(root / "train/a/0002.jpg", "corrupt")  # fails nvJPEG, the retry and the CPU decoder
     Image.new("L", (90, 70), 77).save(root / "train/b/gray.jpg")  # 1 channel, expanded to RGB
     Image.new("RGB", (90, 70), (1, 2, 3)).save(root / "train/b/lossless.png")  # decoded by the workers
     for size in (32, 80):
-        bundles = []
-        for where, device in (("workers", "cpu"), ("device", "cuda")):
-            cfg = parse_args(["--data", "imagefolder", "--data-dir", str(root), "--image-size", str(size),
-                              "--batch-size", "16", "--decode-on", where, "--workers", "2"])
-            dev = torch.device(device, 0) if device == "cuda" else torch.device("cpu")
-            bundles.append(build(cfg, DistContext(0, 0, 1, 1, dev, None), torch.channels_last))
+        bundles = [_bundle(root, "cpu", "torch", 2, size),
+                   _bundle(root, "cuda", "torch", 2, size, ("--decode-on", "device"))]
         for split in ("train", "val"):
             for b in bundles:
                 getattr(b, split).set_epoch(1)
