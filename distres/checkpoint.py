@@ -201,9 +201,8 @@ def saved_order(state: dict, cfg) -> dict:
     return {**data_order(cfg, state.get("world_size", 1)), "repeated_aug": 1, **state.get("data_order", {})}
 
 
-def order_changes(state: dict, cfg, world_size: int) -> list[str]:
-    """What the epoch's order depends on and changed since the checkpoint."""
-    saved, now = saved_order(state, cfg), data_order(cfg, world_size)
+def order_changes(saved: dict, now: dict) -> list[str]:
+    """What the epoch's order depends on and changed from the saved order to this run's."""
     return [k for k in ORDER_KEYS if saved[k] != now[k]]
 
 
@@ -214,7 +213,7 @@ def resumed_position(state: dict, cfg, world_size: int) -> Resumed:
     sample = state.get("samples_in_epoch")
     if sample is None:  # saved by a version that counted optimizer steps
         sample = state["step_in_epoch"] * _global_batch(saved)
-    if order_changes(state, cfg, world_size):
+    if order_changes(saved, data_order(cfg, world_size)):
         sample = 0
     return Resumed(state["step"], state["epoch"], sample, _global_batch(saved), state.get("schedule_axis"))
 
@@ -312,7 +311,7 @@ class Checkpointer:
         set_rng_state(rank_rng(state, self.ctx.rank), self.ctx.device)
         position = resumed_position(state, cfg, self.ctx.world_size)
         saved, now = saved_order(state, cfg), data_order(cfg, self.ctx.world_size)
-        changed = order_changes(state, cfg, self.ctx.world_size)
+        changed = order_changes(saved, now)
         if changed and (state.get("samples_in_epoch") or state.get("step_in_epoch")):
             warnings.warn(f"{', '.join(changed)} changed since the checkpoint, so the order of the "
                           "interrupted epoch differs: that epoch restarts from its beginning", stacklevel=1)
