@@ -5,6 +5,7 @@ and the same samples and crops whichever backend decodes them.
 The ranks are real loaders built for rank r of a world of 2 in this process (the sharding is
 the loaders' own arithmetic; tests/test_sharding.py runs two processes under torchrun)."""
 
+import gc
 import sys
 
 import numpy as np
@@ -278,6 +279,10 @@ def test_decoding_on_the_device_gives_the_workers_batches(photos, size):
     the same code, so its batches are the workers' bit for bit: the pad-crops of small images
     and the RandomResizedCrop boxes of larger ones, with --auto-augment, the evaluation crops,
     a resume mid-epoch, and the same undecodable files left out and counted."""
+    # The DataLoader workers below are forked from this process: collect first any DALI pipeline
+    # an earlier test left as garbage, whose destructor would hang in a forked child (the
+    # pipeline's threads do not exist there).
+    gc.collect()
     workers, device = (_bundle(photos, "torch", 0, world=1, size=size,
                                extra=("--auto-augment", "ta_wide", "--decode-on", where,
                                       "--workers", "1"))  # through a worker process, as in use
