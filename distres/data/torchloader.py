@@ -22,7 +22,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from distres.data import transforms
-from distres.data.decode import DECODE_ERRORS, JPEG_MAGIC, decode_torchvision, describe, jpeg_size, read_bytes
+from distres.data.decode import DECODE_ERRORS, decode_torchvision, describe, jpeg_size, read_bytes
 from distres.data.base import Loader, SideStream, Spec, all_bad, prefetch, to_device
 from distres.errors import UserError
 
@@ -102,7 +102,7 @@ class BatchDataset(torch.utils.data.Dataset):
     def _read(self, index: int) -> tuple[bytes | torch.Tensor, int]:
         """A whole JPEG as its bytes; any other image decoded (CHW)."""
         data = read_bytes(self.source.name(index))
-        if data[:2] != JPEG_MAGIC or jpeg_size(data) is None:
+        if jpeg_size(data) is None:  # not a JPEG, or not one whose layout the check knows
             return self.source.load(index)  # (a damaged JPEG fails here, as in the workers' path)
         return data, int(self.source.labels[index])
 
