@@ -2,7 +2,7 @@
 # The GPU measurements, one part per command, each well inside a 10-minute command limit:
 #
 #   bash benchmarks/gpu.sh list              # the parts, their minutes and commands (runs nothing)
-#   bash benchmarks/gpu.sh smoke             # then one part per call, e.g. on a lent GPU machine
+#   bash benchmarks/gpu.sh first             # then one part per call, e.g. on a lent GPU machine
 #
 # Runs from the checkout as it is: no install (PYTHONPATH), no git (the code version comes from
 # $DISTRES_CODE_VERSION, e.g. DISTRES_CODE_VERSION="commit $(git rev-parse HEAD)" here), no W&B, no
@@ -21,6 +21,7 @@ TARBALL=${TARBALL:-.gpu/cifar10-jpeg.tar.gz}
 
 # part: minutes: what
 PARTS=(
+  "first:7:one command for a short lease: environment, the ResNet-50 headline (bf16, channels_last, batch 256, with and without DDP at world size 1), pytest -m gpu, ResNeXt-50 at the same settings"
   "smoke:5:environment, then every CUDA path once: pytest -m gpu (nccl group of one through the loop, fp16 + GradScaler + clipping, compiled DDP with grad accumulation resumed, gpu backend vs CPU bit for bit, CUDA RNG through a checkpoint, NVML, host-sync audit of every backend)"
   "bare:6:bare ResNet-50 step without distres: NCHW/channels_last, batch 256/384, compile, reduce-overhead, DDP at world size 1 with zero_grad in place / set_to_none / no broadcast_buffers"
   "levers:8:ResNet-50 through distres.train, 224 px synthetic, 1 GPU: fp32 -> bf16 -> channels_last -> batch 256 -> compile, and DDP at world size 1 vs none"
@@ -49,6 +50,7 @@ mkdir -p "$dir"
 log="$OUT/$part.log"
 summary="$OUT/$part.md"
 exec > >(tee "$log") 2>&1
+: >"$summary"
 echo "# gpu.sh $part: $(date -u +%FT%TZ), code: ${DISTRES_CODE_VERSION:-unknown}"
 pack() { tar czf "$OUT/$part.tgz" -C "$OUT" "$part" && rm -rf "${dir:?}"; }
 trap pack EXIT
@@ -68,7 +70,7 @@ scaling() {  # NAME [scaling.py flags] [-- distres.train flags]: one distres.tra
 }
 
 table() {  # the scaling.py results of this part as one Markdown table
-  "$PY" - "$dir" <<'PY' >"$summary"
+  "$PY" - "$dir" <<'PY' >>"$summary"
 import json, pathlib, sys
 rows = []
 for f in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
@@ -82,13 +84,30 @@ PY
   cat "$summary"
 }
 
+environment() {  # the GPU, driver and library versions, to env.txt
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$dir/env.txt"
+  "$PY" -c "import torch, torchvision, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'torchvision', torchvision.__version__)" | tee -a "$dir/env.txt"
+}
+
+gpu_tests() {  # SECONDS: the GPU-only tests, their last lines to the summary
+  timeout -k 10 "$1" "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider --junitxml="$dir/gpu-tests.xml" -rs \
+    | tee "$dir/pytest.txt"
+  tail -n 5 "$dir/pytest.txt" >>"$summary"
+}
+
 case $part in
+  first)
+    environment
+    common=(--units gpu1 --data synthetic --image-size 224 --batch-size 256 --amp bf16 --window 20 --warmup-windows 3
+            --windows 4)
+    scaling r50-bf16-cl-b256 --arch resnet50 "${common[@]}" -- --channels-last
+    gpu_tests 300
+    scaling r50-bf16-cl-b256-ddp1 --arch resnet50 "${common[@]}" -- --channels-last --dist-backend nccl
+    scaling rx50-bf16-cl-b256 --arch resnext50_32x4d "${common[@]}" -- --channels-last
+    table ;;
   smoke)
-    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$dir/env.txt"
-    "$PY" -c "import torch, torchvision, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'torchvision', torchvision.__version__)" | tee -a "$dir/env.txt"
-    timeout -k 10 500 "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider --junitxml="$dir/gpu-tests.xml" -rs \
-      | tee "$dir/pytest.txt"
-    tail -n 5 "$dir/pytest.txt" >"$summary" ;;
+    environment
+    gpu_tests 500 ;;
   bare)
     "$PY" benchmarks/bare_step.py --out "$dir" --timeout 200 --budget 480 --profile eager:cl:256 \
       2>"$dir/stderr.txt" | tee "$summary" ;;

@@ -189,7 +189,7 @@ def test_gpu_kit_lists_parts_that_fit_the_command_limit():
                          timeout=30)
     assert out.returncode == 0, out.stderr
     parts = re.findall(r"^(\S+)\s+~(\d+) min\s+\S", out.stdout, re.M)
-    assert {p for p, _ in parts} >= {"smoke", "bare", "levers", "loaders", "cifar10", "scaling", "seed"}
+    assert {p for p, _ in parts} >= {"first", "smoke", "bare", "levers", "loaders", "cifar10", "scaling", "seed"}
     assert all(1 <= int(m) <= 8 for _, m in parts), parts
     bad = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh"), "nope"], capture_output=True, text=True,
                          timeout=30)
