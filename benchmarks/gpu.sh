@@ -95,11 +95,13 @@ gpu_tests() {  # SECONDS: the GPU-only tests, their last lines to the summary
   tail -n 5 "$dir/pytest.txt" >>"$summary"
 }
 
+# one GPU, 224-px synthetic images, the same windows for every throughput run (first, levers, levers-x)
+synthetic224=(--units gpu1 --data synthetic --image-size 224 --window 20 --warmup-windows 3 --windows 4)
+
 case $part in
   first)
     environment
-    common=(--units gpu1 --data synthetic --image-size 224 --batch-size 256 --amp bf16 --window 20 --warmup-windows 3
-            --windows 4)
+    common=("${synthetic224[@]}" --batch-size 256 --amp bf16)
     scaling r50-bf16-cl-b256 --arch resnet50 "${common[@]}" -- --channels-last
     gpu_tests 300
     scaling r50-bf16-cl-b256-ddp1 --arch resnet50 "${common[@]}" -- --channels-last --dist-backend nccl
@@ -112,7 +114,7 @@ case $part in
     "$PY" benchmarks/bare_step.py --out "$dir" --timeout 200 --budget 480 --profile eager:cl:256 \
       2>"$dir/stderr.txt" | tee "$summary" ;;
   levers)
-    common=(--units gpu1 --arch resnet50 --data synthetic --image-size 224 --window 20 --warmup-windows 3 --windows 4)
+    common=("${synthetic224[@]}" --arch resnet50)
     scaling r50-fp32-nchw-b128 "${common[@]}" --batch-size 128 --amp none -- --no-channels-last
     scaling r50-bf16-nchw-b128 "${common[@]}" --batch-size 128 --amp bf16 -- --no-channels-last
     scaling r50-bf16-cl-b128 "${common[@]}" --batch-size 128 --amp bf16 -- --channels-last
@@ -122,7 +124,7 @@ case $part in
       --channels-last --compile
     table ;;
   levers-x)
-    common=(--units gpu1 --arch resnext50_32x4d --data synthetic --image-size 224 --window 20 --warmup-windows 3 --windows 4)
+    common=("${synthetic224[@]}" --arch resnext50_32x4d)
     scaling rx50-bf16-cl-b256 "${common[@]}" --batch-size 256 --amp bf16 -- --channels-last
     scaling rx50-bf16-cl-b256-compile "${common[@]}" --batch-size 256 --amp bf16 --warmup-windows 5 -- \
       --channels-last --compile
