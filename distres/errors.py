@@ -54,17 +54,32 @@ class ArgumentParser(argparse.ArgumentParser):
 LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
 
 
+def _worker_death(err: BaseException | None) -> str | None:
+    """torch's words for a dead DataLoader worker (None: not that). When the worker's SIGCHLD
+    arrives while the main thread waits on the data queue, the handler's error ("... is killed by
+    signal: Killed") is caught there and becomes the cause of a vaguer one ("... exited
+    unexpectedly"): the innermost of the chain names the signal."""
+    words = None
+    while isinstance(err, RuntimeError):
+        text = " ".join(str(err).split())
+        if not text.startswith("DataLoader worker"):
+            break
+        words, err = text.rstrip(". "), err.__cause__
+    return words
+
+
 def process_death(err: BaseException, rank: int) -> RankError | None:
     """A process this one depended on died, as this rank's one-line error (None: not that):
     a DataLoader worker (torch raises it from a SIGCHLD handler, in whatever the main thread
     was running, so only the CLI's outermost handler catches it everywhere), or another rank of
     the job (its collective fails here)."""
+    worker = _worker_death(err)
+    if worker is not None:
+        return RankError(f"rank {rank}: a data loading worker died ({worker}); if it ran out of memory "
+                         "(dmesg names the OOM killer), lower --workers or --batch-size, or give the job more memory")
     if not isinstance(err, RuntimeError):
         return None
     text = " ".join(str(err).split())
-    if text.startswith("DataLoader worker"):
-        return RankError(f"rank {rank}: a data loading worker died ({text.rstrip('. ')}); if it ran out of memory "
-                         "(dmesg names the OOM killer), lower --workers or --batch-size, or give the job more memory")
     lost = next((what for what in LOST_PEER if what in text), None)
     if lost is not None:
         return RankError(f"rank {rank}: another process of the job went away during a collective ({lost}); its "

@@ -4,8 +4,10 @@ that dies: each ends in one line naming what happened, with the checkpoints inta
 import math
 import os
 import signal
+import threading
 import time
 
+import pytest
 import torch
 
 from tests.helpers import TINY, one_error_line, read_metrics, run_train, start_train, wait_for
@@ -120,6 +122,36 @@ def test_a_data_worker_that_dies_is_named(tmp_path):
     line = one_error_line(log.read_text())
     assert line.startswith("distres: error: rank 0: a data loading worker died (DataLoader worker (pid ") \
         and "Killed" in line and "--workers" in line, line
+
+
+class _SlowItems(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        time.sleep(60)
+        return i
+
+
+def test_a_worker_killed_while_the_loader_waits_is_named_by_its_signal():
+    # The other path of a worker's death: its SIGCHLD arrives while the main thread waits on the
+    # data queue, and torch's own message there only says the worker "exited unexpectedly".
+    from distres.errors import process_death
+    it = iter(torch.utils.data.DataLoader(_SlowItems(), num_workers=1))
+    kids = [int(p) for p in open(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read().split()]
+    assert len(kids) == 1, kids
+    timer = threading.Timer(1.0, os.kill, (kids[0], signal.SIGKILL))
+    timer.start()
+    try:
+        with pytest.raises(RuntimeError) as caught:
+            next(it)
+    finally:
+        timer.cancel()
+    err = caught.value
+    assert "exited unexpectedly" in str(err), err  # the path this test is for
+    line = str(process_death(err, 0))
+    assert line.startswith(f"rank 0: a data loading worker died (DataLoader worker (pid {kids[0]}) is killed by "
+                           "signal: Killed)") and "--workers" in line, line
 
 
 def test_an_fp16_scaler_that_keeps_skipping_counts_as_diverged():
