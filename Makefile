@@ -10,7 +10,7 @@ DATA_DIR ?= .cache/data/cifar10
 RUN_DIR ?= runs/cifar10-cpu-$(shell date +%Y%m%d-%H%M%S)
 ARGS ?=
 
-.PHONY: setup sysdeps test train clean
+.PHONY: setup sysdeps lint test train clean
 
 setup: $(VENV)/.installed
 
@@ -24,7 +24,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[test,dali,export,tensorboard]'
 	touch $@
 
-test: setup sysdeps
+# Format and lint first: a minute's check before a quarter hour of tests.
+lint: setup
+	$(PY) -m ruff format --check --quiet .
+	$(PY) -m ruff check --quiet .
+
+test: setup sysdeps lint
 	$(PY) -m pytest -q tests
 
 # CIFAR-10 JPEGs unpacked once from the local tarball; without it the run uses synthetic data.

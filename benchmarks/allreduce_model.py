@@ -31,12 +31,21 @@ class Link:
 
 # Stated assumptions: achievable all-reduce bus bandwidth, a bit under each link's nominal rate.
 LINKS = (
-    Link("NVLink", 240.0, 5.0, (2, 4, 8),
-         "A100 SXM NVLink 3 via NVSwitch: 300 GB/s per direction nominal, ~240 achieved by NCCL"),
-    Link("PCIe", 20.0, 10.0, (2, 4, 8),
-         "PCIe 4.0 x16: 32 GB/s per direction nominal, ~20 through the host bridge"),
-    Link("InfiniBand", 22.0, 10.0, (16, 32, 64),
-         "HDR 200 Gb/s (25 GB/s), one NIC per GPU, 8 GPUs per node: the inter-node hop limits the ring"),
+    Link(
+        "NVLink",
+        240.0,
+        5.0,
+        (2, 4, 8),
+        "A100 SXM NVLink 3 via NVSwitch: 300 GB/s per direction nominal, ~240 achieved by NCCL",
+    ),
+    Link("PCIe", 20.0, 10.0, (2, 4, 8), "PCIe 4.0 x16: 32 GB/s per direction nominal, ~20 through the host bridge"),
+    Link(
+        "InfiniBand",
+        22.0,
+        10.0,
+        (16, 32, 64),
+        "HDR 200 Gb/s (25 GB/s), one NIC per GPU, 8 GPUs per node: the inter-node hop limits the ring",
+    ),
 )
 
 
@@ -59,8 +68,7 @@ def ring_allreduce_s(nbytes: float, n: int, bandwidth_gbs: float, latency_us: fl
     return 2 * (n - 1) / n * nbytes / (bandwidth_gbs * 1e9) + 2 * (n - 1) * latency_us * 1e-6
 
 
-def exposed_comm_s(compute_s: float, buckets: list[int], n: int, bandwidth_gbs: float,
-                   latency_us: float) -> float:
+def exposed_comm_s(compute_s: float, buckets: list[int], n: int, bandwidth_gbs: float, latency_us: float) -> float:
     """All-reduce time left after backward ends, buckets overlapping the rest of backward."""
     if n <= 1 or not buckets:
         return 0.0
@@ -95,11 +103,19 @@ def project(compute_s: float, per_unit_images_s: float, buckets: list[int], link
         for n in link.sizes:
             exposed = exposed_comm_s(compute_s, buckets, n, link.bandwidth_gbs, link.latency_us)
             eff = efficiency(compute_s, buckets, n, link)
-            rows.append({"name": f"{link.name} x{n}", "link": link.name, "units": n,
-                         "bandwidth_gbs": link.bandwidth_gbs, "latency_us": link.latency_us,
-                         "allreduce_ms": 1e3 * ring_allreduce_s(sum(buckets), n, link.bandwidth_gbs,
-                                                                link.latency_us),
-                         "compute_ms": 1e3 * compute_s, "exposed_comm_ms": 1e3 * exposed,
-                         "efficiency": eff, "images_per_sec": n * per_unit_images_s * eff,
-                         "compute_ms_for_90pct": 1e3 * compute_for_efficiency(0.9, buckets, n, link)})
+            rows.append(
+                {
+                    "name": f"{link.name} x{n}",
+                    "link": link.name,
+                    "units": n,
+                    "bandwidth_gbs": link.bandwidth_gbs,
+                    "latency_us": link.latency_us,
+                    "allreduce_ms": 1e3 * ring_allreduce_s(sum(buckets), n, link.bandwidth_gbs, link.latency_us),
+                    "compute_ms": 1e3 * compute_s,
+                    "exposed_comm_ms": 1e3 * exposed,
+                    "efficiency": eff,
+                    "images_per_sec": n * per_unit_images_s * eff,
+                    "compute_ms_for_90pct": 1e3 * compute_for_efficiency(0.9, buckets, n, link),
+                }
+            )
     return rows

@@ -28,8 +28,10 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT = ("eager:nchw:256,eager:cl:256,eager:cl:384,default:cl:256,reduce-overhead:cl:256,"
-           "eager:cl:256:ddp,eager:cl:256:ddp+none,eager:cl:256:ddp+nobb")
+DEFAULT = (
+    "eager:nchw:256,eager:cl:256,eager:cl:384,default:cl:256,reduce-overhead:cl:256,"
+    "eager:cl:256:ddp,eager:cl:256:ddp+none,eager:cl:256:ddp+nobb"
+)
 
 
 def child(cfg: str, steps: int, repeats: int, warmup: int, arch: str, profile_dir: str | None) -> dict:
@@ -45,6 +47,7 @@ def child(cfg: str, steps: int, repeats: int, warmup: int, arch: str, profile_di
     torch.backends.cudnn.allow_tf32 = True
     if "c1x1" in knobs or "cdt" in knobs:
         import torch._inductor.config as ic
+
         ic.conv_1x1_as_mm = "c1x1" in knobs
         ic.coordinate_descent_tuning = "cdt" in knobs
     fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
@@ -53,15 +56,21 @@ def child(cfg: str, steps: int, repeats: int, warmup: int, arch: str, profile_di
     model = model.to(dev, memory_format=fmt)
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": 5e-5}, {"params": no_decay, "weight_decay": 0.0}],
-                          lr=0.1, momentum=0.9, fused=True)
+    opt = torch.optim.SGD(
+        [{"params": decay, "weight_decay": 5e-5}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=0.1,
+        momentum=0.9,
+        fused=True,
+    )
     crit = nn.CrossEntropyLoss(label_smoothing=0.1)
     set_to_none = True
     if "ddp" in knobs:
         import torch.distributed as td
+
         td.init_process_group("nccl", store=td.HashStore(), rank=0, world_size=1, device_id=dev)
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[0], gradient_as_bucket_view=True,
-                                                    broadcast_buffers="nobb" not in knobs)
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[0], gradient_as_bucket_view=True, broadcast_buffers="nobb" not in knobs
+        )
         set_to_none = "none" in knobs
     fwd = model if mode == "eager" else torch.compile(model, mode=None if mode == "default" else mode)
     cudagraphs = mode in ("reduce-overhead", "max-autotune")
@@ -98,7 +107,7 @@ def child(cfg: str, steps: int, repeats: int, warmup: int, arch: str, profile_di
         host.append(time.perf_counter() - t0)
     torch.cuda.synchronize()
     rates, wall = [], []
-    for r in range(repeats):
+    for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -110,16 +119,23 @@ def child(cfg: str, steps: int, repeats: int, warmup: int, arch: str, profile_di
         wall.append(time.perf_counter() - t0)
         rates.append(batch * steps / (start.elapsed_time(end) / 1e3))
     assert torch.isfinite(loss).item(), "non-finite loss"
-    res = {"config": cfg, "arch": arch, "img_s": round(statistics.median(rates), 1),
-           "img_s_repeats": [round(x, 1) for x in rates],
-           "img_s_wall": round(batch * steps / statistics.median(wall), 1),
-           "gpu_ms_per_step": round(1e3 * batch / statistics.median(rates), 2),
-           "host_ms_per_step_idle_gpu": round(1e3 * min(host), 2),
-           "first_step_s": round(first_s, 1), "first_loss": float(first),
-           "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1),
-           "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0)}
+    res = {
+        "config": cfg,
+        "arch": arch,
+        "img_s": round(statistics.median(rates), 1),
+        "img_s_repeats": [round(x, 1) for x in rates],
+        "img_s_wall": round(batch * steps / statistics.median(wall), 1),
+        "gpu_ms_per_step": round(1e3 * batch / statistics.median(rates), 2),
+        "host_ms_per_step_idle_gpu": round(1e3 * min(host), 2),
+        "first_step_s": round(first_s, 1),
+        "first_loss": float(first),
+        "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0),
+    }
     if profile_dir:
         from torch.profiler import ProfilerActivity, profile
+
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for i in range(3):
                 step(i)
@@ -160,7 +176,9 @@ def child(cfg: str, steps: int, repeats: int, warmup: int, arch: str, profile_di
                 k = "other"
             fam[k] = fam.get(k, 0.0) + t
             total += t
-        res["kernel_share"] = {k: round(v / total, 3) for k, v in sorted(fam.items(), key=lambda kv: -kv[1])} if total else {}
+        res["kernel_share"] = (
+            {k: round(v / total, 3) for k, v in sorted(fam.items(), key=lambda kv: -kv[1])} if total else {}
+        )
         print(table, file=sys.stderr)
     return res
 
@@ -191,13 +209,28 @@ def main() -> None:
         if left < 60:
             rows.append({"config": cfg, "error": f"skipped: {left:.0f} s left of --budget {a.budget}"})
             continue
-        cmd = [sys.executable, __file__, "--child", cfg, "--arch", a.arch, "--steps", str(a.steps), "--repeats",
-               str(a.repeats), "--warmup", str(a.warmup), "--profile", a.profile, "--out", str(out)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            cfg,
+            "--arch",
+            a.arch,
+            "--steps",
+            str(a.steps),
+            "--repeats",
+            str(a.repeats),
+            "--warmup",
+            str(a.warmup),
+            "--profile",
+            a.profile,
+            "--out",
+            str(out),
+        ]
         t0 = time.perf_counter()
         print(f"bench: {cfg} ...", file=sys.stderr, flush=True)
         # Its own session, so that a timeout also ends inductor's compile workers.
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
             stdout, stderr = proc.communicate(timeout=min(a.timeout, left - 10))
             line = next((x for x in stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -215,8 +248,10 @@ def main() -> None:
         if "error" in r:
             print(f"{r['config']:40s} ERROR {r['error'][-200:]!r}")
         else:
-            print(f"{r['config']:40s} {r['img_s']:8.0f} {r['gpu_ms_per_step']:8.1f} {r['host_ms_per_step_idle_gpu']:8.1f} "
-                  f"{r['first_step_s']:6.1f} {r['peak_mem_gb']:6.1f} {r['process_s']:6.0f}")
+            print(
+                f"{r['config']:40s} {r['img_s']:8.0f} {r['gpu_ms_per_step']:8.1f} {r['host_ms_per_step_idle_gpu']:8.1f} "
+                f"{r['first_step_s']:6.1f} {r['peak_mem_gb']:6.1f} {r['process_s']:6.0f}"
+            )
 
 
 if __name__ == "__main__":

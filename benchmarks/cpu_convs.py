@@ -23,10 +23,23 @@ sys.path.insert(0, str(REPO))
 from benchmarks import machine_info  # noqa: E402
 
 # (in channels, out channels, map size, kernel, stride): the layers of ResNet-50 at 32 px
-SHAPES = [(64, 256, 8, 1, 1), (256, 64, 8, 1, 1), (64, 64, 8, 3, 1), (256, 128, 8, 1, 1), (128, 128, 4, 3, 1),
-          (512, 128, 4, 1, 1), (512, 256, 4, 1, 1), (256, 256, 2, 3, 1), (256, 1024, 2, 1, 1),
-          (1024, 256, 2, 1, 1), (1024, 512, 2, 1, 1), (512, 512, 2, 3, 2), (512, 512, 1, 3, 1),
-          (512, 2048, 1, 1, 1), (2048, 512, 1, 1, 1)]
+SHAPES = [
+    (64, 256, 8, 1, 1),
+    (256, 64, 8, 1, 1),
+    (64, 64, 8, 3, 1),
+    (256, 128, 8, 1, 1),
+    (128, 128, 4, 3, 1),
+    (512, 128, 4, 1, 1),
+    (512, 256, 4, 1, 1),
+    (256, 256, 2, 3, 1),
+    (256, 1024, 2, 1, 1),
+    (1024, 256, 2, 1, 1),
+    (1024, 512, 2, 1, 1),
+    (512, 512, 2, 3, 2),
+    (512, 512, 1, 3, 1),
+    (512, 2048, 1, 1, 1),
+    (2048, 512, 1, 1, 1),
+]
 
 
 def _ms(fn) -> float:
@@ -50,6 +63,7 @@ def _alternate(fns: dict, repeats: int) -> dict:
 def conv_rows(batch: int, repeats: int) -> list[dict]:
     import torch
     import torch.nn as nn
+
     from distres.models import matmul_convs
 
     rows = []
@@ -59,15 +73,20 @@ def conv_rows(batch: int, repeats: int) -> list[dict]:
             fast = matmul_convs(nn.Sequential(nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=False)))[0]
             x = torch.randn(batch, cin, hw, hw).contiguous(memory_format=torch.channels_last).requires_grad_()
 
-            def step(m):
+            def step(m, x=x, amp=amp):
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
                     y = m(x)
                 y.float().sum().backward()
 
-            t = _alternate({"conv": lambda: step(ref), "distres": lambda: step(fast)}, repeats)
-            rows.append({"shape": f"{cin}->{cout} {hw}x{hw} k{k} s{stride}", "dtype": "bf16" if amp else "fp32",
-                         "conv_ms": round(statistics.median(t["conv"]), 2),
-                         "distres_ms": round(statistics.median(t["distres"]), 2)})
+            t = _alternate({"conv": lambda ref=ref: step(ref), "distres": lambda fast=fast: step(fast)}, repeats)
+            rows.append(
+                {
+                    "shape": f"{cin}->{cout} {hw}x{hw} k{k} s{stride}",
+                    "dtype": "bf16" if amp else "fp32",
+                    "conv_ms": round(statistics.median(t["conv"]), 2),
+                    "distres_ms": round(statistics.median(t["distres"]), 2),
+                }
+            )
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
@@ -75,6 +94,7 @@ def conv_rows(batch: int, repeats: int) -> list[dict]:
 def step_rows(batch: int, repeats: int) -> list[dict]:
     import torch
     import torch.nn as nn
+
     from distres.models import build_model, matmul_convs
 
     def make(mm: bool):
@@ -93,25 +113,44 @@ def step_rows(batch: int, repeats: int) -> list[dict]:
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+
         return step
 
     times = _alternate({"oneDNN convolutions": make(False), "MatmulConv2d (distres)": make(True)}, repeats)
-    return [{"step": name, "images_per_sec": round(batch / (statistics.median(t) / 1e3), 1),
-             "step_ms": [round(x) for x in t]} for name, t in times.items()]
+    return [
+        {
+            "step": name,
+            "images_per_sec": round(batch / (statistics.median(t) / 1e3), 1),
+            "step_ms": [round(x) for x in t],
+        }
+        for name, t in times.items()
+    ]
 
 
 def render(r: dict) -> str:
-    lines = ["# CPU convolutions: oneDNN vs MatmulConv2d, ResNet-50 at 32 px", "",
-             f"Device: {r['cpu_model']}, {r['threads']} threads, torch {r['torch']}, {r['commit']}.",
-             f"Command: `{r['command']}`", "",
-             f"Forward + backward of one layer, batch {r['batch']}, channels_last, median of {r['repeats']} "
-             "(the two taking turns):", "",
-             "| layer (in->out, map, kernel, stride) | dtype | oneDNN conv ms | distres ms | ratio |",
-             "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {x['shape']} | {x['dtype']} | {x['conv_ms']} | {x['distres_ms']} | "
-              f"{x['conv_ms'] / x['distres_ms']:.2f}x |" for x in r["layers"]]
-    lines += ["", "The whole training step (bf16 autocast, fused AdamW):", "",
-              "| convolutions | images/s | step ms (each repeat) |", "| --- | --- | --- |"]
+    lines = [
+        "# CPU convolutions: oneDNN vs MatmulConv2d, ResNet-50 at 32 px",
+        "",
+        f"Device: {r['cpu_model']}, {r['threads']} threads, torch {r['torch']}, {r['commit']}.",
+        f"Command: `{r['command']}`",
+        "",
+        f"Forward + backward of one layer, batch {r['batch']}, channels_last, median of {r['repeats']} "
+        "(the two taking turns):",
+        "",
+        "| layer (in->out, map, kernel, stride) | dtype | oneDNN conv ms | distres ms | ratio |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {x['shape']} | {x['dtype']} | {x['conv_ms']} | {x['distres_ms']} | {x['conv_ms'] / x['distres_ms']:.2f}x |"
+        for x in r["layers"]
+    ]
+    lines += [
+        "",
+        "The whole training step (bf16 autocast, fused AdamW):",
+        "",
+        "| convolutions | images/s | step ms (each repeat) |",
+        "| --- | --- | --- |",
+    ]
     lines += [f"| {x['step']} | {x['images_per_sec']} | {', '.join(map(str, x['step_ms']))} |" for x in r["steps"]]
     return "\n".join(lines) + "\n"
 
@@ -123,10 +162,18 @@ def main() -> None:
     p.add_argument("--out", default=None, help="folder for cpu-convs.json and cpu-convs.md")
     a = p.parse_args()
     import torch
-    result = {"cpu_model": machine_info.cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "commit": machine_info.code_version(),
-              "command": "python benchmarks/cpu_convs.py " + " ".join(sys.argv[1:]), "batch": a.batch,
-              "repeats": a.repeats, "layers": conv_rows(a.batch, a.repeats), "steps": step_rows(a.batch, a.repeats)}
+
+    result = {
+        "cpu_model": machine_info.cpu_model(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "commit": machine_info.code_version(),
+        "command": "python benchmarks/cpu_convs.py " + " ".join(sys.argv[1:]),
+        "batch": a.batch,
+        "repeats": a.repeats,
+        "layers": conv_rows(a.batch, a.repeats),
+        "steps": step_rows(a.batch, a.repeats),
+    }
     print(render(result))
     if a.out:
         out = Path(a.out)

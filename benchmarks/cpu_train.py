@@ -27,20 +27,51 @@ from benchmarks import machine_info  # noqa: E402
 
 def run_distres(data_dir: str, steps: int, extra: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "distres.train", "--config", "configs/cifar10-cpu.yaml",
-               "--data-dir", data_dir, "--output-dir", tmp, "--max-steps", str(steps),
-               "--eval-every", "0", "--checkpoint-every", "0", "--no-progress", *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "distres.train",
+            "--config",
+            "configs/cifar10-cpu.yaml",
+            "--data-dir",
+            data_dir,
+            "--output-dir",
+            tmp,
+            "--max-steps",
+            str(steps),
+            "--eval-every",
+            "0",
+            "--checkpoint-every",
+            "0",
+            "--no-progress",
+            *extra,
+        ]
         subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True)
         recs = [json.loads(x) for x in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     rates = [r["images_per_sec"] for r in recs if r["kind"] == "train"][1:]
-    return {"images_per_sec": statistics.median(rates), "windows": [round(x, 1) for x in rates],
-            "command": "python -m distres.train --config configs/cifar10-cpu.yaml " + " ".join(extra)}
+    return {
+        "images_per_sec": statistics.median(rates),
+        "windows": [round(x, 1) for x in rates],
+        "command": "python -m distres.train --config configs/cifar10-cpu.yaml " + " ".join(extra),
+    }
 
 
 def run_seed(data_dir: str, steps: int, workers: int) -> dict:
-    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "seed_loop.py"), "--data-dir", data_dir,
-                          "--steps", str(steps), "--workers", str(workers)],
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "seed_loop.py"),
+            "--data-dir",
+            data_dir,
+            "--steps",
+            str(steps),
+            "--workers",
+            str(workers),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     res = json.loads(out.strip().splitlines()[-1])
     res["command"] = f"python benchmarks/seed_loop.py --workers {workers}"
     return res
@@ -60,13 +91,18 @@ def main() -> None:
         return
 
     import torch
+
     seed = max((run_seed(a.data_dir, a.seed_steps, w) for w in (0, 2)), key=lambda r: r["images_per_sec"])
     ours = run_distres(a.data_dir, a.steps, [])
     result = {
         "device": f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "cpu_model": machine_info.cpu_model(), "torch": torch.__version__, "commit": machine_info.code_version(),
+        "cpu_model": machine_info.cpu_model(),
+        "torch": torch.__version__,
+        "commit": machine_info.code_version(),
         "benchmark_command": "python benchmarks/cpu_train.py " + " ".join(sys.argv[1:]),
-        "seed_loop": seed, "distres": ours, "speedup": ours["images_per_sec"] / seed["images_per_sec"],
+        "seed_loop": seed,
+        "distres": ours,
+        "speedup": ours["images_per_sec"] / seed["images_per_sec"],
     }
     print(json.dumps(result, indent=2))
     if a.out:
@@ -78,26 +114,28 @@ def main() -> None:
 
 def render(r: dict) -> str:
     s, d = r["seed_loop"], r["distres"]
-    return "\n".join([
-        "# CPU training throughput: distres vs the seed loop",
-        "",
-        f"Device: {r['cpu_model']} ({r['device']}), torch {r['torch']}, {r['commit']}.",
-        f"Command: `{r['benchmark_command']}`",
-        "",
-        "ResNet-50 (torchvision, ImageNet stem) training on the CIFAR-10 JPEGs (32 px), same machine,",
-        "run one after the other.",
-        "",
-        "| loop | settings | images/s |",
-        "| --- | --- | --- |",
-        f"| seed | batch {s['batch_size']}, Adam, fp32, NCHW, ToTensor+Normalize, {s['workers']} workers "
-        f"(`{s['command']}`) | {s['images_per_sec']:.1f} |",
-        f"| distres | batch 256, AdamW, bf16 autocast, channels_last, uint8 loading "
-        f"(`{d['command'].strip()}`) | {d['images_per_sec']:.1f} |",
-        "",
-        f"Speed-up: **{r['speedup']:.2f}x**. distres figure: median of logged 10-step windows after the first "
-        f"({', '.join(map(str, d['windows']))}); seed figure: the faster of 0 and 2 DataLoader workers.",
-        "",
-    ])
+    return "\n".join(
+        [
+            "# CPU training throughput: distres vs the seed loop",
+            "",
+            f"Device: {r['cpu_model']} ({r['device']}), torch {r['torch']}, {r['commit']}.",
+            f"Command: `{r['benchmark_command']}`",
+            "",
+            "ResNet-50 (torchvision, ImageNet stem) training on the CIFAR-10 JPEGs (32 px), same machine,",
+            "run one after the other.",
+            "",
+            "| loop | settings | images/s |",
+            "| --- | --- | --- |",
+            f"| seed | batch {s['batch_size']}, Adam, fp32, NCHW, ToTensor+Normalize, {s['workers']} workers "
+            f"(`{s['command']}`) | {s['images_per_sec']:.1f} |",
+            f"| distres | batch 256, AdamW, bf16 autocast, channels_last, uint8 loading "
+            f"(`{d['command'].strip()}`) | {d['images_per_sec']:.1f} |",
+            "",
+            f"Speed-up: **{r['speedup']:.2f}x**. distres figure: median of logged 10-step windows after the first "
+            f"({', '.join(map(str, d['windows']))}); seed figure: the faster of 0 and 2 DataLoader workers.",
+            "",
+        ]
+    )
 
 
 if __name__ == "__main__":

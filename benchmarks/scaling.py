@@ -43,8 +43,16 @@ from distres.errors import EXIT_USER_ERROR, ArgumentParser, UserError, format_er
 from distres.host import available_cpus  # noqa: E402
 
 UNITS = ("cpu1", "cpuN", "gpu1", "gpuN", "nodes")
-QUICK = {"units": "cpu1,cpuN", "arch": "resnet18", "batch_size": 32, "data": "synthetic", "image_size": 32,
-         "window": 5, "warmup_windows": 2, "windows": 6}
+QUICK = {
+    "units": "cpu1,cpuN",
+    "arch": "resnet18",
+    "batch_size": 32,
+    "data": "synthetic",
+    "image_size": 32,
+    "window": 5,
+    "warmup_windows": 2,
+    "windows": 6,
+}
 
 
 @dataclass
@@ -80,8 +88,9 @@ def slurm_allocation() -> Slurm | None:
     env = os.environ
     if int(env.get("SLURM_NNODES", "1") or 1) < 2 or "SLURM_JOB_ID" not in env:
         return None
-    hosts = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]],
-                           capture_output=True, text=True, check=True).stdout.split()
+    hosts = subprocess.run(
+        ["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]], capture_output=True, text=True, check=True
+    ).stdout.split()
     # srun does not pass sbatch's --cpus-per-task on to its steps (SLURM >= 22.05): say it again.
     cpus = env.get("SLURM_CPUS_PER_TASK") or env.get("SLURM_CPUS_ON_NODE") or "0"
     return Slurm(int(env["SLURM_NNODES"]), env["SLURM_JOB_ID"], hosts[0], int(cpus))
@@ -99,23 +108,41 @@ def plan(names: list[str], cpu_procs: int, gpus: int, slurm: Slurm | None) -> li
         if name == "cpu1":
             units.append(Unit("cpu1", "cpu", 1, hardware=len(cores), label=f"CPU, 1 process, {len(cores)} cores"))
         elif name == "cpuN":
-            units.append(Unit("cpuN", "cpu", cpu_procs, hardware=len(cores),
-                              label=f"CPU, {cpu_procs} processes (gloo), {len(cores)} cores"))
+            units.append(
+                Unit(
+                    "cpuN",
+                    "cpu",
+                    cpu_procs,
+                    hardware=len(cores),
+                    label=f"CPU, {cpu_procs} processes (gloo), {len(cores)} cores",
+                )
+            )
         elif name == "gpuN" and gpus == 1:
             print("scaling: gpuN skipped: one GPU visible (gpu1 is that run)", file=sys.stderr, flush=True)
         elif name in ("gpu1", "gpuN"):
             if gpus < 1:
-                raise UserError(f"--units {name} needs a CUDA GPU and none is visible; drop {name} or run on a GPU node")
+                raise UserError(
+                    f"--units {name} needs a CUDA GPU and none is visible; drop {name} or run on a GPU node"
+                )
             n = 1 if name == "gpu1" else gpus
             units.append(Unit(name, "cuda", n, hardware=n, label=f"{n} GPU{'s' * (n > 1)} (nccl)"))
         elif name == "nodes":
             if slurm is None:
-                raise UserError("--units nodes needs a SLURM allocation of 2 or more nodes "
-                                "(sbatch --nodes 2 ... slurm/scaling.sbatch)")
+                raise UserError(
+                    "--units nodes needs a SLURM allocation of 2 or more nodes "
+                    "(sbatch --nodes 2 ... slurm/scaling.sbatch)"
+                )
             dev, per = ("cuda", gpus) if gpus else ("cpu", cpu_procs)
-            units.append(Unit("nodes", dev, per, nnodes=slurm.nnodes,
-                              hardware=slurm.nnodes * (gpus or slurm.cpus_per_node or len(cores)),
-                              label=f"{slurm.nnodes} nodes x {per} {'GPUs' if gpus else 'CPU processes'}"))
+            units.append(
+                Unit(
+                    "nodes",
+                    dev,
+                    per,
+                    nnodes=slurm.nnodes,
+                    hardware=slurm.nnodes * (gpus or slurm.cpus_per_node or len(cores)),
+                    label=f"{slurm.nnodes} nodes x {per} {'GPUs' if gpus else 'CPU processes'}",
+                )
+            )
         else:
             raise UserError(f"unknown unit {name!r} in --units; choose from {', '.join(UNITS)} or auto")
     return units
@@ -135,10 +162,31 @@ def default_units(gpus: int, slurm: Slurm | None) -> list[str]:
 def train_args(a, unit: Unit, out: Path) -> list[str]:
     windows = a.warmup_windows + a.windows * (2 if unit.world > 1 else 1)
     steps = windows * a.window
-    args = ["--arch", a.arch, "--batch-size", str(a.batch_size), "--amp", a.amp, "--data", a.data,
-            "--device", unit.device, "--max-steps", str(steps), "--log-every", str(a.window),
-            "--checkpoint-every", "0", "--eval-every", "0", "--no-progress", "--wandb", "disabled",
-            "--output-dir", str(out)]
+    args = [
+        "--arch",
+        a.arch,
+        "--batch-size",
+        str(a.batch_size),
+        "--amp",
+        a.amp,
+        "--data",
+        a.data,
+        "--device",
+        unit.device,
+        "--max-steps",
+        str(steps),
+        "--log-every",
+        str(a.window),
+        "--checkpoint-every",
+        "0",
+        "--eval-every",
+        "0",
+        "--no-progress",
+        "--wandb",
+        "disabled",
+        "--output-dir",
+        str(out),
+    ]
     if a.image_size:
         args += ["--image-size", str(a.image_size)]
     if a.data_dir:
@@ -146,8 +194,14 @@ def train_args(a, unit: Unit, out: Path) -> list[str]:
     if a.data == "synthetic":
         # One epoch holds every step: no epoch end (checkpoint, verdict) inside the windows.
         size = a.image_size or 224
-        args += ["--epochs", "1", "--synthetic-samples", str(steps * a.batch_size * unit.world),
-                 "--synthetic-classes", "10" if size <= 64 else "1000"]
+        args += [
+            "--epochs",
+            "1",
+            "--synthetic-samples",
+            str(steps * a.batch_size * unit.world),
+            "--synthetic-classes",
+            "10" if size <= 64 else "1000",
+        ]
     else:
         args += ["--epochs", "1000"]  # --max-steps stops it; windows at epoch ends are dropped
     if unit.world > 1:
@@ -160,10 +214,18 @@ def command(a, unit: Unit, out: Path, slurm: Slurm | None) -> list[str]:
     if unit.nnodes == 1:
         run.append("--standalone")
     else:
-        run = ["srun", f"--nodes={unit.nnodes}", f"--ntasks={unit.nnodes}", "--ntasks-per-node=1",
-               *([f"--cpus-per-task={slurm.cpus_per_node}"] if slurm.cpus_per_node else []), *run,
-               f"--nnodes={unit.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={slurm.head}:29511",
-               f"--rdzv-id=distres-scaling-{slurm.job_id}"]
+        run = [
+            "srun",
+            f"--nodes={unit.nnodes}",
+            f"--ntasks={unit.nnodes}",
+            "--ntasks-per-node=1",
+            *([f"--cpus-per-task={slurm.cpus_per_node}"] if slurm.cpus_per_node else []),
+            *run,
+            f"--nnodes={unit.nnodes}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={slurm.head}:29511",
+            f"--rdzv-id=distres-scaling-{slurm.job_id}",
+        ]
     return run + ["-m", "distres.train", *train_args(a, unit, out)]
 
 
@@ -189,8 +251,11 @@ def run_unit(a, unit: Unit, work: Path, slurm: Slurm | None) -> tuple[list[dict]
     cmd = command(a, unit, out, slurm)
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     log = out / "train.log"
-    print(f"scaling: {unit.name} ({unit.label}): {' '.join(cmd[1:] if cmd[0] == sys.executable else cmd)}",
-          file=sys.stderr, flush=True)
+    print(
+        f"scaling: {unit.name} ({unit.label}): {' '.join(cmd[1:] if cmd[0] == sys.executable else cmd)}",
+        file=sys.stderr,
+        flush=True,
+    )
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
     with open(log, "w") as f:
         # Its own process session: on a timeout the whole group goes (torchrun and its workers),
@@ -200,7 +265,7 @@ def run_unit(a, unit: Unit, work: Path, slurm: Slurm | None) -> tuple[list[dict]
             proc.wait(timeout=a.timeout)
         except subprocess.TimeoutExpired:
             kill_group(proc)
-            raise UserError(f"the {unit.name} run took longer than --timeout {a.timeout} s; log: {log}")
+            raise UserError(f"the {unit.name} run took longer than --timeout {a.timeout} s; log: {log}") from None
     if proc.returncode != 0:
         errors = [x for x in log.read_text().splitlines() if x.startswith("distres: error:")]
         why = errors[0].removeprefix("distres: error: ") if errors else f"exit status {proc.returncode}"
@@ -233,12 +298,15 @@ def analyse(records: list[dict], window: int, warmup: int) -> dict:
     exposed = max(0.0, comm_raw or 0.0)
     return {
         "images_per_sec": statistics.median(r["images_per_sec"] for r in synced),
-        "step_ms": 1e3 * step_time, "data_wait_ms": 1e3 * wait,
-        "compute_ms": 1e3 * max(0.0, step_time - wait - exposed), "exposed_comm_ms": 1e3 * exposed,
+        "step_ms": 1e3 * step_time,
+        "data_wait_ms": 1e3 * wait,
+        "compute_ms": 1e3 * max(0.0, step_time - wait - exposed),
+        "exposed_comm_ms": 1e3 * exposed,
         "comm_delta_ms": None if comm_raw is None else 1e3 * comm_raw,
         "nosync_images_per_sec": statistics.median(r["images_per_sec"] for r in unsynced) if unsynced else None,
         "peak_mem_mb": max(r.get("peak_mem_mb", 0.0) for r in train),
-        "windows": len(synced), "nosync_windows": len(unsynced),
+        "windows": len(synced),
+        "nosync_windows": len(unsynced),
         "window_images_per_sec": [round(r["images_per_sec"], 1) for r in synced],
     }
 
@@ -251,8 +319,9 @@ def with_efficiency(rows: list[dict]) -> list[dict]:
     for r in rows:
         ref = by_name.get(r["ref"])
         r["images_per_sec_per_rank"] = r["images_per_sec"] / r["world"]
-        r["efficiency"] = ((r["images_per_sec"] / r["hardware"]) / (ref["images_per_sec"] / ref["hardware"])
-                           if ref else None)
+        r["efficiency"] = (
+            (r["images_per_sec"] / r["hardware"]) / (ref["images_per_sec"] / ref["hardware"]) if ref else None
+        )
         r["x_cpu"] = r["images_per_sec"] / best_cpu if best_cpu else None
     return rows
 
@@ -261,6 +330,7 @@ def gradient_param_bytes(cfg) -> list[int]:
     """fp32 gradient bytes per parameter of the runs' model, in registration order (DDP
     all-reduces fp32 gradients whatever the autocast dtype)."""
     from distres import models
+
     if cfg.data == "synthetic":
         classes = cfg.synthetic_classes
     elif cfg.data == "cifar10":
@@ -285,79 +355,153 @@ def projections(rows: list[dict], a, cfg) -> tuple[dict, list[dict]]:
         basis = f"compute time of the measured {base['name']} run ({base['compute_ms']:.1f} ms/step)"
     else:
         return {}, []
-    info = {"gradient_bytes": sum(param_bytes), "buckets": len(buckets), "bucket_cap_mb": cfg.bucket_cap_mb,
-            "compute_ms": 1e3 * compute_s, "basis": basis,
-            "links": [{"name": k.name, "bandwidth_gbs": k.bandwidth_gbs, "latency_us": k.latency_us,
-                       "basis": k.basis} for k in allreduce_model.LINKS]}
+    info = {
+        "gradient_bytes": sum(param_bytes),
+        "buckets": len(buckets),
+        "bucket_cap_mb": cfg.bucket_cap_mb,
+        "compute_ms": 1e3 * compute_s,
+        "basis": basis,
+        "links": [
+            {"name": k.name, "bandwidth_gbs": k.bandwidth_gbs, "latency_us": k.latency_us, "basis": k.basis}
+            for k in allreduce_model.LINKS
+        ],
+    }
     return info, allreduce_model.project(compute_s, per_unit, buckets)
 
 
 def machine() -> dict:
     import torch
-    return {"cpu": machine_info.cpu_model(),
-            "cores": available_cpus(),
-            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-            "torch": torch.__version__, "python": platform.python_version(), "host": platform.node(),
-            "code": machine_info.code_version()}
+
+    return {
+        "cpu": machine_info.cpu_model(),
+        "cores": available_cpus(),
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "code": machine_info.code_version(),
+    }
 
 
 # ---------------------------------------------------------------- outputs
 
-COLUMNS = ("config", "kind", "processes", "images/s", "images/s per rank", "step ms", "data wait ms",
-           "compute ms", "exposed comm ms", "efficiency", "x CPU", "peak mem MB", "compute ms for 90%")
+COLUMNS = (
+    "config",
+    "kind",
+    "processes",
+    "images/s",
+    "images/s per rank",
+    "step ms",
+    "data wait ms",
+    "compute ms",
+    "exposed comm ms",
+    "efficiency",
+    "x CPU",
+    "peak mem MB",
+    "compute ms for 90%",
+)
 
 
 def table_rows(result: dict) -> list[list]:
     def f(v, spec):
         return "" if v is None else format(v, spec)
-    rows = [[r["label"], "measured", r["world"], f(r["images_per_sec"], ".1f"), f(r["images_per_sec_per_rank"], ".1f"),
-             f(r["step_ms"], ".1f"), f(r["data_wait_ms"], ".1f"), f(r["compute_ms"], ".1f"),
-             f(r["exposed_comm_ms"], ".1f") if r["world"] > 1 else "-", f(r["efficiency"], ".2f"),
-             f(r["x_cpu"], ".2f"), f(r["peak_mem_mb"], ".0f"), ""] for r in result["measured"]]
-    rows += [[p["name"], "projected", p["units"], f(p["images_per_sec"], ".1f"),
-              f(p["images_per_sec"] / p["units"], ".1f"), f(p["compute_ms"] + p["exposed_comm_ms"], ".1f"),
-              "", f(p["compute_ms"], ".1f"), f(p["exposed_comm_ms"], ".1f"), f(p["efficiency"], ".2f"), "", "",
-              f(p["compute_ms_for_90pct"], ".1f")] for p in result["projected"]]
+
+    rows = [
+        [
+            r["label"],
+            "measured",
+            r["world"],
+            f(r["images_per_sec"], ".1f"),
+            f(r["images_per_sec_per_rank"], ".1f"),
+            f(r["step_ms"], ".1f"),
+            f(r["data_wait_ms"], ".1f"),
+            f(r["compute_ms"], ".1f"),
+            f(r["exposed_comm_ms"], ".1f") if r["world"] > 1 else "-",
+            f(r["efficiency"], ".2f"),
+            f(r["x_cpu"], ".2f"),
+            f(r["peak_mem_mb"], ".0f"),
+            "",
+        ]
+        for r in result["measured"]
+    ]
+    rows += [
+        [
+            p["name"],
+            "projected",
+            p["units"],
+            f(p["images_per_sec"], ".1f"),
+            f(p["images_per_sec"] / p["units"], ".1f"),
+            f(p["compute_ms"] + p["exposed_comm_ms"], ".1f"),
+            "",
+            f(p["compute_ms"], ".1f"),
+            f(p["exposed_comm_ms"], ".1f"),
+            f(p["efficiency"], ".2f"),
+            "",
+            "",
+            f(p["compute_ms_for_90pct"], ".1f"),
+        ]
+        for p in result["projected"]
+    ]
     return rows
 
 
 def render_markdown(result: dict) -> str:
     m, s = result["machine"], result["settings"]
-    lines = [f"# Scaling benchmark: {s['arch']}, {s['data']} {s['image_size'] or ''}px, batch {s['batch_size']} "
-             f"per process, amp {s['amp']}", "",
-             f"Device: {m['cpu']} ({m['cores']} cores){', GPUs: ' + ', '.join(m['gpus']) if m['gpus'] else ', no GPU'}; "
-             f"torch {m['torch']}, Python {m['python']}; {m['code']}.",
-             f"Command: `{result['command']}`", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+    lines = [
+        f"# Scaling benchmark: {s['arch']}, {s['data']} {s['image_size'] or ''}px, batch {s['batch_size']} "
+        f"per process, amp {s['amp']}",
+        "",
+        f"Device: {m['cpu']} ({m['cores']} cores){', GPUs: ' + ', '.join(m['gpus']) if m['gpus'] else ', no GPU'}; "
+        f"torch {m['torch']}, Python {m['python']}; {m['code']}.",
+        f"Command: `{result['command']}`",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + " --- |" * len(COLUMNS),
+    ]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in table_rows(result)]
-    lines += ["", f"Measured: median over {s['windows']} logged windows of {s['window']} steps after "
-              f"{s['warmup_windows']} warm-up windows (start-up and compilation excluded). Images/s per rank "
-              "= total / processes. Efficiency = throughput per unit of hardware / the 1-process run's: per "
-              "core against cpu1 for CPU rows (both CPU runs use all cores, so it is cpuN / cpu1), per GPU "
-              "against gpu1 for GPU rows. x CPU = total / the fastest CPU row. "
-              "Compute = step time - data wait - exposed communication. Exposed communication = step time "
-              "in windows with the gradient all-reduce minus that in interleaved windows "
-              "without it (DDP no_sync, `--bench-comm-probe`); the raw differences were "
-              + (", ".join(f"{r['name']} {r['comm_delta_ms']:.1f} ms" for r in result["measured"]
-                           if r["comm_delta_ms"] is not None) or "not measured (no N > 1 run)")
-              + ". Peak memory: max GPU memory allocated on CUDA, peak resident set of rank 0 on CPU. "
-              "1-minute load average before and after each run (other work on the machine slows CPU runs): "
-              + ", ".join(f"{r['name']} {r['load_avg_1min'][0]:.1f} -> {r['load_avg_1min'][1]:.1f}"
-                          for r in result["measured"]) + "."]
+    lines += [
+        "",
+        f"Measured: median over {s['windows']} logged windows of {s['window']} steps after "
+        f"{s['warmup_windows']} warm-up windows (start-up and compilation excluded). Images/s per rank "
+        "= total / processes. Efficiency = throughput per unit of hardware / the 1-process run's: per "
+        "core against cpu1 for CPU rows (both CPU runs use all cores, so it is cpuN / cpu1), per GPU "
+        "against gpu1 for GPU rows. x CPU = total / the fastest CPU row. "
+        "Compute = step time - data wait - exposed communication. Exposed communication = step time "
+        "in windows with the gradient all-reduce minus that in interleaved windows "
+        "without it (DDP no_sync, `--bench-comm-probe`); the raw differences were "
+        + (
+            ", ".join(
+                f"{r['name']} {r['comm_delta_ms']:.1f} ms" for r in result["measured"] if r["comm_delta_ms"] is not None
+            )
+            or "not measured (no N > 1 run)"
+        )
+        + ". Peak memory: max GPU memory allocated on CUDA, peak resident set of rank 0 on CPU. "
+        "1-minute load average before and after each run (other work on the machine slows CPU runs): "
+        + ", ".join(
+            f"{r['name']} {r['load_avg_1min'][0]:.1f} -> {r['load_avg_1min'][1]:.1f}" for r in result["measured"]
+        )
+        + ".",
+    ]
     p = result.get("projection") or {}
     if p:
-        lines += ["", f"Projected (not measured): ring all-reduce of {p['gradient_bytes'] / 1e6:.1f} MB of fp32 "
-                  f"gradients in {p['buckets']} buckets ({p['bucket_cap_mb']:g} MB), overlapped with backward "
-                  f"(2/3 of compute), from the {p['basis']}; benchmarks/allreduce_model.py. "
-                  "'compute ms for 90%': the shortest compute time per step that keeps 90% efficiency on that "
-                  "link and GPU count; a faster GPU is communication-bound there. Links:"]
-        lines += [f"- {k['name']}: {k['bandwidth_gbs']:g} GB/s, {k['latency_us']:g} us per ring step ({k['basis']})"
-                  for k in p["links"]]
+        lines += [
+            "",
+            f"Projected (not measured): ring all-reduce of {p['gradient_bytes'] / 1e6:.1f} MB of fp32 "
+            f"gradients in {p['buckets']} buckets ({p['bucket_cap_mb']:g} MB), overlapped with backward "
+            f"(2/3 of compute), from the {p['basis']}; benchmarks/allreduce_model.py. "
+            "'compute ms for 90%': the shortest compute time per step that keeps 90% efficiency on that "
+            "link and GPU count; a faster GPU is communication-bound there. Links:",
+        ]
+        lines += [
+            f"- {k['name']}: {k['bandwidth_gbs']:g} GB/s, {k['latency_us']:g} us per ring step ({k['basis']})"
+            for k in p["links"]
+        ]
     return "\n".join(lines) + "\n"
 
 
 def render_plot(result: dict, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -391,8 +535,10 @@ def render_plot(result: dict, path: Path) -> None:
     ax3.set_title("Efficiency vs the 1-unit run")
     ax3.legend(fontsize=7)
     s = result["settings"]
-    fig.suptitle(f"{s['arch']}, {s['data']}, batch {s['batch_size']}/process, amp {s['amp']} "
-                 f"({result['machine']['cpu']})", fontsize=10)
+    fig.suptitle(
+        f"{s['arch']}, {s['data']}, batch {s['batch_size']}/process, amp {s['amp']} ({result['machine']['cpu']})",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -401,14 +547,26 @@ def render_plot(result: dict, path: Path) -> None:
 def log_wandb(result: dict, paths: dict, a, work: Path) -> str | None:
     """One W&B run for the whole benchmark: config, a table, the plot. Returns its run dir."""
     from distres import tracking
-    config = {"settings": result["settings"], "machine": result["machine"], "units": [r["name"] for r in result["measured"]]}
+
+    config = {
+        "settings": result["settings"],
+        "machine": result["machine"],
+        "units": [r["name"] for r in result["measured"]],
+    }
     run = tracking.open_wandb_run(a.wandb, work, config, a.name, resume=False, job_type="scaling")
     if run is None:
         return None
     try:
         import wandb
-        run.log({"scaling/table": wandb.Table(columns=list(COLUMNS), data=[[str(c) for c in row] for row in table_rows(result)]),
-                 "scaling/plot": wandb.Image(str(paths["png"]))})
+
+        run.log(
+            {
+                "scaling/table": wandb.Table(
+                    columns=list(COLUMNS), data=[[str(c) for c in row] for row in table_rows(result)]
+                ),
+                "scaling/plot": wandb.Image(str(paths["png"])),
+            }
+        )
         for r in result["measured"]:
             run.summary[f"{r['name']}/images_per_sec"] = r["images_per_sec"]
             if r["efficiency"] is not None:
@@ -433,13 +591,18 @@ def write_outputs(result: dict, out: Path, name: str) -> dict:
 
 # ---------------------------------------------------------------- CLI
 
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # distres's parser: a bad flag is one "distres: error: ..." line, as for distres.train.
-    p = ArgumentParser(prog="python benchmarks/scaling.py", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--units", default="auto",
-                   help=f"comma-separated, from {', '.join(UNITS)}; auto: cpu1,cpuN plus gpu1/gpuN when GPUs "
-                        "are visible plus nodes under a multi-node SLURM allocation")
+    p = ArgumentParser(
+        prog="python benchmarks/scaling.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--units",
+        default="auto",
+        help=f"comma-separated, from {', '.join(UNITS)}; auto: cpu1,cpuN plus gpu1/gpuN when GPUs "
+        "are visible plus nodes under a multi-node SLURM allocation",
+    )
     p.add_argument("--cpu-procs", type=int, default=2, help="processes of the cpuN run (gloo)")
     p.add_argument("--gpus", type=int, default=-1, help="GPUs of the gpuN run and per node; -1: all visible")
     p.add_argument("--arch", default="resnet50")
@@ -451,11 +614,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=10, help="steps per logged window")
     p.add_argument("--warmup-windows", type=int, default=2, help="windows dropped at the start")
     p.add_argument("--windows", type=int, default=6, help="measured windows (N > 1 runs add as many no_sync ones)")
-    p.add_argument("--project-compute-ms", type=float, default=0.0,
-                   help="project from this compute time per step instead of the measured 1-unit run's")
-    p.add_argument("--quick", action="store_true",
-                   help="cpu1 + cpuN, resnet18, synthetic 32 px, batch 32, 6 windows of 5 steps (~2 min on 2 cores); "
-                        "flags given beside it override these")
+    p.add_argument(
+        "--project-compute-ms",
+        type=float,
+        default=0.0,
+        help="project from this compute time per step instead of the measured 1-unit run's",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="cpu1 + cpuN, resnet18, synthetic 32 px, batch 32, 6 windows of 5 steps (~2 min on 2 cores); "
+        "flags given beside it override these",
+    )
     p.add_argument("--work-dir", default=None, help="the runs' outputs and the W&B run (default runs/scaling-TIME)")
     p.add_argument("--out", default=None, help="folder for NAME.json/.md/.png (default: --work-dir)")
     p.add_argument("--name", default="scaling", help="file stem of the outputs and W&B run name")
@@ -463,8 +633,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout", type=int, default=3600, help="seconds per run")
     p.add_argument("--dry-run", action="store_true", help="print the commands and stop")
     p.add_argument("--render", metavar="JSON", help="only rewrite the Markdown and PNG of a saved result")
-    p.add_argument("train_args", nargs="*", help="after --: extra distres.train flags for every run "
-                   "(--bucket-cap-mb and --cifar-stem given there also shape the projection)")
+    p.add_argument(
+        "train_args",
+        nargs="*",
+        help="after --: extra distres.train flags for every run "
+        "(--bucket-cap-mb and --cifar-stem given there also shape the projection)",
+    )
     a = p.parse_args(argv)
     if a.quick:  # new defaults: flags given on the command line still win
         p.set_defaults(**QUICK)
@@ -487,9 +661,12 @@ def main(argv: list[str] | None = None) -> int:
             write_outputs(result, Path(a.render).parent, Path(a.render).stem)
             return 0
         import torch
+
         gpus = torch.cuda.device_count() if a.gpus < 0 else a.gpus
         slurm = slurm_allocation()
-        names = default_units(gpus, slurm) if a.units == "auto" else [u.strip() for u in a.units.split(",") if u.strip()]
+        names = (
+            default_units(gpus, slurm) if a.units == "auto" else [u.strip() for u in a.units.split(",") if u.strip()]
+        )
         units = plan(names, a.cpu_procs, gpus, slurm)
         work = Path(a.work_dir or REPO / "runs" / time.strftime("scaling-%Y%m%d-%H%M%S"))
         if a.dry_run:
@@ -504,9 +681,19 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         for u in units:
             recs, info = run_unit(a, u, work, slurm)
-            rows.append({"name": u.name, "label": u.label, "device": u.device, "world": u.world,
-                         "nnodes": u.nnodes, "hardware": u.hardware, "ref": u.ref, **info,
-                         **analyse(recs, a.window, a.warmup_windows)})
+            rows.append(
+                {
+                    "name": u.name,
+                    "label": u.label,
+                    "device": u.device,
+                    "world": u.world,
+                    "nnodes": u.nnodes,
+                    "hardware": u.hardware,
+                    "ref": u.ref,
+                    **info,
+                    **analyse(recs, a.window, a.warmup_windows),
+                }
+            )
             # Each finished run on disk at once: a later run that fails or times out loses nothing.
             (out / f"{a.name}.json").write_text(json.dumps({"partial": True, "measured": rows}, indent=2) + "\n")
         rows = with_efficiency(rows)
@@ -514,17 +701,30 @@ def main(argv: list[str] | None = None) -> int:
         result = {
             "command": "python benchmarks/scaling.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "machine": machine(),
-            "settings": {"arch": a.arch, "batch_size": a.batch_size, "amp": a.amp, "data": a.data,
-                         "image_size": cfg.train_image_size(), "window": a.window, "warmup_windows": a.warmup_windows,
-                         "windows": a.windows, "train_args": a.train_args},
-            "measured": rows, "projection": proj_info, "projected": proj,
+            "settings": {
+                "arch": a.arch,
+                "batch_size": a.batch_size,
+                "amp": a.amp,
+                "data": a.data,
+                "image_size": cfg.train_image_size(),
+                "window": a.window,
+                "warmup_windows": a.warmup_windows,
+                "windows": a.windows,
+                "train_args": a.train_args,
+            },
+            "measured": rows,
+            "projection": proj_info,
+            "projected": proj,
             "seconds": round(time.perf_counter() - t0, 1),
         }
         paths = write_outputs(result, out, a.name)
         wandb_dir = log_wandb(result, paths, a, work)
         print(render_markdown(result))
-        print(f"scaling: wrote {', '.join(str(p) for p in paths.values())}"
-              + (f"; W&B run in {wandb_dir}" if wandb_dir else ""), file=sys.stderr)
+        print(
+            f"scaling: wrote {', '.join(str(p) for p in paths.values())}"
+            + (f"; W&B run in {wandb_dir}" if wandb_dir else ""),
+            file=sys.stderr,
+        )
         return 0
     except UserError as e:
         print(format_error(e), file=sys.stderr, flush=True)

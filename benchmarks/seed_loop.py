@@ -30,8 +30,12 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--epochs", type=int, default=0,
-                   help="train this many whole epochs and time them (0: --steps steps), then test top-1")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=0,
+        help="train this many whole epochs and time them (0: --steps steps), then test top-1",
+    )
     a = p.parse_args()
     device = torch.device(a.device)
 
@@ -54,8 +58,13 @@ def main() -> None:
         if i >= a.warmup:
             times.append(time.perf_counter() - t0)
     total = sum(times)
-    report(a, device, images_per_sec=a.batch_size * len(times) / total,
-           median_step_s=statistics.median(times), steps=len(times))
+    report(
+        a,
+        device,
+        images_per_sec=a.batch_size * len(times) / total,
+        median_step_s=statistics.median(times),
+        steps=len(times),
+    )
 
 
 def step(model, opt, loss_fn, x, y, device) -> None:
@@ -68,8 +77,19 @@ def step(model, opt, loss_fn, x, y, device) -> None:
 
 
 def report(a, device, **figures) -> None:
-    print(json.dumps({"loop": "seed", **figures, "batch_size": a.batch_size, "workers": a.workers,
-                      "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__}))
+    print(
+        json.dumps(
+            {
+                "loop": "seed",
+                **figures,
+                "batch_size": a.batch_size,
+                "workers": a.workers,
+                "device": str(device),
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+            }
+        )
+    )
 
 
 def whole_epochs(a, model, opt, loss_fn, loader, tf, device) -> None:
@@ -83,16 +103,23 @@ def whole_epochs(a, model, opt, loss_fn, loader, tf, device) -> None:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     split = next(s for s in ("test", "val") if Path(a.data_dir, s).is_dir())
-    test = torch.utils.data.DataLoader(torchvision.datasets.ImageFolder(f"{a.data_dir}/{split}", transform=tf),
-                                       batch_size=256, num_workers=a.workers)
+    test = torch.utils.data.DataLoader(
+        torchvision.datasets.ImageFolder(f"{a.data_dir}/{split}", transform=tf), batch_size=256, num_workers=a.workers
+    )
     model.eval()
     correct = total = 0
     with torch.no_grad():
         for x, y in test:
             correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
             total += len(y)
-    report(a, device, epochs=a.epochs, train_seconds=round(seconds, 1),
-           images_per_sec=a.epochs * len(loader.dataset) / seconds, top1=100 * correct / total)
+    report(
+        a,
+        device,
+        epochs=a.epochs,
+        train_seconds=round(seconds, 1),
+        images_per_sec=a.epochs * len(loader.dataset) / seconds,
+        top1=100 * correct / total,
+    )
 
 
 if __name__ == "__main__":

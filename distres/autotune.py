@@ -58,21 +58,29 @@ MARGIN = 0.05  # a setting must be this much faster than the best so far to repl
 DATA_LEVERS = ("data_backend", "workers")
 COMPUTE_LEVERS = ("channels_last", "compile", "threads", "bucket_cap_mb", "broadcast_buffers")
 # The config fields each lever sets.
-FIELDS = {"data_backend": ("data_backend",), "workers": ("workers",), "channels_last": ("channels_last",),
-          "compile": ("compile", "compile_mode"), "threads": ("threads",), "bucket_cap_mb": ("bucket_cap_mb",),
-          "broadcast_buffers": ("broadcast_buffers",)}
+FIELDS = {
+    "data_backend": ("data_backend",),
+    "workers": ("workers",),
+    "channels_last": ("channels_last",),
+    "compile": ("compile", "compile_mode"),
+    "threads": ("threads",),
+    "bucket_cap_mb": ("bucket_cap_mb",),
+    "broadcast_buffers": ("broadcast_buffers",),
+}
 
 
 def effective(cfg, ctx) -> dict:
     """The value each lever has in cfg, with 'auto' and 0/-1 defaults resolved for this process."""
     backend = resolve_backend(cfg.data_backend, cfg.data, ctx.device)
-    return {"data_backend": backend,
-            "workers": cfg.workers if cfg.workers >= 0 else default_workers(ctx.cpus_per_rank, ctx.device),
-            "channels_last": cfg.channels_last,
-            "compile": cfg.compile_mode if cfg.compile else "off",
-            "threads": cfg.threads or ctx.cpus_per_rank,
-            "bucket_cap_mb": cfg.bucket_cap_mb,
-            "broadcast_buffers": cfg.broadcast_buffers}
+    return {
+        "data_backend": backend,
+        "workers": cfg.workers if cfg.workers >= 0 else default_workers(ctx.cpus_per_rank, ctx.device),
+        "channels_last": cfg.channels_last,
+        "compile": cfg.compile_mode if cfg.compile else "off",
+        "threads": cfg.threads or ctx.cpus_per_rank,
+        "bucket_cap_mb": cfg.bucket_cap_mb,
+        "broadcast_buffers": cfg.broadcast_buffers,
+    }
 
 
 def changes_for(lever: str, value) -> dict:
@@ -89,15 +97,17 @@ def candidates(lever: str, cfg, ctx) -> list:
     if lever == "data_backend":
         # Only backends whose batches are bit-identical: the torch backend, and the gpu
         # backend's one-gather pad-crops for small images (synthetic data has only its own).
-        options = [] if cfg.data == "synthetic" else \
-            ["torch"] + (["gpu"] if cfg.train_image_size() <= SMALL_IMAGES else [])
+        options = (
+            [] if cfg.data == "synthetic" else ["torch"] + (["gpu"] if cfg.train_image_size() <= SMALL_IMAGES else [])
+        )
     elif lever == "workers":
         options = sorted({0, 1, 2, max(1, cpus // 2), cpus}) if now["data_backend"] in ("torch", "dali") else []
     elif lever == "channels_last":
         options = [True, False]
     elif lever == "compile":
-        options = ["off", "default", "max-autotune-no-cudagraphs", "reduce-overhead"] \
-            if ctx.device.type == "cuda" else []
+        options = (
+            ["off", "default", "max-autotune-no-cudagraphs", "reduce-overhead"] if ctx.device.type == "cuda" else []
+        )
     elif lever == "threads":
         options = sorted({1, max(1, cpus // 2), cpus}) if ctx.device.type == "cpu" else []
     elif lever == "bucket_cap_mb":
@@ -189,8 +199,12 @@ def tune(cfg, ctx) -> tuple[config.TrainConfig, dict]:
         t = time.perf_counter()
         res = trial(trial_cfg, ctx, steps, warmup)
         longest = max(longest, time.perf_counter() - t)
-        row = {"lever": lever, "setting": value, **(res or {"images_per_sec": None, "data_wait_frac": None}),
-               "kept": False}
+        row = {
+            "lever": lever,
+            "setting": value,
+            **(res or {"images_per_sec": None, "data_wait_frac": None}),
+            "kept": False,
+        }
         rows.append(row)
         if ctx.is_main:
             console("distres: autotune: " + format_row(row))
@@ -217,16 +231,23 @@ def tune(cfg, ctx) -> tuple[config.TrainConfig, dict]:
                 best["kept"], row["kept"] = False, True
                 best_cfg, best = trial_cfg, row
     if best_cfg is not cfg:
-        best_cfg = confirm(cfg, best_cfg, best, run_trial, budget - (time.perf_counter() - t0) >= 2 * longest,
-                           skipped)
+        best_cfg = confirm(cfg, best_cfg, best, run_trial, budget - (time.perf_counter() - t0) >= 2 * longest, skipped)
     checkpoint.set_rng_state(saved_rng, ctx.device)
     torch.set_num_threads(saved_threads)
     chosen = {f: getattr(best_cfg, f) for lever in config.AUTOTUNE_LEVERS for f in FIELDS[lever]}
     chosen = dist.broadcast_object(chosen)
     tuned = dataclasses.replace(cfg, **chosen)
-    table = {"budget_s": budget, "steps_per_trial": steps, "seconds": time.perf_counter() - t0,
-             "start": effective(cfg, ctx), "chosen": effective(tuned, ctx), "flags": flags(cfg, tuned),
-             "config": chosen, "trials": rows, "not_tried": skipped}
+    table = {
+        "budget_s": budget,
+        "steps_per_trial": steps,
+        "seconds": time.perf_counter() - t0,
+        "start": effective(cfg, ctx),
+        "chosen": effective(tuned, ctx),
+        "flags": flags(cfg, tuned),
+        "config": chosen,
+        "trials": rows,
+        "not_tried": skipped,
+    }
     return tuned, table
 
 
@@ -270,9 +291,11 @@ def format_row(row: dict) -> str:
 
 
 def format_table(table: dict) -> str:
-    lines = [f"distres: autotune, {len(table['trials'])} trials in {table['seconds']:.0f} s "
-             f"(budget {table['budget_s']:g} s, {table['steps_per_trial']} timed steps each):",
-             f"  {'lever':<18} {'setting':<28} {'images/s':>9} {'data wait':>9}"]
+    lines = [
+        f"distres: autotune, {len(table['trials'])} trials in {table['seconds']:.0f} s "
+        f"(budget {table['budget_s']:g} s, {table['steps_per_trial']} timed steps each):",
+        f"  {'lever':<18} {'setting':<28} {'images/s':>9} {'data wait':>9}",
+    ]
     lines += ["  " + format_row(r) for r in table["trials"]]
     if table["not_tried"]:
         lines.append(f"  not tried (budget): {', '.join(table['not_tried'])}")
@@ -290,8 +313,9 @@ def for_run(cfg, ctx, out: Path, resumed: bool) -> config.TrainConfig:
     saved = dist.broadcast_object(saved)
     if saved is not None:
         if ctx.is_main:
-            console(f"distres: autotune: resuming with the settings chosen before ({path}; "
-                    "--autotune-retune tunes again)")
+            console(
+                f"distres: autotune: resuming with the settings chosen before ({path}; --autotune-retune tunes again)"
+            )
         return dataclasses.replace(cfg, **saved)
     tuned, table = tune(cfg, ctx)
     if ctx.is_main:
@@ -303,11 +327,14 @@ def for_run(cfg, ctx, out: Path, resumed: bool) -> config.TrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     def body():
-        cfg = config.parse_args(argv, prog="python -m distres.autotune",
-                                description="Find the fastest settings that do not change the training (see "
-                                "--autotune-levers) for a distres.train command line, and print the flags. "
-                                "Takes the same flags as distres.train; writes OUTPUT_DIR/autotune.json and "
-                                "OUTPUT_DIR/config.yaml (the tuned config, usable with --config).")
+        cfg = config.parse_args(
+            argv,
+            prog="python -m distres.autotune",
+            description="Find the fastest settings that do not change the training (see "
+            "--autotune-levers) for a distres.train command line, and print the flags. "
+            "Takes the same flags as distres.train; writes OUTPUT_DIR/autotune.json and "
+            "OUTPUT_DIR/config.yaml (the tuned config, usable with --config).",
+        )
         ctx = dist.init(cfg.device, cfg.dist_backend, deterministic=cfg.deterministic)
         tuned, table = tune(cfg, ctx)
         if ctx.is_main:

@@ -72,6 +72,7 @@ def _point_last_at(target: Path) -> None:
         os.link(target, tmp)
     except OSError:  # filesystems without hard links: copy instead
         import shutil
+
         shutil.copyfile(target, tmp)
     os.replace(tmp, last)
     _fsync_dir(target.parent)
@@ -99,13 +100,17 @@ def load(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise UserError(f"checkpoint {path} does not exist; check --resume")
+        raise UserError(f"checkpoint {path} does not exist; check --resume") from None
     except Exception as e:
-        raise UserError(f"checkpoint {path} is unreadable or corrupt ({type(e).__name__}); "
-                        "resume from an earlier one with --resume PATH") from None
+        raise UserError(
+            f"checkpoint {path} is unreadable or corrupt ({type(e).__name__}); "
+            "resume from an earlier one with --resume PATH"
+        ) from None
     if isinstance(state, dict) and "best" in state:
-        raise UserError(f"{path} holds the best weights only, not a training state; resume from last.pt, "
-                        "or start a new run from it with --weights")
+        raise UserError(
+            f"{path} holds the best weights only, not a training state; resume from last.pt, "
+            "or start a new run from it with --weights"
+        )
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
         raise UserError(f"{path} is not a distres checkpoint; pass one from OUTPUT_DIR/checkpoints")
     return state
@@ -186,9 +191,15 @@ SPLIT_KEYS = ("world_size", "batch_size", "grad_accum")
 
 
 def data_order(cfg, world_size: int) -> dict:
-    return {"seed": cfg.seed, "world_size": world_size, "batch_size": cfg.batch_size,
-            "grad_accum": cfg.grad_accum, "data": cfg.data, "data_dir": cfg.data_dir,
-            "repeated_aug": cfg.repeated_aug}
+    return {
+        "seed": cfg.seed,
+        "world_size": world_size,
+        "batch_size": cfg.batch_size,
+        "grad_accum": cfg.grad_accum,
+        "data": cfg.data,
+        "data_dir": cfg.data_dir,
+        "repeated_aug": cfg.repeated_aug,
+    }
 
 
 def _global_batch(order: dict) -> int:
@@ -247,8 +258,10 @@ class Checkpointer:
             resume = resume or "latest"
         if resume is None:
             if step_checkpoints(self.folder) or (self.folder / LAST).exists():
-                raise UserError(f"{self.folder} already holds checkpoints; pass --resume to continue that run "
-                                "or choose a new --output-dir")
+                raise UserError(
+                    f"{self.folder} already holds checkpoints; pass --resume to continue that run "
+                    "or choose a new --output-dir"
+                )
             return None
         if resume == "latest":
             found = load_latest(self.folder)
@@ -283,22 +296,28 @@ class Checkpointer:
         # collective would hang.
         steps = sorted(set(dist.gather_objects(step)))
         if len(steps) > 1:
-            raise UserError(f"the processes resumed from different steps {steps}; put --output-dir on a "
-                            "file system that every node shares")
+            raise UserError(
+                f"the processes resumed from different steps {steps}; put --output-dir on a "
+                "file system that every node shares"
+            )
         return step
 
     def _load(self, state: dict, path: Path, ts: TrainingState) -> None:
         cfg, saved = self.cfg, state.get("config", {})
         if saved.get("amp", cfg.amp) != cfg.amp:
-            raise UserError(f"checkpoint {path} was trained with --amp {saved['amp']}; resume with --amp "
-                            f"{saved['amp']} or start a new --output-dir")
+            raise UserError(
+                f"checkpoint {path} was trained with --amp {saved['amp']}; resume with --amp "
+                f"{saved['amp']} or start a new --output-dir"
+            )
         try:
             ts.model.load_state_dict(state["model"])
             ts.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
-            raise UserError(f"checkpoint {path} does not fit this run (saved with --arch {saved.get('arch')} "
-                            f"--optimizer {saved.get('optimizer')}; {str(e).splitlines()[0][:120]}); resume with "
-                            "the settings of its config.yaml or start a new --output-dir") from None
+            raise UserError(
+                f"checkpoint {path} does not fit this run (saved with --arch {saved.get('arch')} "
+                f"--optimizer {saved.get('optimizer')}; {str(e).splitlines()[0][:120]}); resume with "
+                "the settings of its config.yaml or start a new --output-dir"
+            ) from None
         ts.scheduler.load_state_dict(state["scheduler"])
         ts.scaler.load_state_dict(state["scaler"])
         if ts.ema is not None:
@@ -313,8 +332,11 @@ class Checkpointer:
         saved, now = saved_order(state, cfg), data_order(cfg, self.ctx.world_size)
         changed = order_changes(saved, now)
         if changed and (state.get("samples_in_epoch") or state.get("step_in_epoch")):
-            warnings.warn(f"{', '.join(changed)} changed since the checkpoint, so the order of the "
-                          "interrupted epoch differs: that epoch restarts from its beginning", stacklevel=1)
+            warnings.warn(
+                f"{', '.join(changed)} changed since the checkpoint, so the order of the "
+                "interrupted epoch differs: that epoch restarts from its beginning",
+                stacklevel=1,
+            )
         if any(saved[k] != now[k] for k in SPLIT_KEYS):
             self._resplit(saved, now, position, ts)
         ts.loader.load_state_dict({"epoch": state["epoch"], "sample": position.sample})
@@ -331,10 +353,15 @@ class Checkpointer:
         """A run resumed with another split of its global batch continues the epoch's order at
         the sample it had reached; with another global batch size, its lr stays unless
         --rescale-lr-on-resume asks to follow the batch."""
-        split = (lambda o: f"{o['world_size']} x {o['batch_size']} x grad-accum {o['grad_accum']}")
+
+        def split(o):
+            return f"{o['world_size']} x {o['batch_size']} x grad-accum {o['grad_accum']}"
+
         old, new = position.global_batch, _global_batch(now)
-        line = (f"distres: resumed on {split(now)} (global batch {new}), saved on {split(saved)} "
-                f"({old}): epoch {position.epoch + 1} continues at sample {position.sample}")
+        line = (
+            f"distres: resumed on {split(now)} (global batch {new}), saved on {split(saved)} "
+            f"({old}): epoch {position.epoch + 1} continues at sample {position.sample}"
+        )
         if old and new != old:
             peak = max(ts.scheduler.base_lrs)
             if self.cfg.rescale_lr_on_resume:
@@ -360,24 +387,26 @@ class Checkpointer:
             return
         position = ts.loader.state_dict()
         order = data_order(self.cfg, self.ctx.world_size)
-        state = _host_copy({
-            "format": FORMAT,
-            "model": ts.model.state_dict(),
-            "optimizer": ts.optimizer.state_dict(),
-            "scheduler": ts.scheduler.state_dict(),
-            "scaler": ts.scaler.state_dict(),
-            "epoch": position["epoch"],
-            "samples_in_epoch": position["sample"],  # of the epoch's global order, all ranks
-            "step_in_epoch": position["sample"] // _global_batch(order),  # optimizer steps done in `epoch`
-            "step": step,
-            "world_size": self.ctx.world_size,
-            "data_order": order,
-            "schedule_axis": ts.axis.state_dict() if ts.axis is not None else None,
-            "config": self.cfg.to_dict(),
-            "rng": rng,  # one entry per rank
-            "meta": ts.meta,
-            "ema": ts.ema.state_dict() if ts.ema is not None else None,
-        })
+        state = _host_copy(
+            {
+                "format": FORMAT,
+                "model": ts.model.state_dict(),
+                "optimizer": ts.optimizer.state_dict(),
+                "scheduler": ts.scheduler.state_dict(),
+                "scaler": ts.scaler.state_dict(),
+                "epoch": position["epoch"],
+                "samples_in_epoch": position["sample"],  # of the epoch's global order, all ranks
+                "step_in_epoch": position["sample"] // _global_batch(order),  # optimizer steps done in `epoch`
+                "step": step,
+                "world_size": self.ctx.world_size,
+                "data_order": order,
+                "schedule_axis": ts.axis.state_dict() if ts.axis is not None else None,
+                "config": self.cfg.to_dict(),
+                "rng": rng,  # one entry per rank
+                "meta": ts.meta,
+                "ema": ts.ema.state_dict() if ts.ema is not None else None,
+            }
+        )
         self._start_write(lambda: save(state, self.folder, step, self.cfg.keep_checkpoints))
 
     def save_best(self, weights: dict, meta: dict, record: dict) -> bool:
@@ -388,8 +417,9 @@ class Checkpointer:
         if not self._join():  # the previous write failed: the next collective raises its error
             return False
         self.best_top1 = record["top1"]
-        state = _host_copy({"format": FORMAT, "model": weights, "meta": meta, "best": record,
-                            "config": self.cfg.to_dict()})
+        state = _host_copy(
+            {"format": FORMAT, "model": weights, "meta": meta, "best": record, "config": self.cfg.to_dict()}
+        )
         self.folder.mkdir(parents=True, exist_ok=True)
         self._start_write(lambda: atomic_save(state, self.folder / BEST))
         return True
@@ -398,8 +428,9 @@ class Checkpointer:
         copied = torch.cuda.Event() if self.ctx.device.type == "cuda" else None
         if copied is not None:
             copied.record()
-        self._writer = threading.Thread(target=self._write, args=(write, copied), name="distres-checkpoint",
-                                        daemon=False)
+        self._writer = threading.Thread(
+            target=self._write, args=(write, copied), name="distres-checkpoint", daemon=False
+        )
         self._writer.start()
 
     def finish(self) -> None:
@@ -435,8 +466,10 @@ class Checkpointer:
         if not self._join():
             error, self._error = self._error, None
             if isinstance(error, OSError):
-                raise UserError(f"cannot write a checkpoint to {self.folder} ({error.strerror or error}); "
-                                "free space or fix permissions there, then resume with --resume") from None
+                raise UserError(
+                    f"cannot write a checkpoint to {self.folder} ({error.strerror or error}); "
+                    "free space or fix permissions there, then resume with --resume"
+                ) from None
             raise error
 
     def _join(self) -> bool:

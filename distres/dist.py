@@ -115,8 +115,9 @@ def job_store():
     return _store
 
 
-def init(device: str = "auto", backend: str = "auto", timeout_s: float = 1800,
-         deterministic: bool = False) -> DistContext:
+def init(
+    device: str = "auto", backend: str = "auto", timeout_s: float = 1800, deterministic: bool = False
+) -> DistContext:
     """Read the environment, pick the device and backend, and join the process group.
     ``timeout_s``: how long a collective (and the rendezvous) may wait."""
     global _store

@@ -59,5 +59,7 @@ def give_up(err: Diverged, last_good: str | None, rollbacks: int) -> UserError:
     """The run's one-line error once it stops on a divergence."""
     where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written before it"
     tried = f" after {rollbacks} rollback{'s' * (rollbacks != 1)}" if rollbacks else ""
-    return UserError(f"{err.what} at step {err.step} (lr {err.lr:.4g}){tried}; {where}. Resume from it with a lower "
-                     "--lr (or --clip-grad-norm, --warmup-epochs), or train with --on-nonfinite rollback")
+    return UserError(
+        f"{err.what} at step {err.step} (lr {err.lr:.4g}){tried}; {where}. Resume from it with a lower "
+        "--lr (or --clip-grad-norm, --warmup-epochs), or train with --on-nonfinite rollback"
+    )

@@ -29,8 +29,9 @@ class Precision:
         return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
 
 
-def train_step(model: nn.Module, micro_batches, loss_fn, optimizer, precision: Precision,
-               clip_grad_norm: float = 0.0) -> torch.Tensor:
+def train_step(
+    model: nn.Module, micro_batches, loss_fn, optimizer, precision: Precision, clip_grad_norm: float = 0.0
+) -> torch.Tensor:
     """One optimizer step over one or more micro-batches; returns the mean loss (on device,
     no host sync: reading it is left to the logging step)."""
     scaler = precision.scaler
@@ -81,5 +82,9 @@ def evaluate(model: nn.Module, loader, precision: Precision, device: torch.devic
     net.train(was_training)
     loss, top1, top5, count = totals.tolist()
     count = int(count)
-    return {"val_loss": loss / max(count, 1), "top1": 100.0 * top1 / max(count, 1),
-            "top5": 100.0 * top5 / max(count, 1), "eval_samples": count}
+    return {
+        "val_loss": loss / max(count, 1),
+        "top1": 100.0 * top1 / max(count, 1),
+        "top5": 100.0 * top5 / max(count, 1),
+        "eval_samples": count,
+    }

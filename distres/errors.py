@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 
 class UserError(Exception):
@@ -75,20 +75,25 @@ def process_death(err: BaseException, rank: int) -> RankError | None:
     the job (its collective fails here)."""
     worker = _worker_death(err)
     if worker is not None:
-        return RankError(f"rank {rank}: a data loading worker died ({worker}); if it ran out of memory "
-                         "(dmesg names the OOM killer), lower --workers or --batch-size, or give the job more memory")
+        return RankError(
+            f"rank {rank}: a data loading worker died ({worker}); if it ran out of memory "
+            "(dmesg names the OOM killer), lower --workers or --batch-size, or give the job more memory"
+        )
     if not isinstance(err, RuntimeError):
         return None
     text = " ".join(str(err).split())
     lost = next((what for what in LOST_PEER if what in text), None)
     if lost is not None:
-        return RankError(f"rank {rank}: another process of the job went away during a collective ({lost}); its "
-                         "own log says why (the launcher restarts the job with --max-restarts)")
+        return RankError(
+            f"rank {rank}: another process of the job went away during a collective ({lost}); its "
+            "own log says why (the launcher restarts the job with --max-restarts)"
+        )
     return None
 
 
-def run_cli(body: Callable[[], int | None], rank: Callable[[], int] = lambda: 0,
-            cleanup: Callable[[], None] | None = None) -> int:
+def run_cli(
+    body: Callable[[], int | None], rank: Callable[[], int] = lambda: 0, cleanup: Callable[[], None] | None = None
+) -> int:
     """A CLI's exit status: ``body``'s (0 for None); a user mistake is one line on stderr (from
     rank 0 only, unless only some ranks meet it) and status 2, a preemption status 75."""
     try:

@@ -28,23 +28,37 @@ from distres.errors import ArgumentParser, UserError, console, run_cli
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m distres.evaluate", description=__doc__.split("\n\n")[0],
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a distres checkpoint (step-*.pt, last.pt, best.pt) "
-                   "or a distres .safetensors export")
+    p = ArgumentParser(
+        prog="python -m distres.evaluate",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a distres checkpoint (step-*.pt, last.pt, best.pt) or a distres .safetensors export",
+    )
     p.add_argument("--weights", choices=inference.WEIGHT_CHOICES, default="auto", help=inference.WEIGHTS_HELP)
     p.add_argument("--data", choices=DATASETS, default=None, help="data set (default: the checkpoint's)")
-    p.add_argument("--data-dir", default=None, help="its folder: val/ or test/ is scored, or the folder itself "
-                   "when it holds the class folders (default: the checkpoint's)")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="its folder: val/ or test/ is scored, or the folder itself "
+        "when it holds the class folders (default: the checkpoint's)",
+    )
     p.add_argument("--data-backend", choices=BACKENDS, default=None, help="input pipeline (default: the checkpoint's)")
     p.add_argument("--batch-size", type=int, default=None, help="per process (default: the checkpoint's)")
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers per process (default: the checkpoint's)")
-    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None,
-                   help="autocast precision (default: the checkpoint's)")
+    p.add_argument(
+        "--workers", type=int, default=None, help="DataLoader workers per process (default: the checkpoint's)"
+    )
+    p.add_argument(
+        "--amp", choices=("none", "bf16", "fp16"), default=None, help="autocast precision (default: the checkpoint's)"
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
     p.add_argument("--top-k", type=int, default=5, help="predictions listed per misclassified image")
-    p.add_argument("--output-dir", default=None,
-                   help="default: eval-<checkpoint name> beside the run's checkpoints folder")
+    p.add_argument(
+        "--output-dir", default=None, help="default: eval-<checkpoint name> beside the run's checkpoints folder"
+    )
     return p
 
 
@@ -61,8 +75,11 @@ class Collector:
         top = logits.topk(min(self.k, logits.shape[1]), dim=1)
         probs = logits.softmax(dim=1).gather(1, top.indices)
         index = next(self._index, None)
-        names = [self.loader.source.name(int(i)) for i in index] if index is not None and len(index) == len(labels) \
-            else [""] * len(labels)  # (a skipped unreadable image shifted the batch)
+        names = (
+            [self.loader.source.name(int(i)) for i in index]
+            if index is not None and len(index) == len(labels)
+            else [""] * len(labels)
+        )  # (a skipped unreadable image shifted the batch)
         for row in zip(names, labels.tolist(), top.indices.tolist(), probs.tolist()):
             self.rows.append(row)
 
@@ -77,27 +94,47 @@ def run(a, ctx) -> dict:
     checkpoint = Path(a.checkpoint)
     trained = inference.load(checkpoint, a.weights, ctx.device)
     meta = trained.meta
-    cfg = inference.with_overrides(trained.config, data=a.data, data_dir=a.data_dir, data_backend=a.data_backend,
-                                   batch_size=a.batch_size, workers=a.workers, amp=a.amp,
-                                   eval_image_size=meta["image_size"], eval_resize=meta.get("resize", 0))
+    cfg = inference.with_overrides(
+        trained.config,
+        data=a.data,
+        data_dir=a.data_dir,
+        data_backend=a.data_backend,
+        batch_size=a.batch_size,
+        workers=a.workers,
+        amp=a.amp,
+        eval_image_size=meta["image_size"],
+        eval_resize=meta.get("resize", 0),
+    )
     if a.data is not None and a.data != trained.config.data and a.data_dir is None and a.data != "synthetic":
         raise UserError(f"--data {a.data} needs --data-dir (the checkpoint's folder is for {trained.config.data})")
     if cfg.data == "imagefolder" and not cfg.data_dir:
         raise UserError("--data imagefolder needs --data-dir PATH")
     cfg.validate()
-    bundle = data.build(cfg, ctx, models.memory_format(cfg.channels_last), stats=(meta["mean"], meta["std"]),
-                        train=False, classes=meta["classes"])
+    bundle = data.build(
+        cfg,
+        ctx,
+        models.memory_format(cfg.channels_last),
+        stats=(meta["mean"], meta["std"]),
+        train=False,
+        classes=meta["classes"],
+    )
     collect = Collector(bundle.val, a.top_k)
     result = engine.evaluate(trained.model, bundle.val, engine.Precision(cfg.amp, ctx.device), ctx.device, collect)
     rows = [row for part in dist.gather_objects(collect.rows) for row in part]
     if ctx.is_main:
         out = Path(a.output_dir) if a.output_dir else default_output_dir(checkpoint)
         try:
-            summary = report(rows, meta["classes"], result, out,
-                             {"checkpoint": str(checkpoint), "weights": trained.weights, "data": cfg.data,
-                              "data_dir": cfg.data_dir})
+            summary = report(
+                rows,
+                meta["classes"],
+                result,
+                out,
+                {"checkpoint": str(checkpoint), "weights": trained.weights, "data": cfg.data, "data_dir": cfg.data_dir},
+            )
         except OSError as e:
-            raise UserError(f"cannot write the report to {out} ({e.strerror or e}); pass a writable --output-dir") from None
+            raise UserError(
+                f"cannot write the report to {out} ({e.strerror or e}); pass a writable --output-dir"
+            ) from None
         print_table(summary, out)
     return result
 
@@ -115,8 +152,14 @@ def report(rows: list[tuple], classes: list[str], result: dict, out: Path, about
         w = csv.writer(f)
         w.writerow(["class", "samples", "correct", "accuracy"])
         for c, name in enumerate(classes):
-            w.writerow([name, int(per_class[c]), int(correct[c]),
-                        f"{100.0 * int(correct[c]) / int(per_class[c]):.2f}" if per_class[c] else ""])
+            w.writerow(
+                [
+                    name,
+                    int(per_class[c]),
+                    int(correct[c]),
+                    f"{100.0 * int(correct[c]) / int(per_class[c]):.2f}" if per_class[c] else "",
+                ]
+            )
     with open(out / "confusion.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["true \\ predicted", *classes])
@@ -132,18 +175,24 @@ def report(rows: list[tuple], classes: list[str], result: dict, out: Path, about
                 w.writerow([name, classes[label], *[v for t, p in zip(top, probs) for v in (classes[t], f"{p:.4f}")]])
     off = confusion.clone()
     off.fill_diagonal_(0)
-    pairs = [(int(v), classes[i // n], classes[i % n]) for v, i in zip(*off.flatten().topk(min(5, n * n)))
-             if int(v) > 0]
+    pairs = [
+        (int(v), classes[i // n], classes[i % n]) for v, i in zip(*off.flatten().topk(min(5, n * n))) if int(v) > 0
+    ]
     worst = sorted((100.0 * int(correct[c]) / int(per_class[c]), classes[c]) for c in range(n) if per_class[c])[:5]
-    summary = {**about, **result, "classes": n,
-               "most_confused": [{"true": t, "predicted": p, "count": v} for v, t, p in pairs],
-               "worst_classes": [{"class": c, "accuracy": acc} for acc, c in worst]}
+    summary = {
+        **about,
+        **result,
+        "classes": n,
+        "most_confused": [{"true": t, "predicted": p, "count": v} for v, t, p in pairs],
+        "worst_classes": [{"class": c, "accuracy": acc} for acc, c in worst],
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
 def _plot_confusion(confusion: torch.Tensor, classes: list[str], path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -159,8 +208,15 @@ def _plot_confusion(confusion: torch.Tensor, classes: list[str], path: Path) -> 
         for i in range(n):
             for j in range(n):
                 if confusion[i, j]:
-                    ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=8,
-                            color="white" if rates[i, j] > 0.5 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        int(confusion[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="white" if rates[i, j] > 0.5 else "black",
+                    )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(f"confusion ({int(confusion.sum())} images; colour: share of the true class)")
@@ -171,14 +227,20 @@ def _plot_confusion(confusion: torch.Tensor, classes: list[str], path: Path) -> 
 
 
 def print_table(s: dict, out: Path) -> None:
-    lines = [f"distres.evaluate: {s['checkpoint']} ({s['weights']} weights) on {s['data']}"
-             f"{' ' + s['data_dir'] if s['data_dir'] else ''}: {s['eval_samples']} images, {s['classes']} classes",
-             f"  top1 {s['top1']:.2f}%   top5 {s['top5']:.2f}%   loss {s['val_loss']:.4f}"]
+    lines = [
+        f"distres.evaluate: {s['checkpoint']} ({s['weights']} weights) on {s['data']}"
+        f"{' ' + s['data_dir'] if s['data_dir'] else ''}: {s['eval_samples']} images, {s['classes']} classes",
+        f"  top1 {s['top1']:.2f}%   top5 {s['top5']:.2f}%   loss {s['val_loss']:.4f}",
+    ]
     if s["worst_classes"]:
-        lines.append("  lowest accuracy: " + ", ".join(f"{w['class']} {w['accuracy']:.1f}%" for w in s["worst_classes"]))
+        lines.append(
+            "  lowest accuracy: " + ", ".join(f"{w['class']} {w['accuracy']:.1f}%" for w in s["worst_classes"])
+        )
     if s["most_confused"]:
-        lines.append("  most confused (true -> predicted): "
-                     + ", ".join(f"{m['true']} -> {m['predicted']} {m['count']}" for m in s["most_confused"]))
+        lines.append(
+            "  most confused (true -> predicted): "
+            + ", ".join(f"{m['true']} -> {m['predicted']} {m['count']}" for m in s["most_confused"])
+        )
     lines.append(f"  report: {out}/ (summary.json, per_class.csv, confusion.csv, confusion.png, misclassified.csv)")
     print("\n".join(lines), flush=True)
 

@@ -34,14 +34,22 @@ CHECK_IMAGES = 8
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m distres.export", description=__doc__.split("\n\n")[0],
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(
+        prog="python -m distres.export",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--checkpoint", required=True, help="a distres checkpoint (or .safetensors export)")
     p.add_argument("--format", choices=FORMATS, required=True, help="what to write")
     p.add_argument("--output", required=True, help="the file to write")
     p.add_argument("--weights", choices=inference.WEIGHT_CHOICES, default="auto", help=inference.WEIGHTS_HELP)
-    p.add_argument("--check-images", nargs="*", default=None, metavar="PATH",
-                   help="image files or folders for the parity check (default: the model's validation images)")
+    p.add_argument(
+        "--check-images",
+        nargs="*",
+        default=None,
+        metavar="PATH",
+        help="image files or folders for the parity check (default: the model's validation images)",
+    )
     p.add_argument("--atol", type=float, default=1e-3, help="largest logit difference the parity check accepts")
     return p
 
@@ -60,11 +68,14 @@ def check_inputs(paths: list[str] | None, trained: inference.Trained) -> tuple[t
     if not images:
         if paths is not None:
             raise UserError(f"no readable images in --check-images {' '.join(paths)}; pass image files or folders")
-        raise UserError("the model's validation images are not at hand for the parity check; "
-                        "pass --check-images with a few images")
+        raise UserError(
+            "the model's validation images are not at hand for the parity check; pass --check-images with a few images"
+        )
     norm = inference.normalizer(trained.meta, torch.device("cpu"), channels_last=False)
     x, _ = norm(torch.stack(images), torch.zeros(0, dtype=torch.int64))
-    where = "--check-images" if paths is not None else f"{trained.config.data_dir or trained.config.data} validation images"
+    where = (
+        "--check-images" if paths is not None else f"{trained.config.data_dir or trained.config.data} validation images"
+    )
     return x, where
 
 
@@ -76,8 +87,11 @@ def _validation_files(cfg) -> list[str]:
     if split is None:
         return []
     # One or two per class, spread over the classes, rather than the first class's only.
-    per_class = [sorted(str(f) for f in d.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)[:2]
-                 for d in sorted(split.iterdir()) if d.is_dir()]
+    per_class = [
+        sorted(str(f) for f in d.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)[:2]
+        for d in sorted(split.iterdir())
+        if d.is_dir()
+    ]
     return [f for pair in zip(*per_class) for f in pair] if per_class else []
 
 
@@ -86,14 +100,20 @@ def export(a) -> float:
     model = trained.model.float()
     x, where = check_inputs(a.check_images, trained)
     out = Path(a.output)
-    meta = {**trained.meta, "weights": trained.weights, "input": "N x 3 x S x S float32, RGB, (x/255 - mean) / std",
-            "source": str(a.checkpoint)}
+    meta = {
+        **trained.meta,
+        "weights": trained.weights,
+        "input": "N x 3 x S x S float32, RGB, (x/255 - mean) / std",
+        "source": str(a.checkpoint),
+    }
     with torch.inference_mode():
         expected = model(x)
     sidecar = out.with_name(out.name + ".json")
     if out.suffix == ".json":
-        raise UserError(f"--output {out}: .json is the name of the metadata written beside the export; "
-                        f"name the file e.g. model.{a.format}")
+        raise UserError(
+            f"--output {out}: .json is the name of the metadata written beside the export; "
+            f"name the file e.g. model.{a.format}"
+        )
     try:  # the writers' own errors for an unwritable folder are not all OSErrors: try it first
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(sidecar, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
@@ -101,21 +121,28 @@ def export(a) -> float:
         raise UserError(f"cannot write --output {out} ({e.strerror or e}); choose a writable path") from None
     got = WRITERS[a.format](model, x, out, meta)
     if got is None:
-        console(f"distres.export: {out} ({a.format}, {trained.weights} weights) written, parity NOT checked "
-                f"(onnxruntime is not installed: pip install -e '.[export]'); metadata in {sidecar}")
+        console(
+            f"distres.export: {out} ({a.format}, {trained.weights} weights) written, parity NOT checked "
+            f"(onnxruntime is not installed: pip install -e '.[export]'); metadata in {sidecar}"
+        )
         return float("nan")
     diff = float((got - expected).abs().max())
     ok = diff <= a.atol
-    console(f"distres.export: {out} ({a.format}, {trained.weights} weights): parity on {len(x)} {where}: "
-            f"max |logit difference| {diff:.2e} {'<=' if ok else '>'} {a.atol:g}; metadata in {sidecar}")
+    console(
+        f"distres.export: {out} ({a.format}, {trained.weights} weights): parity on {len(x)} {where}: "
+        f"max |logit difference| {diff:.2e} {'<=' if ok else '>'} {a.atol:g}; metadata in {sidecar}"
+    )
     if not ok:
-        raise UserError(f"the {a.format} export's logits differ from the model's by {diff:.2e} (> --atol {a.atol:g}); "
-                        "do not serve it: report the versions of torch and the exporter")
+        raise UserError(
+            f"the {a.format} export's logits differ from the model's by {diff:.2e} (> --atol {a.atol:g}); "
+            "do not serve it: report the versions of torch and the exporter"
+        )
     return diff
 
 
 def _safetensors(model, x, out: Path, meta: dict) -> torch.Tensor:
     from safetensors.torch import load_file, save_file
+
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     atomic_write(out, lambda tmp: save_file(state, str(tmp), metadata={"distres": json.dumps(meta)}))
     fresh = models.from_description(meta)  # a new torchvision model, as a user would load it
@@ -142,8 +169,15 @@ def _onnx(model, x, out: Path, meta: dict) -> torch.Tensor | None:
 
     def write(tmp: Path) -> None:
         batch = torch.export.Dim("batch", min=1)
-        program = torch.onnx.export(model, (x[:2],), input_names=["images"], output_names=["logits"],
-                                    dynamic_shapes={"x": {0: batch}}, dynamo=True, verbose=False)
+        program = torch.onnx.export(
+            model,
+            (x[:2],),
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_shapes={"x": {0: batch}},
+            dynamo=True,
+            verbose=False,
+        )
         proto = program.model_proto
         proto.metadata_props.add(key="distres", value=json.dumps(meta))
         onnx.save(proto, str(tmp))

@@ -4,8 +4,8 @@ uses it and starts quickly)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 
 def atomic_write(dst: Path, write: Callable[[Path], None]) -> None:

@@ -31,8 +31,7 @@ class Trained:
     config: TrainConfig  # the training run's settings (defaults for a file without them)
 
 
-def load(path: str | Path, which: str = "auto", device: torch.device | None = None,
-         plain: bool = False) -> Trained:
+def load(path: str | Path, which: str = "auto", device: torch.device | None = None, plain: bool = False) -> Trained:
     """The model in ``path`` on ``device`` (default CPU). Set up as training ran it (memory
     format, the CPU's matmul convolutions), so that its scores match training's, unless
     ``plain``: a stock torchvision module in fp32 (what exports trace)."""
@@ -42,8 +41,10 @@ def load(path: str | Path, which: str = "auto", device: torch.device | None = No
     try:
         model.load_state_dict(file.state)
     except RuntimeError as e:
-        raise UserError(f"{path}: the weights do not fit the model it describes ({str(e).splitlines()[0][:100]}); "
-                        "the file is damaged: use another checkpoint") from None
+        raise UserError(
+            f"{path}: the weights do not fit the model it describes ({str(e).splitlines()[0][:100]}); "
+            "the file is damaged: use another checkpoint"
+        ) from None
     cfg = run_config(file.config)
     device = device or torch.device("cpu")
     if not plain:
@@ -84,8 +85,11 @@ def find_images(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
         if path.is_dir():
             for root, dirs, names in os.walk(path):
                 dirs.sort()
-                files += [os.path.join(root, n) for n in sorted(names)
-                          if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
+                files += [
+                    os.path.join(root, n)
+                    for n in sorted(names)
+                    if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")
+                ]
         elif path.suffix.lower() in VIDEO_EXTENSIONS:
             skipped.append((item, "a video: extract its frames with python -m distres.prepare video"))
         elif path.exists():

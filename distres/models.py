@@ -26,12 +26,12 @@ def use_cifar_stem(setting: str, image_size: int) -> bool:
     return setting == "on"
 
 
-def build_model(arch: str, num_classes: int, cifar_stem: bool = False,
-                zero_init_residual: bool = True, blurpool: bool = False) -> nn.Module:
+def build_model(
+    arch: str, num_classes: int, cifar_stem: bool = False, zero_init_residual: bool = True, blurpool: bool = False
+) -> nn.Module:
     if arch not in _BUILDERS:
         raise UserError(f"unknown --arch {arch!r}; choose one of {', '.join(_BUILDERS)}")
-    model = _BUILDERS[arch](weights=None, num_classes=num_classes,
-                            zero_init_residual=zero_init_residual)
+    model = _BUILDERS[arch](weights=None, num_classes=num_classes, zero_init_residual=zero_init_residual)
     if cifar_stem:
         model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
@@ -48,7 +48,7 @@ class BlurConv2d(nn.Conv2d):
     The filter is a non-persistent buffer, so the state dict keeps torchvision's keys and
     shapes: the same weights files load with and without it."""
 
-    def add_blur(self) -> "BlurConv2d":
+    def add_blur(self) -> BlurConv2d:
         taps = torch.tensor([1.0, 2.0, 1.0])
         kernel = (taps[:, None] * taps[None, :] / 16).expand(self.in_channels, 1, 3, 3)
         self.register_buffer("blur", kernel.to(self.weight.device).contiguous(), persistent=False)
@@ -88,8 +88,14 @@ class MatmulConv2d(nn.Conv2d):
     TINY_MAP = 4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.groups != 1 or self.dilation != (1, 1) or self.padding_mode != "zeros" or x.dim() != 4 \
-                or isinstance(self.padding, str) or x.shape[-2] * x.shape[-1] > self._map_limit(x):
+        if (
+            self.groups != 1
+            or self.dilation != (1, 1)
+            or self.padding_mode != "zeros"
+            or x.dim() != 4
+            or isinstance(self.padding, str)
+            or x.shape[-2] * x.shape[-1] > self._map_limit(x)
+        ):
             return super().forward(x)
         if self.kernel_size == (1, 1) and self.padding == (0, 0):
             sh, sw = self.stride
@@ -115,8 +121,9 @@ class MatmulConv2d(nn.Conv2d):
         cout = self.out_channels
         weight = torch.cat([self.weight.flatten(2), self.weight.new_zeros(cout, c, 1)], dim=2)
         big = weight[:, :, taps].permute(2, 0, 3, 1).reshape(ho * wo * cout, h * w * c)
-        y = nn.functional.linear(x.permute(0, 2, 3, 1).reshape(n, -1), big,
-                                 None if self.bias is None else self.bias.repeat(ho * wo))
+        y = nn.functional.linear(
+            x.permute(0, 2, 3, 1).reshape(n, -1), big, None if self.bias is None else self.bias.repeat(ho * wo)
+        )
         return y.view(n, ho, wo, cout).permute(0, 3, 1, 2)
 
 
@@ -156,16 +163,16 @@ def matmul_convs(model: nn.Module) -> nn.Module:
     return model
 
 
-def prepare(model: nn.Module, device: torch.device, channels_last: bool, sync_bn: bool,
-            distributed: bool) -> nn.Module:
+def prepare(model: nn.Module, device: torch.device, channels_last: bool, sync_bn: bool, distributed: bool) -> nn.Module:
     """Move to the device in the chosen memory format; convert BN to SyncBN when asked; on
     CPUs, convolutions as matrix products where those are faster (``MatmulConv2d``)."""
     if device.type == "cpu":
         matmul_convs(model)
     if sync_bn and distributed:
         if device.type != "cuda":
-            raise UserError("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU kernel); "
-                            "drop --sync-bn on CPU runs")
+            raise UserError(
+                "--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU kernel); drop --sync-bn on CPU runs"
+            )
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model.to(device=device, memory_format=memory_format(channels_last))
 
@@ -180,18 +187,34 @@ def build(cfg, classes: list[str], image_size: int, ctx, pretrained=None) -> nn.
     return prepare(model, ctx.device, cfg.channels_last, cfg.sync_bn, ctx.distributed)
 
 
-def describe(model: nn.Module, arch: str, classes: list[str], mean, std, image_size: int, resize: int = 0,
-             train_image_size: int | None = None) -> dict:
+def describe(
+    model: nn.Module,
+    arch: str,
+    classes: list[str],
+    mean,
+    std,
+    image_size: int,
+    resize: int = 0,
+    train_image_size: int | None = None,
+) -> dict:
     """What evaluate, predict and export need to rebuild and feed the model, kept in every
     checkpoint and export: with it a model file stands alone. ``image_size`` and ``resize``
     are evaluation's centre crop and the shorter side before it (0: the default for the
     crop); ``train_image_size``, the (final) training crop, is only a record."""
     from distres.data.transforms import eval_size
-    return {"arch": arch, "classes": list(classes), "num_classes": len(classes),
-            "cifar_stem": isinstance(model.maxpool, nn.Identity), "mean": list(mean), "std": list(std),
-            "image_size": image_size, "resize": eval_size(image_size, resize),
-            "train_image_size": train_image_size or image_size,
-            "blurpool": any(isinstance(m, BlurConv2d) for m in model.modules())}
+
+    return {
+        "arch": arch,
+        "classes": list(classes),
+        "num_classes": len(classes),
+        "cifar_stem": isinstance(model.maxpool, nn.Identity),
+        "mean": list(mean),
+        "std": list(std),
+        "image_size": image_size,
+        "resize": eval_size(image_size, resize),
+        "train_image_size": train_image_size or image_size,
+        "blurpool": any(isinstance(m, BlurConv2d) for m in model.modules()),
+    }
 
 
 def from_description(meta: dict) -> nn.Module:
@@ -231,8 +254,11 @@ def parallelize(model: nn.Module, cfg, ctx) -> nn.Module:
             # slower at every size; the limit makes room for them beside evaluation's shapes.
             sizes = len(set(schedule.sizes(cfg.epochs)))
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * sizes + 8)
-        model = torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode,
-                              dynamic=False if schedule is not None else None)
+        model = torch.compile(
+            model,
+            mode=None if cfg.compile_mode == "default" else cfg.compile_mode,
+            dynamic=False if schedule is not None else None,
+        )
     return model
 
 

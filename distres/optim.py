@@ -21,9 +21,14 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float, backbone_lr_s
     for name, p in model.named_parameters():
         if p.requires_grad:
             groups.setdefault((split and not name.startswith(HEAD), p.ndim > 1), []).append(p)
-    return [{"params": params, "weight_decay": weight_decay if decay else 0.0,
-             "lr": lr * (backbone_lr_scale if backbone else 1.0)}
-            for (backbone, decay), params in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1]))]
+    return [
+        {
+            "params": params,
+            "weight_decay": weight_decay if decay else 0.0,
+            "lr": lr * (backbone_lr_scale if backbone else 1.0),
+        }
+        for (backbone, decay), params in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1]))
+    ]
 
 
 @dataclass(frozen=True)
@@ -96,28 +101,39 @@ def plan(cfg, num_samples: int, world_size: int, resumed: Resumed | None = None)
     micro = cfg.batch_size * world_size
     batches = num_samples // micro
     if batches // cfg.grad_accum == 0:
-        raise UserError(f"--grad-accum {cfg.grad_accum} needs more batches than the "
-                        f"{batches} each rank has per epoch; lower it or --batch-size")
+        raise UserError(
+            f"--grad-accum {cfg.grad_accum} needs more batches than the "
+            f"{batches} each rank has per epoch; lower it or --batch-size"
+        )
     global_batch = micro * cfg.grad_accum
     axis = Axis(global_batch)
     if resumed is not None:
         then = Axis(**resumed.axis) if resumed.axis else Axis(resumed.global_batch)
         then = Axis(then.global_batch, then.base_step, then.base, resumed.global_batch / then.global_batch)
-        axis = then if resumed.global_batch == global_batch else \
-            Axis(then.global_batch, resumed.step, float(then(resumed.step)), global_batch / then.global_batch)
+        axis = (
+            then
+            if resumed.global_batch == global_batch
+            else Axis(then.global_batch, resumed.step, float(then(resumed.step)), global_batch / then.global_batch)
+        )
     first_per_epoch, epochs, first_total = _horizon(cfg, num_samples, axis.global_batch)
     steps_per_epoch = num_samples // global_batch
     total_steps = first_total
     if resumed is not None:
         left = 0
         if resumed.epoch < epochs:
-            left = max(0, num_samples - resumed.sample) // global_batch \
-                + (epochs - resumed.epoch - 1) * steps_per_epoch
+            left = max(0, num_samples - resumed.sample) // global_batch + (epochs - resumed.epoch - 1) * steps_per_epoch
         total_steps = resumed.step + left
         if cfg.max_steps > 0:
             total_steps = min(total_steps, axis.step_at(first_total))
-    return Plan(steps_per_epoch, epochs, total_steps, global_batch, peak_lr(cfg, world_size), axis,
-                (first_per_epoch, first_total))
+    return Plan(
+        steps_per_epoch,
+        epochs,
+        total_steps,
+        global_batch,
+        peak_lr(cfg, world_size),
+        axis,
+        (first_per_epoch, first_total),
+    )
 
 
 def peak_lr(cfg, world_size: int) -> float:
@@ -150,8 +166,15 @@ def init_momentum(optimizer: torch.optim.Optimizer) -> None:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
-def lr_factor(step: float, total_steps: int, warmup_steps: int, schedule: str,
-              steps_per_epoch: int, milestones: list[int], gamma: float) -> float:
+def lr_factor(
+    step: float,
+    total_steps: int,
+    warmup_steps: int,
+    schedule: str,
+    steps_per_epoch: int,
+    milestones: list[int],
+    gamma: float,
+) -> float:
     """Multiplier of the peak lr at an optimizer step (0-based; on the ``Axis`` clock, which
     is fractional after a change of global batch)."""
     if warmup_steps > 0 and step < warmup_steps:

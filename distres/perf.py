@@ -49,8 +49,9 @@ def levers(cfg, device_type: str, backend: str) -> tuple[str, str]:
     elif device_type == "cuda" and cfg.data in NATIVE_SIZE:
         data = "--data-backend gpu (the whole data set resident on the GPU)"
     elif device_type == "cuda" and backend == "torch":
-        installed = importlib.util.find_spec("nvidia") is not None and \
-            importlib.util.find_spec("nvidia.dali") is not None
+        installed = (
+            importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
+        )
         data = "--data-backend dali" + ("" if installed else " (pip install -e '.[dali]')")
     else:
         data = "more --workers" + (f" (now {cfg.workers})" if cfg.workers >= 0 else "")
@@ -67,15 +68,16 @@ def levers(cfg, device_type: str, backend: str) -> tuple[str, str]:
     return data, compute
 
 
-def verdict(data_wait_frac: float, gpu_util: float | None, data_lever: str,
-            compute_lever: str) -> tuple[str, str]:
+def verdict(data_wait_frac: float, gpu_util: float | None, data_lever: str, compute_lever: str) -> tuple[str, str]:
     """('input-bound' | 'compute-bound', one-line explanation with the suggested lever)."""
     pct = f"{100 * data_wait_frac:.0f}% of step time waiting for data"
     if data_wait_frac >= INPUT_BOUND_FRAC:
         return "input-bound", f"input-bound: {pct} — try {data_lever}"
     if gpu_util is not None and gpu_util < HOST_BOUND_UTIL:
-        return "compute-bound", (f"compute-bound on the host: {pct}, yet the GPU is only {gpu_util:.0f}% "
-                                 "busy — try --compile --compile-mode reduce-overhead or a larger --batch-size")
+        return "compute-bound", (
+            f"compute-bound on the host: {pct}, yet the GPU is only {gpu_util:.0f}% "
+            "busy — try --compile --compile-mode reduce-overhead or a larger --batch-size"
+        )
     util = f", GPU {gpu_util:.0f}% busy" if gpu_util is not None else ""
     return "compute-bound", f"compute-bound: {pct}{util} — try {compute_lever}"
 
@@ -165,11 +167,19 @@ class StepMeter:
         elapsed = time.perf_counter() - self._t0
         counts = torch.tensor([float(self._n), float(bad_samples)], device=self.ctx.device)
         red = dist.all_reduce_sum(torch.cat([self._loss.reshape(1).float(), counts]))
-        rec = {"kind": "train", "step": step, "epoch": epoch, "loss": (red[0] / red[1]).item(), "lr": lr,
-               "images_per_sec": self._n * self.global_batch / elapsed,
-               "data_wait_frac": self._wait / elapsed, "time": time.perf_counter() - self.t_run,
-               "bad_samples": int(red[2].item()),  # undecodable images skipped so far, all ranks
-               **self.window(self._n, elapsed, self._wait, step), **self.fields}
+        rec = {
+            "kind": "train",
+            "step": step,
+            "epoch": epoch,
+            "loss": (red[0] / red[1]).item(),
+            "lr": lr,
+            "images_per_sec": self._n * self.global_batch / elapsed,
+            "data_wait_frac": self._wait / elapsed,
+            "time": time.perf_counter() - self.t_run,
+            "bad_samples": int(red[2].item()),  # undecodable images skipped so far, all ranks
+            **self.window(self._n, elapsed, self._wait, step),
+            **self.fields,
+        }
         self.logger.log(rec)
         self.start_window()
         return rec
@@ -192,11 +202,18 @@ class StepMeter:
         frac = self.wait / self.elapsed if self.elapsed > 0 else 0.0
         label, detail = verdict(frac, gpu.get("gpu_util_mean"), *self.levers)
         detail += "".join(f"; {what}: {where}" for what, where in self.refs.items())
-        rec = {"kind": "epoch", "step": step, "epoch": epoch, "data_wait_frac": frac,
-               "step_time": self.elapsed / self.steps,
-               "images_per_sec": self.steps * self.global_batch / self.elapsed if self.elapsed > 0 else 0.0,
-               "peak_mem_mb": peak_memory_mb(self.ctx.device), "verdict": label, "verdict_detail": detail,
-               **gpu}
+        rec = {
+            "kind": "epoch",
+            "step": step,
+            "epoch": epoch,
+            "data_wait_frac": frac,
+            "step_time": self.elapsed / self.steps,
+            "images_per_sec": self.steps * self.global_batch / self.elapsed if self.elapsed > 0 else 0.0,
+            "peak_mem_mb": peak_memory_mb(self.ctx.device),
+            "verdict": label,
+            "verdict_detail": detail,
+            **gpu,
+        }
         self.logger.log(rec)
         if self.ctx.is_main:
             console(f"distres: epoch {epoch}: {detail}")

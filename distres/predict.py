@@ -26,8 +26,11 @@ from distres.errors import ArgumentParser, UserError, console, run_cli
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m distres.predict", description=__doc__.split("\n\n")[0],
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(
+        prog="python -m distres.predict",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of them")
     p.add_argument("--checkpoint", required=True, help="a distres checkpoint or .safetensors export")
     p.add_argument("--weights", choices=inference.WEIGHT_CHOICES, default="auto", help=inference.WEIGHTS_HELP)
@@ -35,8 +38,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--output", default="predictions.csv", help="the CSV to write ('-': standard output)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes")
-    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None,
-                   help="autocast precision (default: the checkpoint's)")
+    p.add_argument(
+        "--amp", choices=("none", "bf16", "fp16"), default=None, help="autocast precision (default: the checkpoint's)"
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
     return p
 
@@ -73,8 +77,13 @@ def predict(a) -> tuple[int, int]:
     k = min(a.top_k, len(classes))
     norm = inference.normalizer(meta, device, trained.config.channels_last)
     precision = Precision(a.amp or trained.config.amp, device)
-    loader = torch.utils.data.DataLoader(Images(files, meta), batch_size=a.batch_size, num_workers=a.workers,
-                                         collate_fn=_batch, pin_memory=device.type == "cuda")
+    loader = torch.utils.data.DataLoader(
+        Images(files, meta),
+        batch_size=a.batch_size,
+        num_workers=a.workers,
+        collate_fn=_batch,
+        pin_memory=device.type == "cuda",
+    )
     try:
         out = sys.stdout if a.output == "-" else open(a.output, "w", newline="")
     except OSError as e:
@@ -104,8 +113,10 @@ def predict(a) -> tuple[int, int]:
     if written == 0:
         raise UserError(f"none of the {len(unreadable)} input(s) could be read (listed above); pass image files")
     where = "standard output" if a.output == "-" else a.output
-    console(f"distres.predict: {written} image(s) classified ({trained.weights} weights of {a.checkpoint}) "
-            f"into {where}; {len(unreadable)} unreadable{' (listed above)' if unreadable else ''}")
+    console(
+        f"distres.predict: {written} image(s) classified ({trained.weights} weights of {a.checkpoint}) "
+        f"into {where}; {len(unreadable)} unreadable{' (listed above)' if unreadable else ''}"
+    )
     return written, len(unreadable)
 
 

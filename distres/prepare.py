@@ -16,14 +16,15 @@ ffmpeg-python package.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import pickle
 import shutil
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -56,9 +57,17 @@ def run_tasks(tasks: list[Task], workers: int, what: str) -> None:
 
     todo = [t for t in tasks if not t.done()]
     failed: list[tuple[str, str]] = []
-    with ThreadPoolExecutor(max(1, workers)) as pool, \
-            tqdm(total=len(todo), desc=what, unit="file", file=sys.stderr, dynamic_ncols=True,
-                 mininterval=0.5 if sys.stderr.isatty() else 30.0) as bar:
+    with (
+        ThreadPoolExecutor(max(1, workers)) as pool,
+        tqdm(
+            total=len(todo),
+            desc=what,
+            unit="file",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            mininterval=0.5 if sys.stderr.isatty() else 30.0,
+        ) as bar,
+    ):
         futures = {pool.submit(t.run): t for t in todo}
         for fut in as_completed(futures):
             try:
@@ -67,8 +76,10 @@ def run_tasks(tasks: list[Task], workers: int, what: str) -> None:
                 failed.append((futures[fut].name, " ".join(str(e).split())[:300] or type(e).__name__))
             bar.update(1)
     done = len(todo) - len(failed)
-    print(f"distres.prepare: {what}: {done} written, {len(tasks) - len(todo)} already there, "
-          f"{len(failed)} unreadable", flush=True)
+    print(
+        f"distres.prepare: {what}: {done} written, {len(tasks) - len(todo)} already there, {len(failed)} unreadable",
+        flush=True,
+    )
     for name, reason in sorted(failed):
         print(f"  unreadable: {name}: {reason}", flush=True)
     if failed and done == 0 and len(todo) == len(tasks):
@@ -86,8 +97,11 @@ def _inputs(src: Path, extensions: tuple[str, ...], kind: str) -> list[Path]:
                 continue
             (found if f.lower().endswith(extensions) else other).append(Path(dirpath) / f)
     if other:
-        print(f"distres.prepare: {len(other)} file(s) are not {kind}s and are left out "
-              f"(e.g. {other[0]}); {kind}s end in {', '.join(extensions)}", flush=True)
+        print(
+            f"distres.prepare: {len(other)} file(s) are not {kind}s and are left out "
+            f"(e.g. {other[0]}); {kind}s end in {', '.join(extensions)}",
+            flush=True,
+        )
     if not found:
         raise UserError(f"{src} holds no {kind} files ({', '.join(extensions)}); expected SRC/<class>/<file>")
     for folder in sorted({p.parent for p in found}):
@@ -98,14 +112,17 @@ def _inputs(src: Path, extensions: tuple[str, ...], kind: str) -> list[Path]:
 
 # --- video -------------------------------------------------------------------------------------
 
+
 def _ffmpeg():
     try:
         import ffmpeg
     except ImportError:
         raise UserError("the video command needs ffmpeg-python; pip install ffmpeg-python") from None
     if not hasattr(ffmpeg, "probe"):  # the unrelated PyPI package 'ffmpeg' shadows the module
-        raise UserError("the installed Python package 'ffmpeg' is not ffmpeg-python; "
-                        "pip uninstall ffmpeg && pip install ffmpeg-python")
+        raise UserError(
+            "the installed Python package 'ffmpeg' is not ffmpeg-python; "
+            "pip uninstall ffmpeg && pip install ffmpeg-python"
+        )
     if shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None:
         raise UserError("the ffmpeg program is not installed; install it (Debian: apt-get install ffmpeg)")
     return ffmpeg
@@ -130,10 +147,14 @@ def extract_frames(ffmpeg, video: Path, out_dir: Path, fps: float, size: int) ->
     tmp.mkdir(parents=True)
     scale = (f"if(lt(iw,ih),{size},-2)", f"if(lt(iw,ih),-2,{size})")
     try:
-        (ffmpeg.input(str(video)).filter("fps", fps=fps).filter("scale", *scale)
-         .output(str(tmp / f"{video.stem}_%06d.jpg"), **{"q:v": FFMPEG_QSCALE})
-         .global_args("-nostdin", "-loglevel", "error")
-         .run(capture_stdout=True, capture_stderr=True))
+        (
+            ffmpeg.input(str(video))
+            .filter("fps", fps=fps)
+            .filter("scale", *scale)
+            .output(str(tmp / f"{video.stem}_%06d.jpg"), **{"q:v": FFMPEG_QSCALE})
+            .global_args("-nostdin", "-loglevel", "error")
+            .run(capture_stdout=True, capture_stderr=True)
+        )
     except ffmpeg.Error as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise Unreadable(_ffmpeg_reason(e, video)) from None
@@ -147,23 +168,32 @@ def extract_frames(ffmpeg, video: Path, out_dir: Path, fps: float, size: int) ->
     return len(frames)
 
 
+def _frames_done(video: Path, out_dir: Path) -> bool:
+    return (out_dir / f"{video.stem}_000001.jpg").exists() and not (out_dir / f".{video.stem}.partial").exists()
+
+
 def video_tasks(src: Path, dst: Path, fps: float, size: int) -> list[Task]:
     ffmpeg = _ffmpeg()
     tasks = []
     for video in _inputs(src, VIDEO_EXTENSIONS, "video"):
         out_dir = dst / video.parent.relative_to(src)
-        done = (lambda v=video, o=out_dir: (o / f"{v.stem}_000001.jpg").exists()
-                and not (o / f".{v.stem}.partial").exists())
-        tasks.append(Task(str(video), done,
-                          lambda v=video, o=out_dir: extract_frames(ffmpeg, v, o, fps, size)))
+        tasks.append(
+            Task(
+                str(video),
+                functools.partial(_frames_done, video, out_dir),
+                lambda v=video, o=out_dir: extract_frames(ffmpeg, v, o, fps, size),
+            )
+        )
     return tasks
 
 
 # --- resize ------------------------------------------------------------------------------------
 
+
 def resize_image(src: Path, dst: Path, size: int, quality: int) -> None:
     """A JPEG copy with the shorter side ``size``; a smaller image is not enlarged."""
     from PIL import Image
+
     try:
         with Image.open(src) as im:
             w, h = im.size
@@ -203,8 +233,10 @@ def _cifar_root(src: Path) -> Path:
     for root in (src / "cifar-10-batches-py", src):
         if (root / "test_batch").is_file() or (root / "data_batch_1").is_file():
             return root
-    raise UserError(f"no CIFAR-10 files in {src}; expected {src}/cifar-10-batches-py/data_batch_1 ... test_batch "
-                    "(torchvision's download)")
+    raise UserError(
+        f"no CIFAR-10 files in {src}; expected {src}/cifar-10-batches-py/data_batch_1 ... test_batch "
+        "(torchvision's download)"
+    )
 
 
 def _load_batch(path: Path) -> tuple[np.ndarray, list[int]]:
@@ -216,6 +248,7 @@ def _load_batch(path: Path) -> tuple[np.ndarray, list[int]]:
 
 def _write_pngs(images: np.ndarray, names: list[Path]) -> None:
     from PIL import Image
+
     for img, name in zip(images, names):
         if not name.exists():
             atomic_write(name, lambda tmp, img=img: Image.fromarray(img).save(tmp, "PNG"))
@@ -223,8 +256,10 @@ def _write_pngs(images: np.ndarray, names: list[Path]) -> None:
 
 def _unreadable(name: str, reason: str) -> Task:
     """A task that only reports its input as unreadable (found while listing the inputs)."""
+
     def run():
         raise Unreadable(reason)
+
     return Task(name, lambda: False, run)
 
 
@@ -246,15 +281,23 @@ def cifar10_tasks(src: Path, dst: Path) -> list[Task]:
                 continue
             for lo in range(0, len(labels), CIFAR_CHUNK):
                 # numbered through the split (each file holds 10,000), whatever else fails
-                names = [dst / split / classes[labels[i]] / f"{k * 10000 + i:05d}.png"
-                         for i in range(lo, min(lo + CIFAR_CHUNK, len(labels)))]
+                names = [
+                    dst / split / classes[labels[i]] / f"{k * 10000 + i:05d}.png"
+                    for i in range(lo, min(lo + CIFAR_CHUNK, len(labels)))
+                ]
                 part = slice(lo, lo + len(names))
-                tasks.append(Task(f"{path}[{lo}:{lo + len(names)}]", lambda n=names: all(x.exists() for x in n),
-                                  lambda im=images[part], n=names: _write_pngs(im, n)))
+                tasks.append(
+                    Task(
+                        f"{path}[{lo}:{lo + len(names)}]",
+                        lambda n=names: all(x.exists() for x in n),
+                        lambda im=images[part], n=names: _write_pngs(im, n),
+                    )
+                )
     return tasks
 
 
 # --- command line ------------------------------------------------------------------------------
+
 
 def _positive(kind):
     def parse(text: str):
@@ -262,19 +305,23 @@ def _positive(kind):
         if value <= 0:
             raise argparse.ArgumentTypeError(f"must be > 0 (got {text})")
         return value
+
     return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m distres.prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(
+        prog="python -m distres.prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     cpus = available_cpus()
 
     def common(sp):
         sp.add_argument("src", type=Path, help="input folder")
         sp.add_argument("dst", type=Path, help="output folder (created; existing outputs are kept)")
-        sp.add_argument("--workers", type=_positive(int), default=cpus,
-                        help="parallel tasks (default: the CPUs available)")
+        sp.add_argument(
+            "--workers", type=_positive(int), default=cpus, help="parallel tasks (default: the CPUs available)"
+        )
 
     v = sub.add_parser("video", help="class folders of videos -> an ImageFolder of JPEG frames")
     common(v)

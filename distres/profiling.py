@@ -33,8 +33,20 @@ NEVER = -1
 CATEGORIES = ("convolution/matmul", "normalisation/elementwise", "communication", "data wait", "host overhead")
 
 _CONV = ("conv", "mm", "matmul", "linear", "gemm", "cudnn", "fprop", "dgrad", "wgrad", "xmma", "cutlass")
-_COMM = ("allreduce", "all_reduce", "allgather", "all_gather", "broadcast", "reduce_scatter", "gloo", "nccl",
-         "c10d", "record_param_comms", "barrier", "processgroup")
+_COMM = (
+    "allreduce",
+    "all_reduce",
+    "allgather",
+    "all_gather",
+    "broadcast",
+    "reduce_scatter",
+    "gloo",
+    "nccl",
+    "c10d",
+    "record_param_comms",
+    "barrier",
+    "processgroup",
+)
 
 
 def category(name: str) -> str:
@@ -55,12 +67,16 @@ class Window:
             return
         self.first, self.last = win
         if self.last > total_steps:
-            raise UserError(f"--profile-steps {cfg.profile_steps}: the run has {total_steps} steps; "
-                            f"pick a window that ends by step {total_steps}")
+            raise UserError(
+                f"--profile-steps {cfg.profile_steps}: the run has {total_steps} steps; "
+                f"pick a window that ends by step {total_steps}"
+            )
         if step >= self.first:
             if ctx.is_main:
-                console(f"distres: note: resumed at step {step}, past the start of --profile-steps "
-                        f"{cfg.profile_steps}; no profile this time")
+                console(
+                    f"distres: note: resumed at step {step}, past the start of --profile-steps "
+                    f"{cfg.profile_steps}; no profile this time"
+                )
             return
         self.cfg, self.ctx, self.folder = cfg, ctx, out / "profile"
         self.meter = None  # the run's perf.StepMeter, from the first boundary on
@@ -99,8 +115,9 @@ class Window:
         acts = [torch.profiler.ProfilerActivity.CPU]
         if self.ctx.device.type == "cuda":
             acts.append(torch.profiler.ProfilerActivity.CUDA)
-        self.prof = torch.profiler.profile(activities=acts, record_shapes=self.cfg.profile_shapes,
-                                           profile_memory=self.cfg.profile_memory)
+        self.prof = torch.profiler.profile(
+            activities=acts, record_shapes=self.cfg.profile_shapes, profile_memory=self.cfg.profile_memory
+        )
         self.prof.start()
         self.meter.label_fetch(DATA_WAIT)
 
@@ -122,8 +139,9 @@ class Window:
         torch.profiler.tensorboard_trace_handler(str(self.folder), worker_name=f"rank{self.ctx.rank}")(self.prof)
         self.trace = max(self.folder.glob(f"rank{self.ctx.rank}.*.pt.trace.json"), key=lambda p: p.stat().st_mtime)
         summary = summarize(json.loads(self.trace.read_text()), self.ctx.device.type)
-        summary.update(rank=self.ctx.rank, first=self.first, last=self.last, host_wall_s=self.wall,
-                       trace=str(self.trace))
+        summary.update(
+            rank=self.ctx.rank, first=self.first, last=self.last, host_wall_s=self.wall, trace=str(self.trace)
+        )
         (self.folder / f"summary-rank{self.ctx.rank}.json").write_text(json.dumps(summary, indent=1) + "\n")
         self.meter.refs["trace"] = str(self.folder / f"rank{self.ctx.rank}.*.pt.trace.json")
         if self.ctx.is_main:
@@ -218,9 +236,16 @@ def summarize(trace: dict, device_type: str) -> dict:
     spans = _union([(e["ts"], e["ts"] + e["dur"]) for e in steps])
     wall = sum(b - a for a, b in spans)
     secs: dict[str, float] = defaultdict(float)
-    comm = _union([(e["ts"], e["ts"] + e["dur"]) for e in events if category(e["name"]) == "communication"
-                   and (e["pid"], e["tid"]) != main])
-    thread = [e for e in events if (e["pid"], e["tid"]) == main and _overlap([(e["ts"], e["ts"] + e["dur"])], spans) > 0]
+    comm = _union(
+        [
+            (e["ts"], e["ts"] + e["dur"])
+            for e in events
+            if category(e["name"]) == "communication" and (e["pid"], e["tid"]) != main
+        ]
+    )
+    thread = [
+        e for e in events if (e["pid"], e["tid"]) == main and _overlap([(e["ts"], e["ts"] + e["dur"])], spans) > 0
+    ]
     top: dict[str, float] = defaultdict(float)
     fetch = _union([(e["ts"], e["ts"] + e["dur"]) for e in thread if e["name"] == DATA_WAIT])
     for e, own in _nest(thread):
@@ -255,9 +280,13 @@ def summarize(trace: dict, device_type: str) -> dict:
         for e in kernels:
             top[e["name"][:60]] += e["dur"]
     seconds = {c: secs.get(c, 0.0) / 1e6 for c in CATEGORIES}
-    return {"steps": sorted(int(e["name"][len(STEP_PREFIX):]) for e in steps), "wall_s": wall / 1e6,
-            "seconds": seconds, "shares": {c: (v / (wall / 1e6) if wall else 0.0) for c, v in seconds.items()},
-            "top_ops": [[n, t / 1e6] for n, t in sorted(top.items(), key=lambda kv: -kv[1])[:8]]}
+    return {
+        "steps": sorted(int(e["name"][len(STEP_PREFIX) :]) for e in steps),
+        "wall_s": wall / 1e6,
+        "seconds": seconds,
+        "shares": {c: (v / (wall / 1e6) if wall else 0.0) for c, v in seconds.items()},
+        "top_ops": [[n, t / 1e6] for n, t in sorted(top.items(), key=lambda kv: -kv[1])[:8]],
+    }
 
 
 def category_kernel(name: str) -> str:
@@ -271,8 +300,10 @@ def category_kernel(name: str) -> str:
 
 def format_summary(s: dict, folder: Path) -> str:
     steps = s["steps"]
-    head = (f"distres: profile of steps {steps[0]}..{steps[-1]} on rank {s['rank']}: {s['wall_s']:.3f} s "
-            f"({1000 * s['wall_s'] / len(steps):.1f} ms/step); traces in {folder}/ (one per rank)")
+    head = (
+        f"distres: profile of steps {steps[0]}..{steps[-1]} on rank {s['rank']}: {s['wall_s']:.3f} s "
+        f"({1000 * s['wall_s'] / len(steps):.1f} ms/step); traces in {folder}/ (one per rank)"
+    )
     shares = " | ".join(f"{c} {100 * s['shares'][c]:.1f}%" for c in CATEGORIES)
     lines = [head, f"  time: {shares} (sum {100 * sum(s['shares'].values()):.1f}%)", "  top ops by self time:"]
     for name, secs in s["top_ops"]:

@@ -47,8 +47,10 @@ def parse(sizes: str | None, epochs: str | None) -> Schedule | None:
         return None
     start, end = _pair(sizes, "--progressive-resize", "START:END sizes in px, like 160:192")
     if not epochs:
-        raise UserError("--progressive-resize needs --progressive-epochs A:B (size START up to epoch A, "
-                        "END from epoch B on), like --progressive-epochs 10:13 for 16 epochs")
+        raise UserError(
+            "--progressive-resize needs --progressive-epochs A:B (size START up to epoch A, "
+            "END from epoch B on), like --progressive-epochs 10:13 for 16 epochs"
+        )
     a, b = _pair(epochs, "--progressive-epochs", "A:B epochs (from 0), like 10:13")
     if start <= 0 or end <= 0:
         raise UserError(f"--progressive-resize {sizes}: sizes must be > 0")

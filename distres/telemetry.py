@@ -14,7 +14,7 @@ Without a driver (or on a CPU run) ``start`` prints one info line and returns a 
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -55,8 +55,13 @@ class Sampler(Telemetry):
     """Calls ``read()`` (a dict of FIELDS) every ``interval_s`` in a daemon thread and keeps
     count, sum and max per field until the next ``_take``."""
 
-    def __init__(self, read: Callable[[], dict], interval_s: float = SAMPLE_EVERY_S,
-                 collective: bool = False, close_fn: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        read: Callable[[], dict],
+        interval_s: float = SAMPLE_EVERY_S,
+        collective: bool = False,
+        close_fn: Callable[[], None] | None = None,
+    ):
         super().__init__(collective)
         self._read, self._interval, self._close_fn = read, interval_s, close_fn
         self._lock = threading.Lock()
@@ -131,6 +136,7 @@ def _nvml_reader(pynvml, handle) -> Callable[[], dict]:
             "temp_c": query(lambda: pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU)),
             "sm_clock_mhz": query(lambda: pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM)),
         }
+
     return read
 
 
@@ -152,6 +158,7 @@ def start(ctx, interval_s: float = SAMPLE_EVERY_S) -> Telemetry:
         return _off(ctx, "training on CPU", collective)
     try:
         import pynvml
+
         pynvml.nvmlInit()
     except Exception as e:  # ImportError, NVMLError_LibraryNotFound, NVMLError_DriverNotLoaded
         return _off(ctx, f"NVML unavailable ({type(e).__name__}: {e})", collective)

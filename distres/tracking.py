@@ -110,8 +110,10 @@ def resolve_wandb_mode(requested: str, env=None) -> tuple[str, str | None]:
         if mode not in WANDB_MODES:
             mode = "online" if wandb_key_configured(env) else "offline"
     if mode == "online" and not wandb_key_configured(env):
-        return "offline", ("W&B: no API key (WANDB_API_KEY or a ~/.netrc entry from `wandb login`); "
-                           "logging offline, upload later with `wandb sync`")
+        return "offline", (
+            "W&B: no API key (WANDB_API_KEY or a ~/.netrc entry from `wandb login`); "
+            "logging offline, upload later with `wandb sync`"
+        )
     return mode, None
 
 
@@ -120,8 +122,7 @@ def _new_run_id() -> str:
     return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
-def open_wandb_run(requested: str, output_dir: Path, config: dict, name: str, *, resume: bool,
-                   job_type: str = "train"):
+def open_wandb_run(requested: str, output_dir: Path, config: dict, name: str, *, resume: bool, job_type: str = "train"):
     """A W&B run whose every file lies under ``output_dir/wandb``, or None.
 
     The run id is kept in ``output_dir/wandb/run-id``: a resumed run (a requeued SLURM job,
@@ -136,8 +137,12 @@ def open_wandb_run(requested: str, output_dir: Path, config: dict, name: str, *,
     base_url = wandb_base_url()  # read before WANDB_CONFIG_DIR moves under the output dir
     try:
         wdir = output_dir / "wandb"
-        for var, sub in (("WANDB_DIR", ""), ("WANDB_CACHE_DIR", "cache"),
-                         ("WANDB_CONFIG_DIR", "config"), ("WANDB_DATA_DIR", "data")):
+        for var, sub in (
+            ("WANDB_DIR", ""),
+            ("WANDB_CACHE_DIR", "cache"),
+            ("WANDB_CONFIG_DIR", "config"),
+            ("WANDB_DATA_DIR", "data"),
+        ):
             (wdir / sub).mkdir(parents=True, exist_ok=True)
             os.environ[var] = str(wdir / sub)
         import wandb
@@ -150,14 +155,23 @@ def open_wandb_run(requested: str, output_dir: Path, config: dict, name: str, *,
         return None
     for attempt in (mode, "offline") if mode == "online" else (mode,):
         try:
-            return wandb.init(project=os.environ.get("WANDB_PROJECT", "distres"), mode=attempt,
-                              dir=str(output_dir), config=config, name=name, id=run_id, resume="allow",
-                              job_type=job_type,
-                              settings=wandb.Settings(init_timeout=90, base_url=base_url))
+            return wandb.init(
+                project=os.environ.get("WANDB_PROJECT", "distres"),
+                mode=attempt,
+                dir=str(output_dir),
+                config=config,
+                name=name,
+                id=run_id,
+                resume="allow",
+                job_type=job_type,
+                settings=wandb.Settings(init_timeout=90, base_url=base_url),
+            )
         except Exception as e:
-            warnings.warn(f"W&B {attempt} start failed ({type(e).__name__}: {e})"
-                          + ("; trying offline" if attempt == "online" else "; continuing without W&B"),
-                          stacklevel=2)
+            warnings.warn(
+                f"W&B {attempt} start failed ({type(e).__name__}: {e})"
+                + ("; trying offline" if attempt == "online" else "; continuing without W&B"),
+                stacklevel=2,
+            )
     return None
 
 
@@ -168,8 +182,11 @@ def metric_row(record: dict) -> dict:
     """A record's values under the names W&B and TensorBoard show: train/*, eval/* and perf/*
     (epoch records), with ``epoch`` as a plain column; no kind, step or missing values."""
     prefix = PREFIX.get(record.get("kind"), "other")
-    return {(k if k == "epoch" else f"{prefix}/{k}"): v for k, v in record.items()
-            if k not in ("kind", "step") and v is not None}
+    return {
+        (k if k == "epoch" else f"{prefix}/{k}"): v
+        for k, v in record.items()
+        if k not in ("kind", "step") and v is not None
+    }
 
 
 class WandbLogger(Logger):
@@ -207,8 +224,10 @@ class TensorBoardLogger(Logger):
 
     def __init__(self, output_dir: Path, resume_step: int | None):
         from torch.utils.tensorboard import SummaryWriter  # the optional extra, checked by config
-        self.writer = SummaryWriter(str(output_dir / "tensorboard"),
-                                    purge_step=None if resume_step is None else resume_step + 1)
+
+        self.writer = SummaryWriter(
+            str(output_dir / "tensorboard"), purge_step=None if resume_step is None else resume_step + 1
+        )
 
     def log(self, record: dict) -> None:
         step = record.get("step")
@@ -244,16 +263,22 @@ class MultiLogger(Logger):
             lg.close()
 
 
-def build(cfg, is_main: bool, output_dir: Path, resume_step: int | None,
-          run_info: dict | None = None) -> Logger:
+def build(cfg, is_main: bool, output_dir: Path, resume_step: int | None, run_info: dict | None = None) -> Logger:
     """metrics.jsonl (+ W&B, + TensorBoard) on rank 0, the no-op Logger elsewhere: one W&B run per job.
     ``run_info`` (world size, device, ...) joins the resolved config in W&B's config."""
     if not is_main:
         return Logger()
     loggers: list[Logger] = [JsonlLogger(output_dir / "metrics.jsonl", resume_step)]
     if cfg.wandb != "disabled":
-        loggers.append(WandbLogger(cfg.wandb, output_dir, {**cfg.to_dict(), **(run_info or {})},
-                                   output_dir.name, resume=resume_step is not None))
+        loggers.append(
+            WandbLogger(
+                cfg.wandb,
+                output_dir,
+                {**cfg.to_dict(), **(run_info or {})},
+                output_dir.name,
+                resume=resume_step is not None,
+            )
+        )
     if cfg.tensorboard:
         loggers.append(TensorBoardLogger(output_dir, resume_step))
     return MultiLogger(loggers)

@@ -19,8 +19,24 @@ from pathlib import Path
 
 import torch
 
-from distres import (autotune, checkpoint, config, data, dist, divergence, engine, models, optim, perf, preempt,
-                     profiling, telemetry, tracking, watchdog, weights)
+from distres import (
+    autotune,
+    checkpoint,
+    config,
+    data,
+    dist,
+    divergence,
+    engine,
+    models,
+    optim,
+    perf,
+    preempt,
+    profiling,
+    telemetry,
+    tracking,
+    watchdog,
+    weights,
+)
 from distres.ema import EMA
 from distres.errors import Preempted, UserError, console, run_cli
 
@@ -82,20 +98,42 @@ def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
     # A resumed run takes the stem and normalisation of --weights from its checkpoint: the file
     # may have moved since, and every weight comes from the checkpoint anyway.
     pretrained = weights.resolve(cfg, ctx, resumed=ckpt.found[0].get("meta") if ckpt.found else None)
-    bundle = data.build(cfg, ctx, models.memory_format(cfg.channels_last),
-                        stats=(pretrained.mean, pretrained.std) if pretrained else None)
+    bundle = data.build(
+        cfg,
+        ctx,
+        models.memory_format(cfg.channels_last),
+        stats=(pretrained.mean, pretrained.std) if pretrained else None,
+    )
     net = models.build(cfg, bundle.classes, bundle.image_size, ctx, pretrained)
     del pretrained
-    plan = optim.plan(cfg, bundle.train.num_samples, ctx.world_size,
-                      checkpoint.resumed_position(ckpt.found[0], cfg, ctx.world_size) if ckpt.found else None)
+    plan = optim.plan(
+        cfg,
+        bundle.train.num_samples,
+        ctx.world_size,
+        checkpoint.resumed_position(ckpt.found[0], cfg, ctx.world_size) if ckpt.found else None,
+    )
     optimizer = optim.build_optimizer(cfg, net, plan.lr)
     precision = engine.Precision(cfg.amp, ctx.device)
-    meta = models.describe(net, cfg.arch, bundle.classes, bundle.mean, bundle.std, bundle.eval_image_size,
-                           bundle.eval_resize, bundle.image_size)
-    state = checkpoint.TrainingState(net, optimizer, optim.build_scheduler(cfg, optimizer, plan),
-                                     precision.scaler, bundle.train, meta,
-                                     EMA(net, cfg.ema_decay, cfg.ema_every) if cfg.ema_decay > 0 else None,
-                                     plan.axis)
+    meta = models.describe(
+        net,
+        cfg.arch,
+        bundle.classes,
+        bundle.mean,
+        bundle.std,
+        bundle.eval_image_size,
+        bundle.eval_resize,
+        bundle.image_size,
+    )
+    state = checkpoint.TrainingState(
+        net,
+        optimizer,
+        optim.build_scheduler(cfg, optimizer, plan),
+        precision.scaler,
+        bundle.train,
+        meta,
+        EMA(net, cfg.ema_decay, cfg.ema_every) if cfg.ema_decay > 0 else None,
+        plan.axis,
+    )
     step = ckpt.restore(state)
     _match_backbone(cfg, state)
     window = profiling.Window(cfg, ctx, out, step, plan.total_steps)  # checks --profile-steps against the run
@@ -105,23 +143,49 @@ def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
             out.mkdir(parents=True, exist_ok=True)
             cfg.save(out / "config.yaml")
         except OSError as e:
-            raise UserError(f"cannot write to --output-dir {out} ({e.strerror or e}); choose a writable folder") from None
-    logger = tracking.build(cfg, ctx.is_main, out, ckpt.resume_step,
-                            run_info={"world_size": ctx.world_size, "device_type": ctx.device.type,
-                                      "backend": ctx.backend, "global_batch": plan.global_batch})
+            raise UserError(
+                f"cannot write to --output-dir {out} ({e.strerror or e}); choose a writable folder"
+            ) from None
+    logger = tracking.build(
+        cfg,
+        ctx.is_main,
+        out,
+        ckpt.resume_step,
+        run_info={
+            "world_size": ctx.world_size,
+            "device_type": ctx.device.type,
+            "backend": ctx.backend,
+            "global_batch": plan.global_batch,
+        },
+    )
     telem = telemetry.start(ctx)
-    r = Run(cfg, ctx, plan, bundle, model, state, precision, optim.build_loss(cfg), ckpt,
-            perf.StepMeter(cfg, ctx, plan.global_batch, bundle.backend, logger),
-            preempt.PreemptionFlag(ctx.distributed), step, window, logger,
-            watchdog.Watchdog(ctx, cfg.dist_timeout * 60, dist.job_store()))
+    r = Run(
+        cfg,
+        ctx,
+        plan,
+        bundle,
+        model,
+        state,
+        precision,
+        optim.build_loss(cfg),
+        ckpt,
+        perf.StepMeter(cfg, ctx, plan.global_batch, bundle.backend, logger),
+        preempt.PreemptionFlag(ctx.distributed),
+        step,
+        window,
+        logger,
+        watchdog.Watchdog(ctx, cfg.dist_timeout * 60, dist.job_store()),
+    )
     if cfg.autotune:
         r.meter.refs["autotune table"] = str(out / "autotune.json")
     if ctx.is_main:
-        console(f"distres: {cfg.arch} on {ctx.world_size} x {ctx.device.type} ({ctx.backend or 'single process'}), "
-                f"{cfg.data} {bundle.image_size}px ({bundle.backend} loader"
-                f"{', decoding on the ' + ctx.device.type if cfg.decode_on == 'device' else ''}), {bundle.num_classes} classes, "
-                f"global batch {plan.global_batch}, lr {max(state.scheduler.base_lrs):g}, amp {cfg.amp}, "
-                f"{plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps")
+        console(
+            f"distres: {cfg.arch} on {ctx.world_size} x {ctx.device.type} ({ctx.backend or 'single process'}), "
+            f"{cfg.data} {bundle.image_size}px ({bundle.backend} loader"
+            f"{', decoding on the ' + ctx.device.type if cfg.decode_on == 'device' else ''}), {bundle.num_classes} classes, "
+            f"global batch {plan.global_batch}, lr {max(state.scheduler.base_lrs):g}, amp {cfg.amp}, "
+            f"{plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps"
+        )
     last_eval = None
     completed = False  # the outstanding preemption all-reduce exists on every rank only then
     try:
@@ -161,8 +225,10 @@ def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
         telem.close()
         logger.close()
     if ctx.is_main:
-        console(f"distres: done, {r.step} steps in {time.perf_counter() - r.meter.t_run:.0f} s; top1 {last_eval['top1']:.2f}% "
-                f"top5 {last_eval['top5']:.2f}%; outputs in {out}")
+        console(
+            f"distres: done, {r.step} steps in {time.perf_counter() - r.meter.t_run:.0f} s; top1 {last_eval['top1']:.2f}% "
+            f"top5 {last_eval['top5']:.2f}%; outputs in {out}"
+        )
     return last_eval
 
 
@@ -204,8 +270,9 @@ def train_epoch(r: Run) -> None:
         if r.step % cfg.log_every == 0 or s == steps - 1 or stopping:
             rec = r.meter.flush(r.step, epoch + (done + s + 1) / plan.steps_per_epoch, r.lr, loader.bad_samples)
             divergence.check_logged(rec["loss"], r.state.scaler, r.step, r.lr)
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.3g}", img_s=f"{rec['images_per_sec']:.0f}",
-                            refresh=False)
+            bar.set_postfix(
+                loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.3g}", img_s=f"{rec['images_per_sec']:.0f}", refresh=False
+            )
         if stopping or (cfg.checkpoint_every and r.step % cfg.checkpoint_every == 0 and s < steps - 1):
             r.save()
         if stopping:
@@ -234,12 +301,22 @@ def _diverged(r: Run, err: divergence.Diverged) -> None:
     if _match_backbone(cfg, r.state):
         r.model = models.parallelize(r.state.model, cfg, r.ctx)
     r.logger.rewind(r.step)
-    r.logger.log({"kind": "rollback", "step": r.step, "diverged_at": err.step, "reason": err.what,
-                  "lr_factor": cfg.rollback_lr_factor, "rollback": r.rollbacks})
+    r.logger.log(
+        {
+            "kind": "rollback",
+            "step": r.step,
+            "diverged_at": err.step,
+            "reason": err.what,
+            "lr_factor": cfg.rollback_lr_factor,
+            "rollback": r.rollbacks,
+        }
+    )
     if r.ctx.is_main:
-        console(f"distres: {err.what} at step {err.step}; rollback {r.rollbacks} of {cfg.rollback_tries}: back to "
-                f"{r.ckpt.last_saved} (step {r.step}) with the lr x {cfg.rollback_lr_factor:g} "
-                f"(now {r.state.optimizer.param_groups[0]['lr']:.4g})")
+        console(
+            f"distres: {err.what} at step {err.step}; rollback {r.rollbacks} of {cfg.rollback_tries}: back to "
+            f"{r.ckpt.last_saved} (step {r.step}) with the lr x {cfg.rollback_lr_factor:g} "
+            f"(now {r.state.optimizer.param_groups[0]['lr']:.4g})"
+        )
 
 
 def _match_backbone(cfg, state: checkpoint.TrainingState) -> bool:
@@ -258,14 +335,17 @@ def _preempted(r: Run, epoch: int, in_epoch: int) -> Preempted:
     """Once the checkpoint just saved is on disk on every rank's word, what they raise to stop."""
     r.ckpt.finish()
     why = r.stop.signal_name or "signal on another rank"
-    return Preempted(f"distres: preempted ({why}): stopped after step {r.step} (epoch {epoch + 1}, step {in_epoch} "
-                     f"of {r.plan.steps_per_epoch}), checkpoint in {r.ckpt.folder}; --resume continues there")
+    return Preempted(
+        f"distres: preempted ({why}): stopped after step {r.step} (epoch {epoch + 1}, step {in_epoch} "
+        f"of {r.plan.steps_per_epoch}), checkpoint in {r.ckpt.folder}; --resume continues there"
+    )
 
 
 def _evaluate(r: Run, logger, epoch: int) -> dict:
     """Score the weights (and their EMA) on the validation set; keep the better as best.pt
     when it beats every earlier evaluation. Every rank scores with rank 0's BatchNorm statistics,
     the ones the checkpoint holds, so that ``distres.evaluate`` on it gives the same figures."""
+
     def tick(*_):  # each batch renews the watchdog's clock: the timeout is per batch and final reduction
         r.watch.enter("evaluation", r.step)
 
@@ -280,14 +360,20 @@ def _evaluate(r: Run, logger, epoch: int) -> dict:
     if ema_model is not None:
         ema = engine.evaluate(ema_model, r.bundle.val, r.precision, r.ctx.device, each=tick)
         result.update({f"ema_{k}": v for k, v in ema.items() if k != "eval_samples"})
-    which, scored, top1 = ("ema", ema_model, ema["top1"]) if ema and ema["top1"] > result["top1"] \
+    which, scored, top1 = (
+        ("ema", ema_model, ema["top1"])
+        if ema and ema["top1"] > result["top1"]
         else ("raw", r.state.model, result["top1"])
-    best = r.ckpt.save_best(scored.state_dict(), r.state.meta,
-                            {"top1": top1, "weights": which, "step": r.step, "epoch": epoch})
+    )
+    best = r.ckpt.save_best(
+        scored.state_dict(), r.state.meta, {"top1": top1, "weights": which, "step": r.step, "epoch": epoch}
+    )
     logger.log({"kind": "eval", "step": r.step, "epoch": epoch, **result})
     if r.ctx.is_main:
-        line = f"distres: epoch {epoch} step {r.step}: top1 {result['top1']:.2f}% top5 {result['top5']:.2f}% " \
-               f"val_loss {result['val_loss']:.4f}"
+        line = (
+            f"distres: epoch {epoch} step {r.step}: top1 {result['top1']:.2f}% top5 {result['top5']:.2f}% "
+            f"val_loss {result['val_loss']:.4f}"
+        )
         if ema:
             line += f"; EMA top1 {ema['top1']:.2f}% top5 {ema['top5']:.2f}%"
         console(f"{line} ({result['eval_samples']} images){'; new best.pt (' + which + ')' if best else ''}")
@@ -297,19 +383,31 @@ def _evaluate(r: Run, logger, epoch: int) -> dict:
 def _progress(cfg, ctx, epoch: int, epochs: int, first: int, total: int):
     """tqdm on rank 0; a disabled bar (every call a no-op) elsewhere or with --no-progress."""
     from tqdm import tqdm
+
     # In a log file (SLURM, CI) redraw rarely instead of flooding it.
     interval = 0.5 if sys.stderr.isatty() else 30.0
-    return tqdm(total=total, initial=first, desc=f"epoch {epoch + 1}/{epochs}", unit="step",
-                mininterval=interval, dynamic_ncols=True, file=sys.stderr,
-                disable=not (cfg.progress and ctx.is_main))
+    return tqdm(
+        total=total,
+        initial=first,
+        desc=f"epoch {epoch + 1}/{epochs}",
+        unit="step",
+        mininterval=interval,
+        dynamic_ncols=True,
+        file=sys.stderr,
+        disable=not (cfg.progress and ctx.is_main),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     def body():
         cfg = config.parse_args(argv)
         # The collectives' own timeout is a backstop behind the watchdog's (--dist-timeout).
-        run(cfg, dist.init(cfg.device, cfg.dist_backend, timeout_s=cfg.dist_timeout * 60 + 120,
-                           deterministic=cfg.deterministic))
+        run(
+            cfg,
+            dist.init(
+                cfg.device, cfg.dist_backend, timeout_s=cfg.dist_timeout * 60 + 120, deterministic=cfg.deterministic
+            ),
+        )
 
     return run_cli(body, rank=dist.rank_from_env, cleanup=dist.teardown)
 

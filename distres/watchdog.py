@@ -67,12 +67,18 @@ class Watchdog:
             reach = f" (the job's store could not be reached: {type(e).__name__})"
         else:
             reach = ""
-        absent = [r for r in range(ctx.world_size) if r != ctx.rank and
-                  (r not in others or not others[r].startswith(what) or not others[r].endswith(f" {step}"))]
+        absent = [
+            r
+            for r in range(ctx.world_size)
+            if r != ctx.rank
+            and (r not in others or not others[r].startswith(what) or not others[r].endswith(f" {step}"))
+        ]
         detail = "; ".join(f"rank {r}: {others[r] if r in others else 'no answer (dead or frozen)'}" for r in absent)
         waited = (time.monotonic() - since) / 60
-        line = (f"distres: error: rank {ctx.rank} waited {waited:.1f} min (--dist-timeout {self.timeout_s / 60:g}) in "
-                f"{what} at step {step}")
+        line = (
+            f"distres: error: rank {ctx.rank} waited {waited:.1f} min (--dist-timeout {self.timeout_s / 60:g}) in "
+            f"{what} at step {step}"
+        )
         if absent:
             line += f"; rank(s) {', '.join(map(str, absent))} did not arrive ({detail}){reach}"
         else:

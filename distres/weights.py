@@ -74,6 +74,7 @@ def resolve(cfg, ctx, resumed: dict | None = None) -> Pretrained | None:
 def imagenet_file(arch: str) -> tuple[Path, str, str]:
     """(where torchvision's hub cache keeps the file, its URL, the enum's name) for arch."""
     import torchvision
+
     enum = torchvision.models.get_model_weights(arch)
     weights = enum[IMAGENET_WEIGHTS[arch]]
     name = os.path.basename(urlparse(weights.url).path)
@@ -105,9 +106,11 @@ def _download(url: str, path: Path) -> str | None:
         torch.hub.download_url_to_file(url, str(path), hash_prefix=_hash_prefix(path.name), progress=False)
         return None
     except Exception as e:  # no network, proxy, hash mismatch, full disk: the fix is the same
-        return (f"the ImageNet weights {path.name} are not in {path.parent} and could not be downloaded "
-                f"({type(e).__name__}); offline, copy {path.name} (from {url}) into {path.parent} "
-                "(set TORCH_HOME to use another cache folder)")
+        return (
+            f"the ImageNet weights {path.name} are not in {path.parent} and could not be downloaded "
+            f"({type(e).__name__}); offline, copy {path.name} (from {url}) into {path.parent} "
+            "(set TORCH_HOME to use another cache folder)"
+        )
     finally:
         socket.setdefaulttimeout(previous)
 
@@ -140,8 +143,10 @@ def _torch_load(path: Path, what: str):
     except FileNotFoundError:
         raise UserError(f"{what}: {path} does not exist; check the path") from None
     except Exception as e:
-        raise UserError(f"{what}: {path} is unreadable or not a PyTorch weights file ({type(e).__name__}); "
-                        "pass a state dict, a distres checkpoint or a .safetensors file") from None
+        raise UserError(
+            f"{what}: {path} is unreadable or not a PyTorch weights file ({type(e).__name__}); "
+            "pass a state dict, a distres checkpoint or a .safetensors file"
+        ) from None
 
 
 def _is_description(meta) -> bool:
@@ -151,12 +156,15 @@ def _is_description(meta) -> bool:
 def _read_safetensors(path: Path) -> tuple[dict, dict | None]:
     try:
         from safetensors import safe_open
+
         with safe_open(str(path), framework="pt") as f:
             state = {k: f.get_tensor(k) for k in f.keys()}
             text = (f.metadata() or {}).get("distres")
     except Exception as e:
-        raise UserError(f"{path} is not a readable .safetensors file ({type(e).__name__}); "
-                        "re-export it or pass another weights file") from None
+        raise UserError(
+            f"{path} is not a readable .safetensors file ({type(e).__name__}); "
+            "re-export it or pass another weights file"
+        ) from None
     try:
         meta = json.loads(text) if text else None
     except ValueError:
@@ -168,8 +176,10 @@ def _unwrap_container(state, path: Path) -> dict:
     """The state dict inside the usual containers: a distres checkpoint (its EMA weights when
     it has them), or {"state_dict": ...} / {"model": ...} as other trainers save."""
     if not isinstance(state, dict):
-        raise UserError(f"{path} holds a {type(state).__name__}, not a state dict; pass a state dict, "
-                        "a distres checkpoint or a .safetensors file")
+        raise UserError(
+            f"{path} holds a {type(state).__name__}, not a state dict; pass a state dict, "
+            "a distres checkpoint or a .safetensors file"
+        )
     if "format" in state and "model" in state:  # a distres checkpoint
         return state["ema"] if state.get("ema") is not None else state["model"]
     for key in ("state_dict", "model", "model_ema", "state_dict_ema"):
@@ -183,7 +193,7 @@ def _plain_keys(state: dict) -> dict:
     for key, value in state.items():
         for prefix in _WRAPPER_PREFIXES:
             while key.startswith(prefix):
-                key = key[len(prefix):]
+                key = key[len(prefix) :]
         if isinstance(value, torch.Tensor):
             out[key] = value
     return out
@@ -197,15 +207,19 @@ def use_cifar_stem(pre: Pretrained | None, setting: str, sized_for: bool) -> boo
         return sized_for
     if setting == "auto":
         if pre.cifar_stem != sized_for:
-            console(f"distres: using the {'CIFAR' if pre.cifar_stem else 'ImageNet'} stem of --weights "
-                    f"{pre.source} (--cifar-stem auto would pick the {'CIFAR' if sized_for else 'ImageNet'} "
-                    "stem for this image size)")
+            console(
+                f"distres: using the {'CIFAR' if pre.cifar_stem else 'ImageNet'} stem of --weights "
+                f"{pre.source} (--cifar-stem auto would pick the {'CIFAR' if sized_for else 'ImageNet'} "
+                "stem for this image size)"
+            )
         return pre.cifar_stem
     wanted = setting == "on"
     if wanted != pre.cifar_stem:
         kind = "CIFAR (3x3, no max-pool)" if pre.cifar_stem else "ImageNet (7x7 + max-pool)"
-        raise UserError(f"--weights {pre.source} has the {kind} stem but --cifar-stem {setting} asks for the other; "
-                        "drop --cifar-stem (auto follows the weights) or start from other weights")
+        raise UserError(
+            f"--weights {pre.source} has the {kind} stem but --cifar-stem {setting} asks for the other; "
+            "drop --cifar-stem (auto follows the weights) or start from other weights"
+        )
     return wanted
 
 
@@ -226,16 +240,27 @@ def load_into(model: torch.nn.Module, pre: Pretrained, classes: list[str], annou
         if announce:
             console(f"distres: new classifier head: --weights {pre.source} {why}; the head starts from random weights")
     # BatchNorm adds num_batches_tracked itself to state dicts saved before it existed.
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")
-               and not (new_head and k.startswith(HEAD))]
+    missing = [
+        k
+        for k in own
+        if k not in state and not k.endswith("num_batches_tracked") and not (new_head and k.startswith(HEAD))
+    ]
     unexpected = [k for k in state if k not in own]
-    misfit = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-              if k in own and v.shape != own[k].shape]
+    misfit = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
     if missing or unexpected or misfit:
-        parts = [f"{what} {_few(keys)}" for what, keys in
-                 (("missing", missing), ("unexpected", unexpected), ("shape mismatch", misfit)) if keys]
-        raise UserError(f"--weights {pre.source} does not fit this model: {'; '.join(parts)}; pass weights of the "
-                        "same --arch (torchvision's key names)")
+        parts = [
+            f"{what} {_few(keys)}"
+            for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", misfit))
+            if keys
+        ]
+        raise UserError(
+            f"--weights {pre.source} does not fit this model: {'; '.join(parts)}; pass weights of the "
+            "same --arch (torchvision's key names)"
+        )
     model.load_state_dict(state, strict=False)
 
 
@@ -270,9 +295,13 @@ def read_model_file(path: Path, which: str = "auto") -> ModelFile:
         else:  # best.pt holds one set of weights, named in its record
             state, kind = ckpt["model"], ckpt.get("best", {}).get("weights", "raw")
     if which not in ("auto", kind):
-        raise UserError(f"{path} has no {which} weights (only {kind}); "
-                        f"{'train with --ema-decay' if which == 'ema' else 'use last.pt'} or drop --weights {which}")
+        raise UserError(
+            f"{path} has no {which} weights (only {kind}); "
+            f"{'train with --ema-decay' if which == 'ema' else 'use last.pt'} or drop --weights {which}"
+        )
     if not meta:
-        raise UserError(f"{path} carries no model description (classes, normalisation, input size); "
-                        "it was saved by an older distres: train again or fine-tune from it with --weights")
+        raise UserError(
+            f"{path} carries no model description (classes, normalisation, input size); "
+            "it was saved by an older distres: train again or fine-tune from it with --weights"
+        )
     return ModelFile(_plain_keys(state), meta, kind, config)

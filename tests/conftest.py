@@ -23,7 +23,9 @@ def pytest_sessionstart(session):
     if free < DISK_NEEDED_GB:
         session.config.pluginmanager.get_plugin("terminalreporter").write_line(
             f"warning: {free:.1f} GB free in {tmp}; the tests that train need about {DISK_NEEDED_GB} GB there "
-            "(free some, or point TMPDIR elsewhere)", yellow=True)
+            "(free some, or point TMPDIR elsewhere)",
+            yellow=True,
+        )
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,29 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-CIFAR10_TARBALL = Path(os.environ.get("DISTRES_CIFAR10_TARBALL", REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"))
+CIFAR10_TARBALL = Path(
+    os.environ.get("DISTRES_CIFAR10_TARBALL", REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz")
+)
 
 # Small, fast settings shared by the end-to-end tests: ResNet-18 on 32-px synthetic data.
 # No W&B: an offline run costs 1-3 s of CPU per training run (tests/test_wandb.py covers it).
-TINY = ["--arch", "resnet18", "--data", "synthetic", "--image-size", "32", "--synthetic-classes", "10",
-        "--device", "cpu", "--no-progress", "--log-every", "1", "--wandb", "disabled"]
+TINY = [
+    "--arch",
+    "resnet18",
+    "--data",
+    "synthetic",
+    "--image-size",
+    "32",
+    "--synthetic-classes",
+    "10",
+    "--device",
+    "cpu",
+    "--no-progress",
+    "--log-every",
+    "1",
+    "--wandb",
+    "disabled",
+]
 
 
 def cli_env() -> dict:
@@ -31,21 +48,42 @@ def cli_env() -> dict:
 def _train_cmd(args: list[str], nproc: int, extra_torchrun) -> list[str]:
     if nproc == 1 and not extra_torchrun:
         return [sys.executable, "-m", "distres.train", *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            *extra_torchrun, "-m", "distres.train", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        *extra_torchrun,
+        "-m",
+        "distres.train",
+        *args,
+    ]
 
 
 def run_train(args: list[str], nproc: int = 1, timeout: int = 300, extra_torchrun: list[str] = ()):
     """Run distres.train as a user would; returns CompletedProcess (text)."""
-    return subprocess.run(_train_cmd(args, nproc, extra_torchrun), cwd=REPO, env=cli_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        _train_cmd(args, nproc, extra_torchrun),
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def start_train(args: list[str], nproc: int = 1, extra_torchrun: list[str] = (), log: Path | None = None):
     """Start distres.train in the background (stdout+stderr to log); returns the Popen."""
     out = open(log, "w") if log else subprocess.DEVNULL
-    return subprocess.Popen(_train_cmd(args, nproc, extra_torchrun), cwd=REPO, env=cli_env(),
-                            stdout=out, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        _train_cmd(args, nproc, extra_torchrun),
+        cwd=REPO,
+        env=cli_env(),
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def one_error_line(stderr: str) -> str:
@@ -59,6 +97,7 @@ def one_error_line(stderr: str) -> str:
 def wait_for(condition, timeout: float, what: str, poll: float = 0.05):
     """Poll condition() until it returns something truthy; fail the test after timeout."""
     import time
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
@@ -110,6 +149,7 @@ def count_allreduces(ddp) -> list:
     """Give a DDP module (in a process group of one) a comm hook that counts its gradient
     all-reduces and passes the bucket through; the list grows by one per all-reduce."""
     import torch
+
     calls = []
 
     def count(state, bucket):

@@ -47,8 +47,25 @@ def cifar(module_dir):
 
 
 def _train_loader(root, backend, *flags):
-    cfg = parse_args(["--data", "imagefolder", "--data-dir", str(root), "--image-size", "32", "--seed", "5",
-                      "--batch-size", str(BATCH), "--data-backend", backend, "--workers", "0", *flags])
+    cfg = parse_args(
+        [
+            "--data",
+            "imagefolder",
+            "--data-dir",
+            str(root),
+            "--image-size",
+            "32",
+            "--seed",
+            "5",
+            "--batch-size",
+            str(BATCH),
+            "--data-backend",
+            backend,
+            "--workers",
+            "0",
+            *flags,
+        ]
+    )
     return build(cfg, CPU, torch.channels_last).train
 
 
@@ -57,9 +74,13 @@ def _epoch(loader, epoch):
     return [(x.clone(), y.clone()) for x, y in loader]
 
 
-AUGMENTS = {"ta_wide": ["--auto-augment", "ta_wide"], "ra": ["--auto-augment", "ra"],
-            "augmix": ["--auto-augment", "augmix"], "erase": ["--random-erase", "0.5"],
-            "mixup+cutmix": ["--mixup-alpha", "0.2", "--cutmix-alpha", "1.0"]}
+AUGMENTS = {
+    "ta_wide": ["--auto-augment", "ta_wide"],
+    "ra": ["--auto-augment", "ra"],
+    "augmix": ["--auto-augment", "augmix"],
+    "erase": ["--random-erase", "0.5"],
+    "mixup+cutmix": ["--mixup-alpha", "0.2", "--cutmix-alpha", "1.0"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +97,7 @@ def test_torch_and_gpu_backends_augment_alike(cifar, plain, name):
     gpu = _train_loader(cifar, "gpu", *flags)
     want, got = _epoch(_train_loader(cifar, "torch", *flags), 1), _epoch(gpu, 1)
     assert len(want) == len(got) == len(plain) == 40 // BATCH
-    for (xa, ya), (xb, yb), (x0, y0) in zip(want, got, plain):
+    for (xa, ya), (xb, yb), (x0, _y0) in zip(want, got, plain):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
         changed = (xa != x0).flatten(1).any(1)
         assert changed.float().mean() >= (0.25 if name == "erase" else 0.75), changed
@@ -85,13 +106,15 @@ def test_torch_and_gpu_backends_augment_alike(cifar, plain, name):
         assert y.shape == (BATCH, 10) and torch.allclose(y.sum(1), torch.ones(BATCH))
         assert (y.gather(1, hard[:, None]) > 0).all()
     other = _epoch(gpu, 2)
-    assert not torch.equal(torch.cat([x for x, _ in other]).sort(0).values,
-                           torch.cat([x for x, _ in got]).sort(0).values)
+    assert not torch.equal(
+        torch.cat([x for x, _ in other]).sort(0).values, torch.cat([x for x, _ in got]).sort(0).values
+    )
 
 
 def test_erasing_boxes_go_to_the_device_once_per_epoch(cifar, monkeypatch):
     """Like the crop boxes: a per-batch host-to-device copy would make the host wait each step."""
     from distres.data import batchaug
+
     copies = []
     real = batchaug.to_device
     monkeypatch.setattr(batchaug, "to_device", lambda t, device: (copies.append(t.shape), real(t, device))[1])
@@ -102,8 +125,9 @@ def test_erasing_boxes_go_to_the_device_once_per_epoch(cifar, monkeypatch):
         assert copies == [(40, 4)]
 
 
-@pytest.mark.parametrize("policy,reference", [("ta_wide", T.TrivialAugmentWide), ("ra", T.RandAugment),
-                                              ("augmix", T.AugMix)])
+@pytest.mark.parametrize(
+    "policy,reference", [("ta_wide", T.TrivialAugmentWide), ("ra", T.RandAugment), ("augmix", T.AugMix)]
+)
 def test_op_set_and_magnitudes_are_torchvisions(policy, reference):
     """The same ops, in the same order, with the same magnitude bins, and each op doing what
     torchvision's does with that magnitude."""
@@ -121,8 +145,9 @@ def test_op_set_and_magnitudes_are_torchvisions(policy, reference):
         else:
             assert torch.equal(our_mags(bins, 32, 24), mags(bins, 32, 24)), name
             magnitude = float(mags(bins, 32, 32)[bins // 3])
-        want = ref._apply_image_or_video_transform(img, name, magnitude, interpolation=ref.interpolation,
-                                                   fill=ref._fill)
+        want = ref._apply_image_or_video_transform(
+            img, name, magnitude, interpolation=ref.interpolation, fill=ref._fill
+        )
         assert torch.equal(apply_op(img, name, magnitude, ref.interpolation), want), name
 
 
@@ -134,7 +159,9 @@ def test_draws_follow_the_seed_and_the_magnitude(plain):
     assert torch.equal(ta.apply_batch(img, seeds), ta.apply_batch(img, seeds))
     differ = (ta.apply_batch(img, seeds) != ta.apply_batch(img, seeds + 7)).flatten(1).any(1)
     assert differ.float().mean() > 0.5
-    change = {m: (Policy("ra", m).apply_batch(img, seeds).float() - img.float()).abs().mean().item() for m in (0, 9, 30)}
+    change = {
+        m: (Policy("ra", m).apply_batch(img, seeds).float() - img.float()).abs().mean().item() for m in (0, 9, 30)
+    }
     assert change[0] < change[9] < change[30], change
 
 
@@ -149,9 +176,9 @@ def test_random_erasing_boxes_and_rate():
     assert 0.015 < area.min() and area.max() < 0.36  # torchvision's scale (0.02, 0.33), after rounding
     x = torch.ones(6, 3, 32, 24)
     out = erase(x.clone(), torch.from_numpy(boxes[:6]))
-    for k, (t, l, hh, ww) in enumerate(boxes[:6].tolist()):
+    for k, (t, left, hh, ww) in enumerate(boxes[:6].tolist()):
         assert (out[k] == 0).sum() == 3 * hh * ww
-        assert (out[k, :, t:t + hh, l:l + ww] == 0).all()
+        assert (out[k, :, t : t + hh, left : left + ww] == 0).all()
 
 
 def test_soft_targets_through_the_smoothed_loss():
@@ -173,8 +200,9 @@ def test_soft_targets_through_the_smoothed_loss():
         same = labels == labels.roll(1, 0)
         torch.testing.assert_close(torch.where(same, first, first + second), torch.ones(8))
         lam = first[~same][0].item()
-        torch.testing.assert_close(loss(logits, targets),
-                                   lam * loss(logits, labels) + (1 - lam) * loss(logits, labels.roll(1, 0)))
+        torch.testing.assert_close(
+            loss(logits, targets), lam * loss(logits, labels) + (1 - lam) * loss(logits, labels.roll(1, 0))
+        )
     c = mix(images.clone(), labels, 10, batch_rng(3, 1, 8), 0.2, 1.0)
     d = mix(images.clone(), labels, 10, batch_rng(4, 1, 7), 0.2, 1.0)
     assert not torch.equal(c[1], a[1]) and not torch.equal(d[1], a[1])
@@ -189,12 +217,52 @@ def test_soft_targets_through_the_smoothed_loss():
 def test_resume_with_every_augmentation_is_bitwise_equal(cifar, tmp_path):
     """TrivialAugment, random erasing, mixup and cutmix on, a DataLoader worker: stopped at step 3
     of the 5 and resumed, the run ends with the uninterrupted run's weights and losses."""
-    common = ["--arch", "resnet18", "--cifar-stem", "off", "--data", "imagefolder", "--data-dir", str(cifar),
-              "--image-size", "32", "--data-backend", "torch", "--workers", "1", "--device", "cpu",
-              "--batch-size", str(BATCH), "--epochs", "1", "--schedule", "constant", "--warmup-epochs", "0",
-              "--amp", "none", "--deterministic", "--checkpoint-every", "0", "--eval-every", "0",
-              "--no-progress", "--log-every", "1", "--wandb", "disabled", "--auto-augment", "ta_wide",
-              "--random-erase", "0.5", "--mixup-alpha", "0.2", "--cutmix-alpha", "1.0"]
+    common = [
+        "--arch",
+        "resnet18",
+        "--cifar-stem",
+        "off",
+        "--data",
+        "imagefolder",
+        "--data-dir",
+        str(cifar),
+        "--image-size",
+        "32",
+        "--data-backend",
+        "torch",
+        "--workers",
+        "1",
+        "--device",
+        "cpu",
+        "--batch-size",
+        str(BATCH),
+        "--epochs",
+        "1",
+        "--schedule",
+        "constant",
+        "--warmup-epochs",
+        "0",
+        "--amp",
+        "none",
+        "--deterministic",
+        "--checkpoint-every",
+        "0",
+        "--eval-every",
+        "0",
+        "--no-progress",
+        "--log-every",
+        "1",
+        "--wandb",
+        "disabled",
+        "--auto-augment",
+        "ta_wide",
+        "--random-erase",
+        "0.5",
+        "--mixup-alpha",
+        "0.2",
+        "--cutmix-alpha",
+        "1.0",
+    ]
     full, cut = tmp_path / "full", tmp_path / "cut"
     r = run_train(common + ["--output-dir", str(full)])
     assert r.returncode == 0, r.stderr[-3000:]
@@ -212,18 +280,41 @@ def test_resume_with_every_augmentation_is_bitwise_equal(cifar, tmp_path):
     assert losses[0] == losses[1] and len(losses[0]) == 5
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--data-backend", "dali", "--auto-augment", "ta_wide"],
-     "distres: error: --auto-augment ta_wide runs in the torch and gpu backends only: DALI's auto_aug draws from "
-     "its own generators, not from the per-sample seeds; use --data-backend torch (or gpu)"),
-    (["--random-erase", "1.5"], "distres: error: --random-erase is a probability in [0, 1] (got 1.5); e.g. 0.25"),
-    (["--mixup-alpha", "-1"], "distres: error: --mixup-alpha must be >= 0, 0 for off (got -1); e.g. 0.2"),
-    (["--ra-magnitude", "31"], "distres: error: --ra-magnitude must be a bin from 0 to 30 (got 31); "
-                               "torchvision's default is 9"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (
+            ["--data-backend", "dali", "--auto-augment", "ta_wide"],
+            "distres: error: --auto-augment ta_wide runs in the torch and gpu backends only: DALI's auto_aug draws from "
+            "its own generators, not from the per-sample seeds; use --data-backend torch (or gpu)",
+        ),
+        (["--random-erase", "1.5"], "distres: error: --random-erase is a probability in [0, 1] (got 1.5); e.g. 0.25"),
+        (["--mixup-alpha", "-1"], "distres: error: --mixup-alpha must be >= 0, 0 for off (got -1); e.g. 0.2"),
+        (
+            ["--ra-magnitude", "31"],
+            "distres: error: --ra-magnitude must be a bin from 0 to 30 (got 31); torchvision's default is 9",
+        ),
+    ],
+)
 def test_augmentation_mistakes_are_one_line_errors(tmp_path, capsys, flags, message):
-    code = main(["--data", "imagefolder", "--data-dir", str(tmp_path), "--device", "cpu", "--image-size", "32",
-                 "--output-dir", str(tmp_path / "o"), "--no-progress", "--wandb", "disabled", *flags])
+    code = main(
+        [
+            "--data",
+            "imagefolder",
+            "--data-dir",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            "--image-size",
+            "32",
+            "--output-dir",
+            str(tmp_path / "o"),
+            "--no-progress",
+            "--wandb",
+            "disabled",
+            *flags,
+        ]
+    )
     assert code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == message
 

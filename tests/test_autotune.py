@@ -17,9 +17,9 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers import REPO, TINY, cli_env, make_imagefolder, run_train
 from distres.config import parse_args
 from distres.errors import UserError
+from tests.helpers import REPO, TINY, cli_env, make_imagefolder, run_train
 
 STEPS = 4  # 32 images / 8
 
@@ -27,9 +27,36 @@ STEPS = 4  # 32 images / 8
 def _common(data_dir):
     # A constant lr: a run stopped by --max-steps and resumed follows the same schedule as one
     # that runs through.
-    return [*TINY, "--data", "imagefolder", "--data-dir", str(data_dir), "--image-size", "16", "--cifar-stem", "off",
-            "--batch-size", "8", "--epochs", "1", "--eval-every", "0", "--schedule", "constant", "--warmup-epochs", "0",
-            "--deterministic", "--data-backend", "torch", "--workers", "0", "--threads", "1", "--dist-backend", "gloo"]
+    return [
+        *TINY,
+        "--data",
+        "imagefolder",
+        "--data-dir",
+        str(data_dir),
+        "--image-size",
+        "16",
+        "--cifar-stem",
+        "off",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "1",
+        "--eval-every",
+        "0",
+        "--schedule",
+        "constant",
+        "--warmup-epochs",
+        "0",
+        "--deterministic",
+        "--data-backend",
+        "torch",
+        "--workers",
+        "0",
+        "--threads",
+        "1",
+        "--dist-backend",
+        "gloo",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +114,9 @@ def test_tuned_run_trains_bit_for_bit_like_an_untuned_one(runs):
     a = torch.load(runs["tuned"] / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(runs["plain"] / "checkpoints" / "last.pt", weights_only=True)
     assert a["step"] == b["step"] == STEPS
-    assert a["config"]["data_backend"] != b["config"]["data_backend"] or a["config"]["workers"] != b["config"]["workers"]
+    assert (
+        a["config"]["data_backend"] != b["config"]["data_backend"] or a["config"]["workers"] != b["config"]["workers"]
+    )
     for name, t in b["model"].items():
         assert torch.equal(a["model"][name], t), name
 
@@ -96,11 +125,35 @@ def test_standalone_cli_respects_the_budget(tmp_path):
     """Two ranks and a budget that the first trial already uses up: the rest is listed as not
     tried, and the flags printed (stdout, rank 0) are those of the configuration as given: none."""
     out = tmp_path / "o"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "-m", "distres.autotune", *TINY, "--cifar-stem", "off", "--batch-size", "4",
-                        "--synthetic-samples", "16",
-                        "--autotune-budget", "0.01", "--autotune-steps", "2", "--output-dir", str(out)],
-                       cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "distres.autotune",
+            *TINY,
+            "--cifar-stem",
+            "off",
+            "--batch-size",
+            "4",
+            "--synthetic-samples",
+            "16",
+            "--autotune-budget",
+            "0.01",
+            "--autotune-steps",
+            "2",
+            "--output-dir",
+            str(out),
+        ],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     table = json.loads((out / "autotune.json").read_text())
     assert [t["lever"] for t in table["trials"]] == ["start"]
@@ -110,11 +163,14 @@ def test_standalone_cli_respects_the_budget(tmp_path):
     assert yaml.safe_load((out / "config.yaml").read_text())["channels_last"] is True
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--autotune-budget", "0"], "--autotune-budget must be > 0"),
-    (["--autotune-levers", "lr"], "unknown setting lr"),
-    (["--autotune-steps", "0"], "--autotune-steps must be > 0"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--autotune-budget", "0"], "--autotune-budget must be > 0"),
+        (["--autotune-levers", "lr"], "unknown setting lr"),
+        (["--autotune-steps", "0"], "--autotune-steps must be > 0"),
+    ],
+)
 def test_bad_autotune_flags_are_user_errors(args, needle):
     with pytest.raises(UserError, match=needle):
         parse_args(args)

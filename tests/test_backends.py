@@ -33,6 +33,7 @@ def coded(module_dir):
     """32-px PNG images (lossless), each a flat colour whose red channel is its index among
     the split's files in ImageFolder order, so any output pixel names its sample."""
     from PIL import Image
+
     root = module_dir
     for split, n in (("train", N_TRAIN), ("val", N_VAL)):
         for i in range(n):
@@ -44,10 +45,25 @@ def coded(module_dir):
 
 
 def _bundle(root, backend, rank, world=2, cpu_channels_last=True, size=32, extra=()):
-    cfg = parse_args(["--data", "imagefolder", "--data-dir", str(root), "--image-size", str(size), "--seed", "3",
-                      "--batch-size", str(BATCH), "--data-backend", backend,
-                      "--workers", "0" if backend == "torch" else "1",  # torch: decode in this process
-                      *extra])  # (a flag given again in extra wins)
+    cfg = parse_args(
+        [
+            "--data",
+            "imagefolder",
+            "--data-dir",
+            str(root),
+            "--image-size",
+            str(size),
+            "--seed",
+            "3",
+            "--batch-size",
+            str(BATCH),
+            "--data-backend",
+            backend,
+            "--workers",
+            "0" if backend == "torch" else "1",  # torch: decode in this process
+            *extra,
+        ]
+    )  # (a flag given again in extra wins)
     ctx = DistContext(rank, rank, world, world, torch.device("cpu"), "gloo" if world > 1 else None)
     fmt = torch.channels_last if cpu_channels_last else torch.contiguous_format
     return build(cfg, ctx, fmt)
@@ -135,6 +151,7 @@ def test_dali_matches_torch_statistics_on_photos_with_resizing(tmp_path):
     pytest.importorskip("nvidia.dali", reason=DALI_REASON)
     from matplotlib import cbook
     from PIL import Image
+
     photo = Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB")
     rng = np.random.default_rng(0)
     for split, n in (("train", 8), ("val", 4)):
@@ -146,8 +163,22 @@ def test_dali_matches_torch_statistics_on_photos_with_resizing(tmp_path):
     ctx = DistContext(0, 0, 1, 1, torch.device("cpu"), None)
     outs = {}
     for backend in ("torch", "dali"):
-        cfg = parse_args(["--data", "imagefolder", "--data-dir", str(tmp_path), "--image-size", "224",
-                          "--batch-size", "4", "--data-backend", backend, "--workers", "1"])
+        cfg = parse_args(
+            [
+                "--data",
+                "imagefolder",
+                "--data-dir",
+                str(tmp_path),
+                "--image-size",
+                "224",
+                "--batch-size",
+                "4",
+                "--data-backend",
+                backend,
+                "--workers",
+                "1",
+            ]
+        )
         b = build(cfg, ctx, torch.channels_last)
         outs[backend] = [torch.cat([x for x, _ in _epoch(loader, 0)]) for loader in (b.train, b.val)]
     for want, got in zip(outs["torch"], outs["dali"]):
@@ -159,6 +190,7 @@ def test_dali_matches_torch_statistics_on_photos_with_resizing(tmp_path):
 
 def test_auto_backend_choice():
     from distres.data.loaders import resolve_backend
+
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     assert resolve_backend("auto", "cifar10", cuda) == "gpu"
     assert resolve_backend("auto", "cifar10", cpu) == "torch"
@@ -169,17 +201,49 @@ def test_auto_backend_choice():
 
 def test_missing_dali_is_one_clear_line(coded, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # as if the extra were not installed
-    code = main(["--data", "imagefolder", "--data-dir", str(coded), "--data-backend", "dali", "--device", "cpu",
-                 "--image-size", "32", "--output-dir", str(tmp_path / "o"), "--no-progress"])
+    code = main(
+        [
+            "--data",
+            "imagefolder",
+            "--data-dir",
+            str(coded),
+            "--data-backend",
+            "dali",
+            "--device",
+            "cpu",
+            "--image-size",
+            "32",
+            "--output-dir",
+            str(tmp_path / "o"),
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
-    assert err[-1] == ("distres: error: --data-backend dali needs NVIDIA DALI, which is not installed; "
-                       "pip install -e '.[dali]' (or use --data-backend torch)")
+    assert err[-1] == (
+        "distres: error: --data-backend dali needs NVIDIA DALI, which is not installed; "
+        "pip install -e '.[dali]' (or use --data-backend torch)"
+    )
 
 
 def test_gpu_backend_refuses_large_images(coded, tmp_path, capsys):
-    code = main(["--data", "imagefolder", "--data-dir", str(coded), "--data-backend", "gpu", "--device", "cpu",
-                 "--image-size", "224", "--output-dir", str(tmp_path / "o"), "--no-progress"])
+    code = main(
+        [
+            "--data",
+            "imagefolder",
+            "--data-dir",
+            str(coded),
+            "--data-backend",
+            "gpu",
+            "--device",
+            "cpu",
+            "--image-size",
+            "224",
+            "--output-dir",
+            str(tmp_path / "o"),
+            "--no-progress",
+        ]
+    )
     assert code == 2
     assert "--data-backend gpu is for small images" in capsys.readouterr().err
 
@@ -188,6 +252,7 @@ def test_decoder_reads_what_torchvision_cannot_and_refuses_broken_files(tmp_path
     from PIL import Image
 
     from distres.data.decode import DECODE_ERRORS, decode_torchvision
+
     for ext in ("bmp", "tiff"):  # torchvision.io has no BMP/TIFF decoder: PIL takes over
         Image.new("RGB", (6, 4), (9, 8, 7)).save(tmp_path / f"x.{ext}")
         img = decode_torchvision(str(tmp_path / f"x.{ext}"))
@@ -230,6 +295,7 @@ def test_device_resident_backends_copy_once_per_epoch(coded, backend, monkeypatc
     one copy per epoch, never one per batch: a per-batch host-to-device copy from pageable
     memory would make the host wait for the GPU at every step."""
     import importlib
+
     module = importlib.import_module(f"distres.data.{backend}")
     copies = []
     real = module.to_device
@@ -237,8 +303,20 @@ def test_device_resident_backends_copy_once_per_epoch(coded, backend, monkeypatc
     if backend == "gpu":
         loader = _bundle(coded, "gpu", 0, world=1).train
     else:
-        cfg = parse_args(["--data", "synthetic", "--image-size", "32", "--synthetic-classes", "4",
-                          "--synthetic-samples", "64", "--batch-size", str(BATCH)])
+        cfg = parse_args(
+            [
+                "--data",
+                "synthetic",
+                "--image-size",
+                "32",
+                "--synthetic-classes",
+                "4",
+                "--synthetic-samples",
+                "64",
+                "--batch-size",
+                str(BATCH),
+            ]
+        )
         loader = build(cfg, DistContext(0, 0, 1, 1, torch.device("cpu"), None), torch.channels_last).train
     for epoch in (0, 1):
         copies.clear()
@@ -255,6 +333,7 @@ def photos(module_dir):
     from torchvision.io import encode_jpeg, encode_png
 
     from tests.helpers import break_jpeg
+
     g = torch.Generator().manual_seed(0)
     root = module_dir / "photos"
     for split, n in (("train", 22), ("val", 6)):
@@ -283,10 +362,17 @@ def test_decoding_on_the_device_gives_the_workers_batches(photos, size):
     # an earlier test left as garbage, whose destructor would hang in a forked child (the
     # pipeline's threads do not exist there).
     gc.collect()
-    workers, device = (_bundle(photos, "torch", 0, world=1, size=size,
-                               extra=("--auto-augment", "ta_wide", "--decode-on", where,
-                                      "--workers", "1"))  # through a worker process, as in use
-                       for where in ("workers", "device"))
+    workers, device = (
+        _bundle(
+            photos,
+            "torch",
+            0,
+            world=1,
+            size=size,
+            extra=("--auto-augment", "ta_wide", "--decode-on", where, "--workers", "1"),
+        )  # through a worker process, as in use
+        for where in ("workers", "device")
+    )
     assert device.train.loader.dataset.encoded and not workers.train.loader.dataset.encoded
     for split in ("train", "val"):
         for start in (0, BATCH):
@@ -296,4 +382,3 @@ def test_decoding_on_the_device_gives_the_workers_batches(photos, size):
                 assert torch.equal(ya, yb) and torch.equal(xa, xb)
                 assert xb.shape[-1] == size and xb.is_contiguous(memory_format=torch.channels_last)
     assert workers.train.bad_samples == device.train.bad_samples >= 2  # both broken files, in every pass
-

@@ -7,21 +7,40 @@ torch import per run."""
 
 import pytest
 
-from tests.helpers import break_jpeg, make_imagefolder, read_metrics
 from distres.train import main
+from tests.helpers import break_jpeg, make_imagefolder, read_metrics
 
-ARGS = ["--arch", "resnet18", "--data", "imagefolder", "--image-size", "32", "--batch-size", "4",
-        "--epochs", "2", "--device", "cpu", "--no-progress", "--log-every", "3", "--wandb", "disabled",
-        "--checkpoint-every", "0"]
+ARGS = [
+    "--arch",
+    "resnet18",
+    "--data",
+    "imagefolder",
+    "--image-size",
+    "32",
+    "--batch-size",
+    "4",
+    "--epochs",
+    "2",
+    "--device",
+    "cpu",
+    "--no-progress",
+    "--log-every",
+    "3",
+    "--wandb",
+    "disabled",
+    "--checkpoint-every",
+    "0",
+]
 
 
 @pytest.fixture(scope="module")
 def damaged(module_dir):
     """24 training JPEGs (2 of them broken) + 1 text file; 8 validation JPEGs."""
-    root = make_imagefolder(module_dir,
-                            {"train": {"a": 12, "b": 12}, "val": {"a": 4, "b": 4}})
-    bad = [break_jpeg(root / "train" / "a" / "0003.jpg", "truncated"),
-           break_jpeg(root / "train" / "b" / "0005.jpg", "corrupt")]
+    root = make_imagefolder(module_dir, {"train": {"a": 12, "b": 12}, "val": {"a": 4, "b": 4}})
+    bad = [
+        break_jpeg(root / "train" / "a" / "0003.jpg", "truncated"),
+        break_jpeg(root / "train" / "b" / "0005.jpg", "corrupt"),
+    ]
     (root / "train" / "b" / "notes.txt").write_text("not an image")
     return root, bad
 
@@ -51,8 +70,19 @@ def test_fail_policy_stops_with_the_file_path(damaged, backend, tmp_path, capsys
     if backend == "dali":
         pytest.importorskip("nvidia.dali", reason="NVIDIA DALI not installed (pip install -e '.[dali]')")
     root, bad = damaged
-    code = main(ARGS + ["--data-dir", str(root), "--data-backend", backend, "--on-bad-sample", "fail",
-                        "--output-dir", str(tmp_path / "run")])
+    code = main(
+        ARGS
+        + [
+            "--data-dir",
+            str(root),
+            "--data-backend",
+            backend,
+            "--on-bad-sample",
+            "fail",
+            "--output-dir",
+            str(tmp_path / "run"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err, err[-3000:]
     errors = [ln for ln in err.splitlines() if ln.startswith("distres: error: ")]
@@ -64,9 +94,22 @@ def test_fail_policy_stops_with_the_file_path(damaged, backend, tmp_path, capsys
 def test_folder_mistakes_get_one_clear_line(tmp_path, capsys):
     root = make_imagefolder(tmp_path / "d", {"train": {"a": 4, "b": 4}, "val": {"a": 2, "b": 2}})
     (root / "train" / "c").mkdir()  # an empty class folder in the training split
-    args = ["--data", "imagefolder", "--data-dir", str(root), "--device", "cpu", "--image-size", "32",
-            "--output-dir", str(tmp_path / "o"), "--no-progress"]
+    args = [
+        "--data",
+        "imagefolder",
+        "--data-dir",
+        str(root),
+        "--device",
+        "cpu",
+        "--image-size",
+        "32",
+        "--output-dir",
+        str(tmp_path / "o"),
+        "--no-progress",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == (f"distres: error: class folder(s) c in {root / 'train'} hold no image files; "
-                       "add images or remove the empty folder(s)")
+    assert err[-1] == (
+        f"distres: error: class folder(s) c in {root / 'train'} hold no image files; "
+        "add images or remove the empty folder(s)"
+    )

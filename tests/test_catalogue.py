@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import REPO, TINY, cli_env, make_imagefolder, one_error_line, run_train
 from distres import evaluate, export, predict, prepare, train
 from distres.data import known
+from tests.helpers import REPO, TINY, cli_env, make_imagefolder, one_error_line, run_train
 
 RUN = ["--device", "cpu", "--no-progress", "--wandb", "disabled"]
 
@@ -54,8 +54,9 @@ def made(module_dir):
         known.write_idx(root / "mnist" / images, np.zeros((n, 28, 28), dtype=np.uint8))
         known.write_idx(root / "mnist" / labels, np.arange(n, dtype=np.uint8) % 2)
     run = root / "run"
-    r = run_train(TINY + ["--batch-size", "4", "--synthetic-samples", "16", "--max-steps", "2",
-                          "--output-dir", str(run)])
+    r = run_train(
+        TINY + ["--batch-size", "4", "--synthetic-samples", "16", "--max-steps", "2", "--output-dir", str(run)]
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     p["run"], p["ckpt"] = run, run / "checkpoints" / "last.pt"
     p["ckpt_bytes"] = p["ckpt"].read_bytes()
@@ -68,8 +69,22 @@ def _train(*args):
 
 def _resume(*args):
     """Resume the 2-step run with other settings; its checkpoint must stay as it was."""
-    return lambda p: (train.main, [*TINY, "--batch-size", "4", "--synthetic-samples", "16", "--max-steps", "4",
-                                   "--output-dir", str(p["run"]), "--resume", *args])
+    return lambda p: (
+        train.main,
+        [
+            *TINY,
+            "--batch-size",
+            "4",
+            "--synthetic-samples",
+            "16",
+            "--max-steps",
+            "4",
+            "--output-dir",
+            str(p["run"]),
+            "--resume",
+            *args,
+        ],
+    )
 
 
 # name -> (what to run, a phrase the one line must hold)
@@ -88,72 +103,150 @@ CASES = {
     "dist timeout 0": (_train("--dist-timeout", "0"), "--dist-timeout must be a positive number of minutes"),
     "dist timeout inf": (_train("--dist-timeout", "inf"), "--dist-timeout must be a positive number of minutes"),
     "repeated aug 0": (_train("--repeated-aug", "0"), "--repeated-aug must be > 0"),
-    "unknown config key": (lambda p: _train("--config", str(p["root"] / "unknown-key.yaml"))(p),
-                           "unknown key 'learning_rate'"),
+    "unknown config key": (
+        lambda p: _train("--config", str(p["root"] / "unknown-key.yaml"))(p),
+        "unknown key 'learning_rate'",
+    ),
     "missing config file": (lambda p: _train("--config", str(p["root"] / "missing.yaml"))(p), "cannot read --config"),
     "config not YAML": (lambda p: _train("--config", str(p["root"] / "broken.yaml"))(p), "is not valid YAML (line 2)"),
     "config not a mapping": (lambda p: _train("--config", str(p["root"] / "list.yaml"))(p), "must be a mapping"),
     "config value of the wrong type": (lambda p: _train("--config", str(p["root"] / "badtype.yaml"))(p), "epochs"),
     # data layout and content
-    "missing data dir": (lambda p: _train("--data", "imagefolder", "--data-dir", str(p["root"] / "nope"))(p),
-                         "does not exist"),
+    "missing data dir": (
+        lambda p: _train("--data", "imagefolder", "--data-dir", str(p["root"] / "nope"))(p),
+        "does not exist",
+    ),
     "imagefolder without data dir": (_train("--data", "imagefolder"), "needs --data-dir"),
-    "data dir is a file": (lambda p: _train("--data", "imagefolder", "--data-dir", str(p["root"] / "a-file"))(p),
-                           "a-file"),
-    "no class folders": (lambda p: _train("--data", "imagefolder", "--data-dir", str(p["root"] / "empty"))(p),
-                         "no class sub-folders"),
-    "no image files": (lambda p: _train("--data", "imagefolder", "--data-dir", str(p["root"] / "noimg"))(p),
-                       "no image files"),
-    "empty class folder": (lambda p: _train("--data", "imagefolder", "--data-dir", str(p["emptyclass"]),
-                                            "--image-size", "32")(p), "hold no image files"),
+    "data dir is a file": (
+        lambda p: _train("--data", "imagefolder", "--data-dir", str(p["root"] / "a-file"))(p),
+        "a-file",
+    ),
+    "no class folders": (
+        lambda p: _train("--data", "imagefolder", "--data-dir", str(p["root"] / "empty"))(p),
+        "no class sub-folders",
+    ),
+    "no image files": (
+        lambda p: _train("--data", "imagefolder", "--data-dir", str(p["root"] / "noimg"))(p),
+        "no image files",
+    ),
+    "empty class folder": (
+        lambda p: _train("--data", "imagefolder", "--data-dir", str(p["emptyclass"]), "--image-size", "32")(p),
+        "hold no image files",
+    ),
     "validation class unknown to training": (
-        lambda p: _train("--data", "imagefolder", "--data-dir", str(p["newclass"]), "--image-size", "32")(p), "z"),
-    "too few samples for a batch": (lambda p: _train("--data", "imagefolder", "--data-dir", str(p["small"]),
-                                                     "--batch-size", "4", "--image-size", "32")(p),
-                                    "cannot fill one batch"),
-    "grad accum beyond the epoch": (lambda p: _train("--data", "imagefolder", "--data-dir", str(p["folder"]),
-                                                     "--batch-size", "4", "--grad-accum", "8", "--image-size", "32")(p),
-                                    "--grad-accum 8 needs more batches"),
-    "cifar10 offline without files": (lambda p: _train("--data", "cifar10", "--data-dir", str(p["root"] / "c10"))(p),
-                                      "--data-dir"),
-    "synthetic backend with real data": (_train("--data", "cifar10", "--data-backend", "synthetic"),
-                                         "--data-backend synthetic goes with --data synthetic"),
-    "gpu backend for large images": (lambda p: _train("--data", "imagefolder", "--data-dir", str(p["folder"]),
-                                                      "--data-backend", "gpu", "--image-size", "96")(p),
-                                     "--data-backend gpu is for small images"),
+        lambda p: _train("--data", "imagefolder", "--data-dir", str(p["newclass"]), "--image-size", "32")(p),
+        "z",
+    ),
+    "too few samples for a batch": (
+        lambda p: _train(
+            "--data", "imagefolder", "--data-dir", str(p["small"]), "--batch-size", "4", "--image-size", "32"
+        )(p),
+        "cannot fill one batch",
+    ),
+    "grad accum beyond the epoch": (
+        lambda p: _train(
+            "--data",
+            "imagefolder",
+            "--data-dir",
+            str(p["folder"]),
+            "--batch-size",
+            "4",
+            "--grad-accum",
+            "8",
+            "--image-size",
+            "32",
+        )(p),
+        "--grad-accum 8 needs more batches",
+    ),
+    "cifar10 offline without files": (
+        lambda p: _train("--data", "cifar10", "--data-dir", str(p["root"] / "c10"))(p),
+        "--data-dir",
+    ),
+    "synthetic backend with real data": (
+        _train("--data", "cifar10", "--data-backend", "synthetic"),
+        "--data-backend synthetic goes with --data synthetic",
+    ),
+    "gpu backend for large images": (
+        lambda p: _train(
+            "--data", "imagefolder", "--data-dir", str(p["folder"]), "--data-backend", "gpu", "--image-size", "96"
+        )(p),
+        "--data-backend gpu is for small images",
+    ),
     "decoding on the device in another backend": (
-        lambda p: _train("--data", "imagefolder", "--data-dir", str(p["folder"]), "--data-backend", "gpu",
-                         "--decode-on", "device", "--image-size", "32")(p), "--decode-on device is an option of"),
+        lambda p: _train(
+            "--data",
+            "imagefolder",
+            "--data-dir",
+            str(p["folder"]),
+            "--data-backend",
+            "gpu",
+            "--decode-on",
+            "device",
+            "--image-size",
+            "32",
+        )(p),
+        "--decode-on device is an option of",
+    ),
     "decoding on the device without files": (
-        lambda p: _train("--data", "mnist", "--data-dir", str(p["root"] / "mnist"), "--decode-on", "device",
-                         "--batch-size", "2")(p), "comes as arrays already decoded"),
+        lambda p: _train(
+            "--data", "mnist", "--data-dir", str(p["root"] / "mnist"), "--decode-on", "device", "--batch-size", "2"
+        )(p),
+        "comes as arrays already decoded",
+    ),
     # paths, checkpoints and weights
-    "output dir is a file": (lambda p: (train.main, [*TINY, "--max-steps", "1", *RUN,
-                                                      "--output-dir", str(p["root"] / "a-file")]), "a-file"),
+    "output dir is a file": (
+        lambda p: (train.main, [*TINY, "--max-steps", "1", *RUN, "--output-dir", str(p["root"] / "a-file")]),
+        "a-file",
+    ),
     "resume a missing file": (lambda p: _train("--resume", str(p["root"] / "none.pt"))(p), "does not exist"),
     "resume a corrupt file": (lambda p: _train("--resume", str(p["root"] / "garbage.pt"))(p), "unreadable or corrupt"),
-    "resume a plain state dict": (lambda p: _train("--resume", str(p["root"] / "plain.pt"))(p),
-                                  "is not a distres checkpoint"),
-    "resume best.pt": (lambda p: _train("--resume", str(p["run"] / "checkpoints" / "best.pt"))(p),
-                       "holds the best weights only"),
+    "resume a plain state dict": (
+        lambda p: _train("--resume", str(p["root"] / "plain.pt"))(p),
+        "is not a distres checkpoint",
+    ),
+    "resume best.pt": (
+        lambda p: _train("--resume", str(p["run"] / "checkpoints" / "best.pt"))(p),
+        "holds the best weights only",
+    ),
     "resume with another arch": (_resume("--arch", "resnet50"), "does not fit this run"),
     "resume with another amp": (_resume("--amp", "fp16"), "trained with --amp bf16"),
-    "output dir holds another run": (lambda p: (train.main, [*TINY, "--max-steps", "1", *RUN,
-                                                              "--output-dir", str(p["run"])]), "already holds checkpoints"),
+    "output dir holds another run": (
+        lambda p: (train.main, [*TINY, "--max-steps", "1", *RUN, "--output-dir", str(p["run"])]),
+        "already holds checkpoints",
+    ),
     "weights file missing": (lambda p: _train("--weights", str(p["root"] / "none.pt"))(p), "none.pt"),
     # the launcher's environment
     "cuda without a GPU": (_train("--device", "cuda"), "no CUDA GPU is visible"),
     "nccl on CPUs": (_train("--dist-backend", "nccl"), "--dist-backend nccl needs CUDA GPUs"),
     # the other CLIs
-    "evaluate a missing checkpoint": (lambda p: (evaluate.main, ["--checkpoint", str(p["root"] / "none.pt")]),
-                                      "does not exist"),
-    "predict a folder without images": (lambda p: (predict.main, ["--checkpoint", str(p["ckpt"]),
-                                                                   str(p["root"] / "noimages")]), "no image"),
-    "export over a .json path": (lambda p: (export.main, ["--checkpoint", str(p["ckpt"]), "--format", "safetensors",
-                                                          "--check-images", str(p["folder"] / "val"),
-                                                          "--output", str(p["root"] / "m.json")]), ".json"),
-    "prepare a missing folder": (lambda p: (prepare.main, ["resize", str(p["root"] / "nope"), str(p["root"] / "o"),
-                                                           "--size", "32"]), "nope"),
+    "evaluate a missing checkpoint": (
+        lambda p: (evaluate.main, ["--checkpoint", str(p["root"] / "none.pt")]),
+        "does not exist",
+    ),
+    "predict a folder without images": (
+        lambda p: (predict.main, ["--checkpoint", str(p["ckpt"]), str(p["root"] / "noimages")]),
+        "no image",
+    ),
+    "export over a .json path": (
+        lambda p: (
+            export.main,
+            [
+                "--checkpoint",
+                str(p["ckpt"]),
+                "--format",
+                "safetensors",
+                "--check-images",
+                str(p["folder"] / "val"),
+                "--output",
+                str(p["root"] / "m.json"),
+            ],
+        ),
+        ".json",
+    ),
+    "prepare a missing folder": (
+        lambda p: (prepare.main, ["resize", str(p["root"] / "nope"), str(p["root"] / "o"), "--size", "32"]),
+        "nope",
+    ),
 }
 
 
@@ -181,17 +274,38 @@ def test_a_multi_process_launch_without_a_rendezvous_address(made, capsys, monke
 
 
 def test_from_the_command_line_and_under_torchrun(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "distres.train", "--batch-size", "0"], cwd=REPO, env=cli_env(),
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "distres.train", "--batch-size", "0"],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2
     one_error_line(r.stderr)
     small = make_imagefolder(tmp_path / "small", {"train": {"a": 3}, "val": {"a": 1}})
-    r = run_train(["--data", "imagefolder", "--data-dir", str(small), "--batch-size", "2",
-                   "--image-size", "32", "--device", "cpu"], nproc=2)
+    r = run_train(
+        [
+            "--data",
+            "imagefolder",
+            "--data-dir",
+            str(small),
+            "--batch-size",
+            "2",
+            "--image-size",
+            "32",
+            "--device",
+            "cpu",
+        ],
+        nproc=2,
+    )
     assert r.returncode != 0
     assert r.stderr.count("distres: error: 3 training samples cannot fill one batch of 2 on each of 2") == 1
-    r = run_train(TINY + ["--sync-bn", "--batch-size", "4", "--synthetic-samples", "16",
-                          "--output-dir", str(tmp_path / "o")], nproc=2)
+    r = run_train(
+        TINY + ["--sync-bn", "--batch-size", "4", "--synthetic-samples", "16", "--output-dir", str(tmp_path / "o")],
+        nproc=2,
+    )
     assert r.returncode != 0
     assert "distres: error: --sync-bn needs CUDA GPUs" in r.stderr
 
@@ -204,9 +318,28 @@ def test_a_full_disk_during_a_checkpoint_write(tmp_path):
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # 1 MiB: less than a checkpoint
 
-    r = subprocess.run([sys.executable, "-m", "distres.train", *TINY, "--batch-size", "4", "--synthetic-samples", "16",
-                        "--max-steps", "2", "--output-dir", str(out)], cwd=REPO, env=cli_env(), capture_output=True,
-                       text=True, timeout=300, preexec_fn=limit)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distres.train",
+            *TINY,
+            "--batch-size",
+            "4",
+            "--synthetic-samples",
+            "16",
+            "--max-steps",
+            "2",
+            "--output-dir",
+            str(out),
+        ],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit,
+    )
     assert r.returncode == 2, r.stderr[-3000:]
     line = one_error_line(r.stderr)
     assert "cannot write a checkpoint to" in line and "File too large" in line and "free space" in line, line

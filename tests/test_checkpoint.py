@@ -4,23 +4,37 @@ import shutil
 import pytest
 import torch
 
-from tests.helpers import TINY, read_metrics, run_train
 from distres import checkpoint
 from distres.errors import UserError
+from tests.helpers import TINY, read_metrics, run_train
 
 
 def test_resume_continues_from_the_latest_checkpoint(tmp_path):
     out = tmp_path / "run"
-    base = TINY + ["--batch-size", "8", "--synthetic-samples", "64", "--epochs", "3",
-                   "--checkpoint-every", "3", "--keep-checkpoints", "2", "--output-dir", str(out)]
+    base = TINY + [
+        "--batch-size",
+        "8",
+        "--synthetic-samples",
+        "64",
+        "--epochs",
+        "3",
+        "--checkpoint-every",
+        "3",
+        "--keep-checkpoints",
+        "2",
+        "--output-dir",
+        str(out),
+    ]
     r = run_train(base + ["--max-steps", "11"])
     assert r.returncode == 0, r.stderr[-3000:]
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert (state["step"], state["epoch"], state["step_in_epoch"]) == (11, 1, 3)
     assert set(state) >= {"model", "optimizer", "scheduler", "scaler", "rng", "config"}
     # keep-checkpoints 2: only the two newest step files stay
-    assert [p.name for p in checkpoint.step_checkpoints(out / "checkpoints")] == \
-        ["step-00000009.pt", "step-00000011.pt"]
+    assert [p.name for p in checkpoint.step_checkpoints(out / "checkpoints")] == [
+        "step-00000009.pt",
+        "step-00000011.pt",
+    ]
 
     r = run_train(base + ["--resume"])
     assert r.returncode == 0, r.stderr[-3000:]
@@ -61,7 +75,9 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path):
 
 def test_rng_state_round_trips_through_weights_only_load(tmp_path):
     import random
+
     import numpy as np
+
     torch.manual_seed(1), random.seed(1), np.random.seed(1)
     checkpoint.atomic_save({"rng": checkpoint.rng_state()}, tmp_path / "r.pt")
     expected = (torch.rand(3), random.random(), np.random.rand())
@@ -76,11 +92,33 @@ def test_mid_epoch_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     weights, BN statistics, optimizer state and EMA of a run that never stopped. The first epoch
     trains the head alone (--freeze-backbone-epochs 1): the stop falls in that phase, and DDP is
     rebuilt for the second."""
-    common = TINY + ["--batch-size", "4", "--synthetic-samples", "64", "--epochs", "2",
-                     "--schedule", "constant", "--warmup-epochs", "0", "--amp", "none",
-                     "--deterministic", "--checkpoint-every", "0", "--eval-every", "0",
-                     "--ema-decay", "0.8", "--ema-every", "2", "--freeze-backbone-epochs", "1",
-                     "--threads", "1"]  # (the thread count changes the order of a convolution's sums)
+    common = TINY + [
+        "--batch-size",
+        "4",
+        "--synthetic-samples",
+        "64",
+        "--epochs",
+        "2",
+        "--schedule",
+        "constant",
+        "--warmup-epochs",
+        "0",
+        "--amp",
+        "none",
+        "--deterministic",
+        "--checkpoint-every",
+        "0",
+        "--eval-every",
+        "0",
+        "--ema-decay",
+        "0.8",
+        "--ema-every",
+        "2",
+        "--freeze-backbone-epochs",
+        "1",
+        "--threads",
+        "1",
+    ]  # (the thread count changes the order of a convolution's sums)
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert run_train(common + ["--output-dir", str(full)], nproc=2).returncode == 0
     r = run_train(common + ["--output-dir", str(cut), "--max-steps", "5"], nproc=2)
@@ -99,8 +137,9 @@ def test_mid_epoch_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
         assert torch.equal(a["ema"][k], b["ema"][k]), k
     for pid, st in a["optimizer"]["state"].items():
         assert torch.equal(st["momentum_buffer"], b["optimizer"]["state"][pid]["momentum_buffer"])
-    assert [x["loss"] for x in read_metrics(full) if x["kind"] == "train"] == \
-        [x["loss"] for x in read_metrics(cut) if x["kind"] == "train"]
+    assert [x["loss"] for x in read_metrics(full) if x["kind"] == "train"] == [
+        x["loss"] for x in read_metrics(cut) if x["kind"] == "train"
+    ]
     # The frozen epoch moved the head only (step 5 and the epoch's end, step 8, share the
     # backbone); the second moved the backbone too.
     at5 = torch.load(cut / "checkpoints/step-00000005.pt", weights_only=True)["model"]
@@ -126,8 +165,10 @@ def test_mid_epoch_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     one = tmp_path / "one"
     r = run_train(common + ["--output-dir", str(one), "--resume", "--grad-accum", "2"])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "resumed on 1 x 4 x grad-accum 2 (global batch 8), saved on 2 x 4 x grad-accum 1 (8): " \
-           "epoch 1 continues at sample 40" in r.stderr
+    assert (
+        "resumed on 1 x 4 x grad-accum 2 (global batch 8), saved on 2 x 4 x grad-accum 1 (8): "
+        "epoch 1 continues at sample 40" in r.stderr
+    )
     d = torch.load(one / "checkpoints/last.pt", weights_only=True)
     params = [k for k in a["model"] if k.endswith((".weight", ".bias"))]
     assert d["step"] == 16 and all(torch.equal(a["model"][k], d["model"][k]) for k in params)
@@ -138,8 +179,10 @@ def test_mid_epoch_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     half = tmp_path / "half"
     r = run_train(common + ["--output-dir", str(half), "--resume", "--rescale-lr-on-resume"])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "global batch 4), saved on 2 x 4 x grad-accum 1 (8): epoch 1 continues at sample 40; " \
-           "lr scaled by 4/8" in r.stderr
+    assert (
+        "global batch 4), saved on 2 x 4 x grad-accum 1 (8): epoch 1 continues at sample 40; "
+        "lr scaled by 4/8" in r.stderr
+    )
     train = [x for x in read_metrics(half) if x["kind"] == "train"]
     assert [x["step"] for x in train] == list(range(1, 28))
     lrs = {x["lr"] for x in train}
@@ -178,6 +221,7 @@ def test_background_write_holds_the_state_of_its_step(tmp_path, monkeypatch):
     """save() returns while a thread writes; training then changes the weights and momentum in
     place. The file must hold the state at the save, not what the thread sees later."""
     import threading
+
     mutated, write = threading.Event(), checkpoint.save
     monkeypatch.setattr(checkpoint, "save", lambda *a, **k: (mutated.wait(10), write(*a, **k))[1])
     model = torch.nn.Linear(64, 64)
@@ -206,8 +250,13 @@ def test_background_write_holds_the_state_of_its_step(tmp_path, monkeypatch):
 def test_a_failed_background_write_is_a_user_error_and_keeps_the_previous(tmp_path, monkeypatch):
     model = torch.nn.Linear(4, 4)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    ts = checkpoint.TrainingState(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
-                                  torch.amp.GradScaler("cpu", enabled=False), _Loader())
+    ts = checkpoint.TrainingState(
+        model,
+        opt,
+        torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+        torch.amp.GradScaler("cpu", enabled=False),
+        _Loader(),
+    )
     ck = _checkpointer(tmp_path)
     ck.save(ts, 1)
     ck.finish()
@@ -230,6 +279,7 @@ def test_the_horizon_stays_on_the_schedules_clock_across_a_change_of_global_batc
     and with batch 40 50 more, each ending exactly where the schedule does."""
     from distres import optim
     from distres.config import TrainConfig
+
     first = {"global_batch": 20, "base_step": 0, "base": 0.0}
     for batch, total in ((10, 350), (40, 200), (20, 250)):
         cfg = TrainConfig(epochs=0, max_steps=250, batch_size=batch)
@@ -242,10 +292,26 @@ def test_a_checkpoint_of_the_first_format_resumes_with_the_current_split():
     """The first format recorded only the world size: the steps done in the epoch are counted
     in the current global batch (no division by an unknown one)."""
     from distres.config import TrainConfig
+
     state = {"step": 11, "epoch": 1, "step_in_epoch": 3, "world_size": 2}
     cfg = TrainConfig(batch_size=8, grad_accum=1)
     pos = checkpoint.resumed_position(state, cfg, 2)
     assert (pos.step, pos.epoch, pos.sample, pos.global_batch, pos.axis) == (11, 1, 3 * 16, 16, None)
-    assert checkpoint.resumed_position(dict(state, data_order={"seed": 5, "world_size": 2, "batch_size": 8,
-                                                               "grad_accum": 1, "data": "cifar10", "data_dir": None}),
-                                       cfg, 2).sample == 0  # another seed: the epoch restarts
+    assert (
+        checkpoint.resumed_position(
+            dict(
+                state,
+                data_order={
+                    "seed": 5,
+                    "world_size": 2,
+                    "batch_size": 8,
+                    "grad_accum": 1,
+                    "data": "cifar10",
+                    "data_dir": None,
+                },
+            ),
+            cfg,
+            2,
+        ).sample
+        == 0
+    )  # another seed: the epoch restarts

@@ -4,9 +4,9 @@ import sys
 import pytest
 import yaml
 
-from tests.helpers import REPO
 from distres.config import TrainConfig, parse_args
 from distres.errors import UserError
+from tests.helpers import REPO
 
 
 def test_defaults_and_flags():
@@ -32,13 +32,16 @@ def test_saved_config_round_trips(tmp_path):
     assert parse_args(["--config", str(tmp_path / "config.yaml")]) == cfg
 
 
-@pytest.mark.parametrize("text,needle", [
-    ("archh: resnet50\n", "unknown key 'archh'"),
-    ("arch: [unclosed\n", "not valid YAML"),
-    ("- a\n- b\n", "must be a mapping"),
-    ("batch_size: lots\n", "is not a int"),
-    ("amp: fp8\n", "is not one of"),
-])
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("archh: resnet50\n", "unknown key 'archh'"),
+        ("arch: [unclosed\n", "not valid YAML"),
+        ("- a\n- b\n", "must be a mapping"),
+        ("batch_size: lots\n", "is not a int"),
+        ("amp: fp8\n", "is not one of"),
+    ],
+)
 def test_bad_config_files(tmp_path, text, needle):
     f = tmp_path / "c.yaml"
     f.write_text(text)
@@ -47,11 +50,29 @@ def test_bad_config_files(tmp_path, text, needle):
 
 
 def test_help_lists_every_flag_with_defaults():
-    out = subprocess.run([sys.executable, "-m", "distres.train", "--help"], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "distres.train", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0
-    for flag in ("--arch", "--data", "--data-dir", "--data-backend", "--epochs", "--max-steps",
-                 "--batch-size", "--lr", "--amp", "--channels-last", "--compile", "--seed",
-                 "--output-dir", "--resume", "--checkpoint-every", "--wandb", "--config", "--sync-bn"):
+    for flag in (
+        "--arch",
+        "--data",
+        "--data-dir",
+        "--data-backend",
+        "--epochs",
+        "--max-steps",
+        "--batch-size",
+        "--lr",
+        "--amp",
+        "--channels-last",
+        "--compile",
+        "--seed",
+        "--output-dir",
+        "--resume",
+        "--checkpoint-every",
+        "--wandb",
+        "--config",
+        "--sync-bn",
+    ):
         assert flag in out.stdout, flag
     assert "(default: resnet50)" in out.stdout

@@ -39,9 +39,26 @@ def test_resnet18_learns_real_mnist(tmp_path):
     out = tmp_path / "run"
     # configs/mnist.yaml: ResNet-18 with the ImageNet stem, 3 epochs of 125 steps. One thread: a
     # busy machine's other processes then slow it down in proportion, not by thread contention.
-    r = run_train(["--config", str(REPO / "configs" / "mnist.yaml"), "--data-dir", str(root), "--device", "cpu",
-                   "--threads", "1", "--no-progress", "--wandb", "disabled", "--eval-every", "0",
-                   "--output-dir", str(out)], timeout=900)
+    r = run_train(
+        [
+            "--config",
+            str(REPO / "configs" / "mnist.yaml"),
+            "--data-dir",
+            str(root),
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--no-progress",
+            "--wandb",
+            "disabled",
+            "--eval-every",
+            "0",
+            "--output-dir",
+            str(out),
+        ],
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "mnist 28px" in r.stdout + r.stderr
     ev = [x for x in read_metrics(out) if x["kind"] == "eval"][-1]
@@ -77,8 +94,11 @@ def _cifar100_pickles(root: Path, n_train: int, n_test: int) -> Path:
     rng = np.random.default_rng(1)
     names = [f"class{k:02d}" for k in range(100)]
     for split, n in (("train", n_train), ("test", n_test)):
-        d = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "fine_labels": list(range(n)),
-             "coarse_labels": [0] * n}
+        d = {
+            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            "fine_labels": list(range(n)),
+            "coarse_labels": [0] * n,
+        }
         (folder / split).write_bytes(pickle.dumps(d))
     (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": names, "coarse_label_names": ["x"] * 20}))
     return root
@@ -99,7 +119,10 @@ def test_cifar100_from_pickles_and_folders(tmp_path):
     assert x.shape == (4, 3, 32, 32)
     # An ImageFolder copy (train/ + test/) is read as such.
     from tests.helpers import make_imagefolder
-    folders = make_imagefolder(tmp_path / "folders", {"train": {"apple": 2, "bear": 2}, "test": {"apple": 1, "bear": 1}})
+
+    folders = make_imagefolder(
+        tmp_path / "folders", {"train": {"apple": 2, "bear": 2}, "test": {"apple": 1, "bear": 1}}
+    )
     train, test = known.splits("cifar100", folders, download=False)
     assert train.classes == ["apple", "bear"] and len(test) == 2
     with pytest.raises(UserError, match="cifar-100-python"):
@@ -116,6 +139,7 @@ def _mode_images(folder: Path) -> dict[str, np.ndarray]:
     """One PNG (CMYK: JPEG) per colour mode; returns each file's expected RGB pixels, from
     the pixel values written (not from a decoder)."""
     from PIL import Image
+
     rng = np.random.default_rng(2)
     rgb = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
     gray = rgb[..., 0]
@@ -154,13 +178,19 @@ def _png48(rgb16: np.ndarray) -> bytes:
     """A 16-bit-per-channel RGB PNG (PIL cannot write one)."""
     import struct
     import zlib
+
     h, w, _ = rgb16.shape
     rows = b"".join(b"\0" + rgb16[r].astype(">u2").tobytes() for r in range(h))
 
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -188,10 +218,24 @@ def test_backends_give_the_same_rgb_of_every_mode(modes, backend):
     if backend == "dali":
         pytest.importorskip("nvidia.dali", reason="NVIDIA DALI not installed")
     root, expected = modes
-    cfg = parse_args(["--data", "imagefolder", "--data-dir", str(root), "--image-size", str(SIZE),
-                      "--batch-size", str(len(expected)), "--data-backend", backend, "--workers", "0" if backend == "torch" else "1"])
+    cfg = parse_args(
+        [
+            "--data",
+            "imagefolder",
+            "--data-dir",
+            str(root),
+            "--image-size",
+            str(SIZE),
+            "--batch-size",
+            str(len(expected)),
+            "--data-backend",
+            backend,
+            "--workers",
+            "0" if backend == "torch" else "1",
+        ]
+    )
     bundle = build(cfg, CPU, torch.contiguous_format)
-    (x, _), = list(bundle.val)
+    ((x, _),) = list(bundle.val)
     mean = torch.tensor(bundle.mean).view(1, 3, 1, 1) * 255
     std = torch.tensor(bundle.std).view(1, 3, 1, 1) * 255
     pixels = (x * std + mean).round().to(torch.uint8)

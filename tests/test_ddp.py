@@ -20,9 +20,26 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     single process's micro-batch j is sample 2s+j: the same global batch, and the same BN batch
     statistics per micro-batch. DDP's averaged gradient must then equal the accumulated one.
     """
-    common = TINY + ["--batch-size", "1", "--synthetic-samples", "64", "--max-steps", "6",
-                     "--amp", "none", "--optimizer", "sgd", "--lr", "0.05", "--weight-decay", "1e-4",
-                     "--checkpoint-every", "0", "--eval-every", "0"]
+    common = TINY + [
+        "--batch-size",
+        "1",
+        "--synthetic-samples",
+        "64",
+        "--max-steps",
+        "6",
+        "--amp",
+        "none",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.05",
+        "--weight-decay",
+        "1e-4",
+        "--checkpoint-every",
+        "0",
+        "--eval-every",
+        "0",
+    ]
     two = run_train(common + ["--output-dir", str(tmp_path / "two")], nproc=2)
     assert two.returncode == 0, two.stderr[-3000:]
     one = run_train(common + ["--grad-accum", "2", "--output-dir", str(tmp_path / "one")])
@@ -43,6 +60,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
 
 def _params_at_init() -> dict:
     from distres.models import build_model
+
     torch.manual_seed(0)
     m = build_model("resnet18", 10, cifar_stem=True)
     return {k: v for k, v in m.state_dict().items() if "running_" not in k and "num_batches" not in k}
@@ -50,8 +68,22 @@ def _params_at_init() -> dict:
 
 def test_torchrun_two_processes_end_to_end(tmp_path):
     out = tmp_path / "run"
-    r = run_train(TINY + ["--batch-size", "8", "--synthetic-samples", "128", "--epochs", "4",
-                          "--lr", "0.02", "--output-dir", str(out)], nproc=2)
+    r = run_train(
+        TINY
+        + [
+            "--batch-size",
+            "8",
+            "--synthetic-samples",
+            "128",
+            "--epochs",
+            "4",
+            "--lr",
+            "0.02",
+            "--output-dir",
+            str(out),
+        ],
+        nproc=2,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     # rank 0 alone writes: one metrics file, each step once
     assert [p.name for p in out.rglob("metrics*")] == ["metrics.jsonl"]
@@ -71,8 +103,23 @@ def test_torchrun_two_processes_end_to_end(tmp_path):
 def test_a_named_backend_gives_one_process_a_group_of_one(tmp_path):
     """--dist-backend gloo on a single process: DDP at world size 1 through the real loop
     (how the cost of DDP itself is measured on one GPU), with the same result as no DDP."""
-    common = TINY + ["--batch-size", "2", "--synthetic-samples", "32", "--max-steps", "4", "--grad-accum", "2",
-                     "--amp", "none", "--checkpoint-every", "0", "--eval-every", "0", "--deterministic"]
+    common = TINY + [
+        "--batch-size",
+        "2",
+        "--synthetic-samples",
+        "32",
+        "--max-steps",
+        "4",
+        "--grad-accum",
+        "2",
+        "--amp",
+        "none",
+        "--checkpoint-every",
+        "0",
+        "--eval-every",
+        "0",
+        "--deterministic",
+    ]
     ddp = run_train(common + ["--dist-backend", "gloo", "--output-dir", str(tmp_path / "ddp")])
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "on 1 x cpu (gloo)" in ddp.stderr

@@ -2,8 +2,18 @@ from tests.helpers import TINY, run_train, train_losses
 
 
 def test_same_seed_same_losses_and_other_seed_differs(tmp_path):
-    args = TINY + ["--batch-size", "8", "--synthetic-samples", "64", "--max-steps", "6",
-                   "--eval-every", "0", "--checkpoint-every", "0"]
+    args = TINY + [
+        "--batch-size",
+        "8",
+        "--synthetic-samples",
+        "64",
+        "--max-steps",
+        "6",
+        "--eval-every",
+        "0",
+        "--checkpoint-every",
+        "0",
+    ]
     runs = {}
     for name, seed in (("a", "3"), ("b", "3"), ("c", "4")):
         r = run_train(args + ["--seed", seed, "--output-dir", str(tmp_path / name)])

@@ -7,9 +7,29 @@ from tests.helpers import read_metrics, run_train
 
 FIRST, SECOND = ("airplane", "automobile", "bird", "cat", "deer"), ("dog", "frog", "horse", "ship", "truck")
 # ResNet-18 with the ImageNet stem at 32 px: the fast CPU shape (a few seconds an epoch here).
-ARGS = ["--arch", "resnet18", "--data", "imagefolder", "--image-size", "32", "--cifar-stem", "off",
-        "--batch-size", "64", "--lr", "0.2", "--warmup-epochs", "0.5", "--device", "cpu", "--workers", "1",
-        "--no-progress", "--wandb", "disabled"]
+ARGS = [
+    "--arch",
+    "resnet18",
+    "--data",
+    "imagefolder",
+    "--image-size",
+    "32",
+    "--cifar-stem",
+    "off",
+    "--batch-size",
+    "64",
+    "--lr",
+    "0.2",
+    "--warmup-epochs",
+    "0.5",
+    "--device",
+    "cpu",
+    "--workers",
+    "1",
+    "--no-progress",
+    "--wandb",
+    "disabled",
+]
 # Measured with these settings (2-core AMD EPYC, seeds 0-2): 44.4-46.4% fine-tuned against
 # 28.4-33.6% from scratch; the bar leaves room for another CPU's rounding.
 MARGIN = 5.0
@@ -34,8 +54,10 @@ def test_finetuning_a_distres_model_beats_training_from_scratch(cifar10_subset, 
     r = run_train(ARGS + ["--data-dir", str(first), "--epochs", "2", "--output-dir", str(tmp_path / "pre")])
     assert r.returncode == 0, r.stderr[-3000:]
     best = tmp_path / "pre" / "checkpoints" / "best.pt"
-    tuned = run_train(ARGS + ["--data-dir", str(second), "--epochs", "1", "--weights", str(best),
-                              "--output-dir", str(tmp_path / "tuned")])
+    tuned = run_train(
+        ARGS
+        + ["--data-dir", str(second), "--epochs", "1", "--weights", str(best), "--output-dir", str(tmp_path / "tuned")]
+    )
     assert tuned.returncode == 0, tuned.stderr[-3000:]
     assert "new classifier head" in tuned.stderr and "other classes" in tuned.stderr
     scratch = run_train(ARGS + ["--data-dir", str(second), "--epochs", "1", "--output-dir", str(tmp_path / "scratch")])

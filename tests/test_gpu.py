@@ -13,18 +13,48 @@ import torch
 
 from tests.helpers import make_imagefolder, read_metrics, run_train, train_losses
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-SMALL = ["--arch", "resnet18", "--data", "synthetic", "--image-size", "32", "--synthetic-classes", "10",
-         "--device", "cuda", "--no-progress", "--wandb", "disabled", "--batch-size", "64",
-         "--synthetic-samples", "4096", "--eval-every", "0"]
+SMALL = [
+    "--arch",
+    "resnet18",
+    "--data",
+    "synthetic",
+    "--image-size",
+    "32",
+    "--synthetic-classes",
+    "10",
+    "--device",
+    "cuda",
+    "--no-progress",
+    "--wandb",
+    "disabled",
+    "--batch-size",
+    "64",
+    "--synthetic-samples",
+    "4096",
+    "--eval-every",
+    "0",
+]
 
 
 def test_nccl_group_of_one_through_the_real_loop(tmp_path):
     out = tmp_path / "run"
-    r = run_train(SMALL + ["--dist-backend", "nccl", "--max-steps", "20", "--log-every", "5",
-                           "--checkpoint-every", "10", "--output-dir", str(out)])
+    r = run_train(
+        SMALL
+        + [
+            "--dist-backend",
+            "nccl",
+            "--max-steps",
+            "20",
+            "--log-every",
+            "5",
+            "--checkpoint-every",
+            "10",
+            "--output-dir",
+            str(out),
+        ]
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "on 1 x cuda (nccl)" in r.stderr
     assert [x["step"] for x in read_metrics(out) if x["kind"] == "train"] == [5, 10, 15, 20]
@@ -34,8 +64,21 @@ def test_nccl_group_of_one_through_the_real_loop(tmp_path):
 
 def test_fp16_with_gradscaler_and_clipping(tmp_path):
     out = tmp_path / "run"
-    r = run_train(SMALL + ["--amp", "fp16", "--clip-grad-norm", "1.0", "--max-steps", "20", "--log-every", "5",
-                           "--output-dir", str(out)])
+    r = run_train(
+        SMALL
+        + [
+            "--amp",
+            "fp16",
+            "--clip-grad-norm",
+            "1.0",
+            "--max-steps",
+            "20",
+            "--log-every",
+            "5",
+            "--output-dir",
+            str(out),
+        ]
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     losses = train_losses(out)
     assert len(losses) == 4 and all(map(lambda x: x == x and abs(x) < 100, losses))
@@ -46,9 +89,25 @@ def test_fp16_with_gradscaler_and_clipping(tmp_path):
 def test_compiled_ddp_with_gradient_accumulation_resumes(tmp_path):
     """torch.compile over DDP (a group of one, nccl) with 2 micro-batches per step; stopped and
     resumed on the GPU, the run ends where an uninterrupted one does."""
-    common = SMALL + ["--dist-backend", "nccl", "--compile", "--grad-accum", "2", "--log-every", "4",
-                      "--checkpoint-every", "0", "--epochs", "1", "--synthetic-samples", "1024",
-                      "--schedule", "constant", "--warmup-epochs", "0"]
+    common = SMALL + [
+        "--dist-backend",
+        "nccl",
+        "--compile",
+        "--grad-accum",
+        "2",
+        "--log-every",
+        "4",
+        "--checkpoint-every",
+        "0",
+        "--epochs",
+        "1",
+        "--synthetic-samples",
+        "1024",
+        "--schedule",
+        "constant",
+        "--warmup-epochs",
+        "0",
+    ]
     r = run_train(common + ["--max-steps", "4", "--output-dir", str(tmp_path / "run")], timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     r = run_train(common + ["--resume", "--output-dir", str(tmp_path / "run")], timeout=600)
@@ -62,8 +121,25 @@ def _bundle(root, device: str, backend: str, workers: int = 0, size: int = 32, e
     from distres.data import build
     from distres.dist import DistContext
 
-    cfg = parse_args(["--data", "imagefolder", "--data-dir", str(root), "--image-size", str(size), "--seed", "3",
-                      "--batch-size", "16", "--data-backend", backend, "--workers", str(workers), *extra])
+    cfg = parse_args(
+        [
+            "--data",
+            "imagefolder",
+            "--data-dir",
+            str(root),
+            "--image-size",
+            str(size),
+            "--seed",
+            "3",
+            "--batch-size",
+            "16",
+            "--data-backend",
+            backend,
+            "--workers",
+            str(workers),
+            *extra,
+        ]
+    )
     ctx = DistContext(0, 0, 1, 1, torch.device(device, 0) if device == "cuda" else torch.device("cpu"), None)
     return build(cfg, ctx, torch.channels_last)
 
@@ -89,14 +165,17 @@ def test_nvjpeg_decoding_matches_the_workers_and_trains(tmp_path):
     from PIL import Image
 
     from tests.helpers import break_jpeg
+
     root = make_imagefolder(tmp_path / "data", {"train": {"a": 40, "b": 40}, "val": {"a": 10, "b": 11}}, size=96)
     break_jpeg(root / "train/a/0001.jpg", "truncated")  # fails in the workers, in either mode
     break_jpeg(root / "train/a/0002.jpg", "corrupt")  # fails nvJPEG, the retry and the CPU decoder
     Image.new("L", (90, 70), 77).save(root / "train/b/gray.jpg")  # 1 channel, expanded to RGB
     Image.new("RGB", (90, 70), (1, 2, 3)).save(root / "train/b/lossless.png")  # decoded by the workers
     for size in (32, 80):
-        bundles = [_bundle(root, "cpu", "torch", 2, size),
-                   _bundle(root, "cuda", "torch", 2, size, ("--decode-on", "device"))]
+        bundles = [
+            _bundle(root, "cpu", "torch", 2, size),
+            _bundle(root, "cuda", "torch", 2, size, ("--decode-on", "device")),
+        ]
         for split in ("train", "val"):
             for b in bundles:
                 getattr(b, split).set_epoch(1)
@@ -107,9 +186,31 @@ def test_nvjpeg_decoding_matches_the_workers_and_trains(tmp_path):
                 assert torch.equal(yg.cpu(), yc)
                 assert (xg.cpu() - xc).abs().mean() < 0.05  # under 3 grey levels; another crop of this noise: tens
         assert bundles[0].train.bad_samples == bundles[1].train.bad_samples == 2
-    r = run_train(["--arch", "resnet18", "--data", "imagefolder", "--data-dir", str(root), "--image-size", "64",
-                   "--decode-on", "device", "--device", "cuda", "--batch-size", "16", "--epochs", "2",
-                   "--no-progress", "--wandb", "disabled", "--output-dir", str(tmp_path / "run")])
+    r = run_train(
+        [
+            "--arch",
+            "resnet18",
+            "--data",
+            "imagefolder",
+            "--data-dir",
+            str(root),
+            "--image-size",
+            "64",
+            "--decode-on",
+            "device",
+            "--device",
+            "cuda",
+            "--batch-size",
+            "16",
+            "--epochs",
+            "2",
+            "--no-progress",
+            "--wandb",
+            "disabled",
+            "--output-dir",
+            str(tmp_path / "run"),
+        ]
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert [x["epoch"] for x in read_metrics(tmp_path / "run") if x["kind"] == "eval"] == [1, 2]
 
@@ -158,8 +259,24 @@ def test_no_host_sync_in_steady_state_steps(tmp_path, backend, monkeypatch):
         args = SMALL[:]
     else:
         root = make_imagefolder(tmp_path / "data", {"train": {"a": 600, "b": 600}, "val": {"a": 8, "b": 8}})
-        args = ["--arch", "resnet18", "--data", "imagefolder", "--data-dir", str(root), "--image-size", "32",
-                "--data-backend", backend, "--workers", "2", "--device", "cuda", "--batch-size", "32"]
+        args = [
+            "--arch",
+            "resnet18",
+            "--data",
+            "imagefolder",
+            "--data-dir",
+            str(root),
+            "--image-size",
+            "32",
+            "--data-backend",
+            backend,
+            "--workers",
+            "2",
+            "--device",
+            "cuda",
+            "--batch-size",
+            "32",
+        ]
     steps, log_every = 30, 10
     marks, real = [], engine.train_step
     with warnings.catch_warnings(record=True) as caught:
@@ -172,13 +289,28 @@ def test_no_host_sync_in_steady_state_steps(tmp_path, backend, monkeypatch):
         monkeypatch.setattr(engine, "train_step", counted)
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            code = train.main(args + ["--output-dir", str(tmp_path / "run"), "--max-steps", str(steps),
-                                      "--log-every", str(log_every), "--checkpoint-every", "0",
-                                      "--eval-every", "0", "--no-progress", "--wandb", "disabled"])
+            code = train.main(
+                args
+                + [
+                    "--output-dir",
+                    str(tmp_path / "run"),
+                    "--max-steps",
+                    str(steps),
+                    "--log-every",
+                    str(log_every),
+                    "--checkpoint-every",
+                    "0",
+                    "--eval-every",
+                    "0",
+                    "--no-progress",
+                    "--wandb",
+                    "disabled",
+                ]
+            )
         finally:
             torch.cuda.set_sync_debug_mode(0)
     assert code == 0 and len(marks) == steps
-    syncs = lambda i: [str(w.message) for w in caught[marks[i]:marks[i + 1]] if "synchroniz" in str(w.message)]  # noqa: E731
+    syncs = lambda i: [str(w.message) for w in caught[marks[i] : marks[i + 1]] if "synchroniz" in str(w.message)]  # noqa: E731
     # From step 3 on (warm-up over), every step but the log steps (whose flush synchronises).
     steady = [i for i in range(2, steps - 1) if (i + 1) % log_every != 0]
     bad = {i + 1: syncs(i) for i in steady if syncs(i)}
@@ -192,20 +324,55 @@ def test_ema_frozen_head_and_evaluate_predict_export_on_the_gpu(tmp_path):
     import json
     import subprocess
     import sys
+
     from tests.helpers import REPO, cli_env
+
     data = make_imagefolder(tmp_path / "data", {"train": {"a": 64, "b": 64}, "val": {"a": 10, "b": 11}}, size=40)
     out = tmp_path / "run"
-    r = run_train(["--arch", "resnet18", "--data", "imagefolder", "--data-dir", str(data), "--image-size", "32",
-                   "--device", "cuda", "--dist-backend", "nccl", "--batch-size", "16", "--epochs", "2",
-                   "--freeze-backbone-epochs", "1", "--ema-decay", "0.9", "--no-progress", "--wandb", "disabled",
-                   "--output-dir", str(out)])
+    r = run_train(
+        [
+            "--arch",
+            "resnet18",
+            "--data",
+            "imagefolder",
+            "--data-dir",
+            str(data),
+            "--image-size",
+            "32",
+            "--device",
+            "cuda",
+            "--dist-backend",
+            "nccl",
+            "--batch-size",
+            "16",
+            "--epochs",
+            "2",
+            "--freeze-backbone-epochs",
+            "1",
+            "--ema-decay",
+            "0.9",
+            "--no-progress",
+            "--wandb",
+            "disabled",
+            "--output-dir",
+            str(out),
+        ]
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     last = [m for m in read_metrics(out) if m["kind"] == "eval"][-1]
-    for tool, args in (("evaluate", ["--weights", "raw", "--output-dir", str(tmp_path / "eval")]),
-                       ("predict", [str(data / "val"), "--output", str(tmp_path / "p.csv")]),
-                       ("export", ["--format", "onnx", "--output", str(tmp_path / "m.onnx")])):
-        p = subprocess.run([sys.executable, "-m", f"distres.{tool}", "--checkpoint", str(out / "checkpoints/last.pt"),
-                            *args], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    for tool, args in (
+        ("evaluate", ["--weights", "raw", "--output-dir", str(tmp_path / "eval")]),
+        ("predict", [str(data / "val"), "--output", str(tmp_path / "p.csv")]),
+        ("export", ["--format", "onnx", "--output", str(tmp_path / "m.onnx")]),
+    ):
+        p = subprocess.run(
+            [sys.executable, "-m", f"distres.{tool}", "--checkpoint", str(out / "checkpoints/last.pt"), *args],
+            cwd=REPO,
+            env=cli_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert p.returncode == 0, (tool, p.stderr[-3000:])
     summary = json.loads((tmp_path / "eval/summary.json").read_text())
     assert summary["top1"] == last["top1"] and summary["eval_samples"] == 21

@@ -14,9 +14,28 @@ from tests.helpers import TINY, one_error_line, read_metrics, run_train, start_t
 
 # Epoch 1 trains at lr 0.003125 (global batch 8); the step schedule then multiplies the lr by
 # 1e5, and epoch 2's loss turns non-finite within a few steps. Epoch 1's checkpoint is good.
-BLOWS_UP = TINY + ["--image-size", "16", "--batch-size", "8", "--synthetic-samples", "64", "--epochs", "2",
-                   "--warmup-epochs", "0", "--schedule", "step", "--lr-steps", "1", "--lr-gamma", "1e5",
-                   "--checkpoint-every", "0", "--eval-every", "0"]
+BLOWS_UP = TINY + [
+    "--image-size",
+    "16",
+    "--batch-size",
+    "8",
+    "--synthetic-samples",
+    "64",
+    "--epochs",
+    "2",
+    "--warmup-epochs",
+    "0",
+    "--schedule",
+    "step",
+    "--lr-steps",
+    "1",
+    "--lr-gamma",
+    "1e5",
+    "--checkpoint-every",
+    "0",
+    "--eval-every",
+    "0",
+]
 
 
 def _finite_checkpoints(out) -> list[str]:
@@ -44,8 +63,19 @@ def test_rollback_reloads_the_last_good_checkpoint_with_a_lower_lr(tmp_path):
     out = tmp_path / "rollback"
     # Epoch 1 trains the head alone: the rollback goes back to a checkpoint without the
     # backbone's momentum buffers, into the epoch where the backbone trains.
-    r = run_train(BLOWS_UP + ["--output-dir", str(out), "--on-nonfinite", "rollback", "--rollback-lr-factor", "1e-5",
-                              "--freeze-backbone-epochs", "1"])
+    r = run_train(
+        BLOWS_UP
+        + [
+            "--output-dir",
+            str(out),
+            "--on-nonfinite",
+            "rollback",
+            "--rollback-lr-factor",
+            "1e-5",
+            "--freeze-backbone-epochs",
+            "1",
+        ]
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "rollback 1 of 3: back to" in r.stderr and "with the lr x 1e-05 (now 0.003125)" in r.stderr
     records = read_metrics(out)
@@ -79,17 +109,40 @@ def _pid_of_rank(root_pid: int, rank: int) -> int | None:
 
 def test_a_frozen_rank_is_named_by_the_others_after_dist_timeout(tmp_path):
     out, log = tmp_path / "run", tmp_path / "log.txt"
-    proc = start_train(TINY + ["--image-size", "16", "--batch-size", "4", "--synthetic-samples", "4000",
-                               "--epochs", "1", "--checkpoint-every", "0", "--dist-timeout", "0.1",
-                               "--output-dir", str(out)], nproc=2, log=log)
+    proc = start_train(
+        TINY
+        + [
+            "--image-size",
+            "16",
+            "--batch-size",
+            "4",
+            "--synthetic-samples",
+            "4000",
+            "--epochs",
+            "1",
+            "--checkpoint-every",
+            "0",
+            "--dist-timeout",
+            "0.1",
+            "--output-dir",
+            str(out),
+        ],
+        nproc=2,
+        log=log,
+    )
     frozen = None
     try:
         wait_for(lambda: (out / "metrics.jsonl").exists() and len(read_metrics(out)) >= 3, 120, "three steps")
         frozen = wait_for(lambda: _pid_of_rank(proc.pid, 1), 10, "rank 1's process")
         os.kill(frozen, signal.SIGSTOP)  # frozen: alive, but never reaches the next all-reduce
         t0 = time.monotonic()
-        line = wait_for(lambda: next((ln for ln in log.read_text().splitlines()
-                                      if ln.startswith("distres: error: rank 0 waited")), None), 90, "rank 0's line")
+        line = wait_for(
+            lambda: next(
+                (ln for ln in log.read_text().splitlines() if ln.startswith("distres: error: rank 0 waited")), None
+            ),
+            90,
+            "rank 0's line",
+        )
         assert time.monotonic() - t0 < 60
     finally:
         if frozen:
@@ -103,11 +156,37 @@ def test_a_frozen_rank_is_named_by_the_others_after_dist_timeout(tmp_path):
 
 def test_a_data_worker_that_dies_is_named(tmp_path):
     from tests.helpers import make_imagefolder
+
     data = make_imagefolder(tmp_path / "data", {"train": {"a": 200, "b": 200}, "val": {"a": 2, "b": 2}})
     out, log = tmp_path / "run", tmp_path / "log.txt"
-    proc = start_train(["--arch", "resnet18", "--data", "imagefolder", "--data-dir", str(data), "--image-size", "16",
-                        "--batch-size", "2", "--epochs", "1", "--workers", "1", "--device", "cpu", "--no-progress",
-                        "--log-every", "1", "--wandb", "disabled", "--output-dir", str(out)], log=log)
+    proc = start_train(
+        [
+            "--arch",
+            "resnet18",
+            "--data",
+            "imagefolder",
+            "--data-dir",
+            str(data),
+            "--image-size",
+            "16",
+            "--batch-size",
+            "2",
+            "--epochs",
+            "1",
+            "--workers",
+            "1",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--log-every",
+            "1",
+            "--wandb",
+            "disabled",
+            "--output-dir",
+            str(out),
+        ],
+        log=log,
+    )
     try:
         wait_for(lambda: (out / "metrics.jsonl").exists() and len(read_metrics(out)) >= 2, 120, "two steps")
         kids = [int(p) for p in open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()]
@@ -120,8 +199,11 @@ def test_a_data_worker_that_dies_is_named(tmp_path):
             proc.kill()
     assert proc.returncode == 2
     line = one_error_line(log.read_text())
-    assert line.startswith("distres: error: rank 0: a data loading worker died (DataLoader worker (pid ") \
-        and "Killed" in line and "--workers" in line, line
+    assert (
+        line.startswith("distres: error: rank 0: a data loading worker died (DataLoader worker (pid ")
+        and "Killed" in line
+        and "--workers" in line
+    ), line
 
 
 class _SlowItems(torch.utils.data.Dataset):
@@ -137,6 +219,7 @@ def test_a_worker_killed_while_the_loader_waits_is_named_by_its_signal():
     # The other path of a worker's death: its SIGCHLD arrives while the main thread waits on the
     # data queue, and torch's own message there only says the worker "exited unexpectedly".
     from distres.errors import process_death
+
     it = iter(torch.utils.data.DataLoader(_SlowItems(), num_workers=1))
     kids = [int(p) for p in open(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read().split()]
     assert len(kids) == 1, kids
@@ -150,14 +233,20 @@ def test_a_worker_killed_while_the_loader_waits_is_named_by_its_signal():
     err = caught.value
     assert "exited unexpectedly" in str(err), err  # the path this test is for
     line = str(process_death(err, 0))
-    assert line.startswith(f"rank 0: a data loading worker died (DataLoader worker (pid {kids[0]}) is killed by "
-                           "signal: Killed)") and "--workers" in line, line
+    assert (
+        line.startswith(
+            f"rank 0: a data loading worker died (DataLoader worker (pid {kids[0]}) is killed by signal: Killed)"
+        )
+        and "--workers" in line
+    ), line
 
 
 def test_an_fp16_scaler_that_keeps_skipping_counts_as_diverged():
     import pytest
+
     from distres import divergence
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     divergence.check_logged(2.3, scaler, 10, 0.1)  # healthy
     with pytest.raises(divergence.Diverged, match="the training loss is nan"):
         divergence.check_logged(float("nan"), scaler, 10, 0.1)
@@ -172,5 +261,8 @@ def test_an_fp16_scaler_that_keeps_skipping_counts_as_diverged():
     assert torch.equal(params[0].detach(), torch.ones(2))  # every step skipped
     with pytest.raises(divergence.Diverged, match="fp16 gradients stay non-finite"):
         divergence.check_logged(2.3, scaler, 27, 0.1)
-    assert divergence.give_up(divergence.Diverged("the weights became non-finite", 27, 0.1), None, 0).args[0] \
+    assert (
+        divergence.give_up(divergence.Diverged("the weights became non-finite", 27, 0.1), None, 0)
+        .args[0]
         .startswith("the weights became non-finite at step 27 (lr 0.1); no checkpoint was written before it")
+    )

@@ -25,17 +25,55 @@ def trained(module_dir):
     root = module_dir
     data = make_imagefolder(root / "data", {"train": {c: 24 for c in CLASSES}, "val": VAL}, size=36)
     out = root / "run"
-    r = run_train(["--arch", "resnet18", "--data", "imagefolder", "--data-dir", str(data), "--image-size", "32",
-                   "--cifar-stem", "off", "--batch-size", "4", "--epochs", "2", "--device", "cpu", "--workers", "0",
-                   "--ema-decay", "0.5", "--no-progress", "--wandb", "disabled", "--output-dir", str(out)], nproc=2)
+    r = run_train(
+        [
+            "--arch",
+            "resnet18",
+            "--data",
+            "imagefolder",
+            "--data-dir",
+            str(data),
+            "--image-size",
+            "32",
+            "--cifar-stem",
+            "off",
+            "--batch-size",
+            "4",
+            "--epochs",
+            "2",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "--ema-decay",
+            "0.5",
+            "--no-progress",
+            "--wandb",
+            "disabled",
+            "--output-dir",
+            str(out),
+        ],
+        nproc=2,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return data, out
 
 
 def _evaluate(args, nproc=1):
-    cmd = [sys.executable, "-m", "distres.evaluate", *args] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-         "-m", "distres.evaluate", *args]
+    cmd = (
+        [sys.executable, "-m", "distres.evaluate", *args]
+        if nproc == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "distres.evaluate",
+            *args,
+        ]
+    )
     return subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=180)
 
 
@@ -54,8 +92,19 @@ def test_evaluate_under_torchrun_reproduces_the_runs_last_evaluation(trained, tm
     last = [m for m in read_metrics(out) if m["kind"] == "eval"][-1]
     for which, prefix in (("raw", ""), ("ema", "ema_")):
         report = tmp_path / which
-        r = _evaluate(["--checkpoint", str(out / "checkpoints" / "last.pt"), "--weights", which, "--workers", "0",
-                       "--output-dir", str(report)], nproc=2)
+        r = _evaluate(
+            [
+                "--checkpoint",
+                str(out / "checkpoints" / "last.pt"),
+                "--weights",
+                which,
+                "--workers",
+                "0",
+                "--output-dir",
+                str(report),
+            ],
+            nproc=2,
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         summary = json.loads((report / "summary.json").read_text())
         assert summary["eval_samples"] == sum(VAL.values())
@@ -81,8 +130,22 @@ def test_predict_lists_and_counts_a_broken_file(trained, tmp_path, capsys):
         (folder / f.name).write_bytes(f.read_bytes())
     break_jpeg(folder / files[0].name, "truncated")
     preds = tmp_path / "preds.csv"
-    assert predict.main(["--checkpoint", str(out / "checkpoints" / "best.pt"), str(folder), "--top-k", "2",
-                         "--workers", "0", "--output", str(preds)]) == 0
+    assert (
+        predict.main(
+            [
+                "--checkpoint",
+                str(out / "checkpoints" / "best.pt"),
+                str(folder),
+                "--top-k",
+                "2",
+                "--workers",
+                "0",
+                "--output",
+                str(preds),
+            ]
+        )
+        == 0
+    )
     rows = list(csv.DictReader(open(preds)))
     assert len(rows) == len(files) - 1
     assert {r["class1"] for r in rows} <= set(CLASSES) and all(float(r["prob1"]) >= float(r["prob2"]) for r in rows)
@@ -104,11 +167,14 @@ def test_export_all_formats_pass_their_parity_check(trained, tmp_path, capsys):
     assert meta["classes"] == list(CLASSES) and meta["image_size"] == 32 and meta["weights"] == "ema"
     # The README's one line: a safetensors export into torchvision's own model.
     from safetensors.torch import load_file
+
     model = torchvision.models.resnet18(num_classes=3)
     model.load_state_dict(load_file(str(tmp_path / "m.safetensors")))
     import onnx
-    assert json.loads({p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}["distres"]
-                      )["classes"] == list(CLASSES)
+
+    assert json.loads({p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}["distres"])[
+        "classes"
+    ] == list(CLASSES)
 
 
 def test_missing_or_corrupt_checkpoints_are_one_line_errors(trained, tmp_path, capsys):
@@ -116,8 +182,11 @@ def test_missing_or_corrupt_checkpoints_are_one_line_errors(trained, tmp_path, c
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes((out / "checkpoints" / "last.pt").read_bytes()[:1000])
     for path in (tmp_path / "missing.pt", corrupt):
-        for main, extra in ((export.main, ["--format", "onnx", "--output", str(tmp_path / "x.onnx")]),
-                            (predict.main, [str(tmp_path)]), (evaluate.main, [])):
+        for main, extra in (
+            (export.main, ["--format", "onnx", "--output", str(tmp_path / "x.onnx")]),
+            (predict.main, [str(tmp_path)]),
+            (evaluate.main, []),
+        ):
             assert main(["--checkpoint", str(path), *extra]) == 2
             err = capsys.readouterr().err
             [line] = [x for x in err.splitlines() if "error" in x]

@@ -8,9 +8,25 @@ from tests.helpers import REPO, TINY, read_metrics
 def test_local_launcher_runs_two_cpu_ranks(tmp_path):
     env = dict(os.environ, NPROC="2", PYTHON=sys.executable)  # the interpreter running the tests
     out = tmp_path / "run"
-    r = subprocess.run([str(REPO / "launch" / "local.sh"), *TINY, "--batch-size", "4",
-                        "--synthetic-samples", "32", "--max-steps", "3", "--output-dir", str(out)],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            str(REPO / "launch" / "local.sh"),
+            *TINY,
+            "--batch-size",
+            "4",
+            "--synthetic-samples",
+            "32",
+            "--max-steps",
+            "3",
+            "--output-dir",
+            str(out),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 x cpu (gloo)" in r.stderr
     assert [x["step"] for x in read_metrics(out) if x["kind"] == "train"] == [1, 2, 3]
@@ -20,16 +36,37 @@ def test_multinode_launcher_joins_two_nodes_by_rendezvous(tmp_path):
     """Two "nodes" on this machine, each one torchrun agent with one process: the c10d
     rendezvous assigns the node ranks, as on a real cluster."""
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NNODES="2", NPROC_PER_NODE="1",
-               RUN_ID=f"test-{port}", PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        NNODES="2",
+        NPROC_PER_NODE="1",
+        RUN_ID=f"test-{port}",
+        PYTHON=sys.executable,
+        OMP_NUM_THREADS="1",
+    )
     out = tmp_path / "run"
-    cmd = [str(REPO / "launch" / "multinode.sh"), *TINY, "--batch-size", "4", "--synthetic-samples", "32",
-           "--max-steps", "3", "--output-dir", str(out)]
-    nodes = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for _ in range(2)]
+    cmd = [
+        str(REPO / "launch" / "multinode.sh"),
+        *TINY,
+        "--batch-size",
+        "4",
+        "--synthetic-samples",
+        "32",
+        "--max-steps",
+        "3",
+        "--output-dir",
+        str(out),
+    ]
+    nodes = [
+        subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
     logs = [p.communicate(timeout=300)[0] for p in nodes]
     assert [p.returncode for p in nodes] == [0, 0], "\n".join(logs)[-3000:]
     assert any("2 x cpu (gloo)" in log for log in logs)

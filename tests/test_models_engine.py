@@ -31,8 +31,9 @@ def test_zero_init_residual_zeroes_the_last_bn_of_each_block():
 
 
 def test_channels_last_model_and_output():
-    m = models.prepare(models.build_model("resnet18", 10), torch.device("cpu"), channels_last=True,
-                       sync_bn=False, distributed=False)
+    m = models.prepare(
+        models.build_model("resnet18", 10), torch.device("cpu"), channels_last=True, sync_bn=False, distributed=False
+    )
     assert m.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     assert m(x).shape == (2, 10)
@@ -77,10 +78,11 @@ def test_evaluate_counts_top1_top5_exactly():
         def forward(self, x):
             return x.flatten(1)
 
-    logits = torch.tensor([[9., 1, 2, 3, 4, 5], [1., 9, 2, 3, 4, 5], [9., 8, 7, 6, 5, 0]])
+    logits = torch.tensor([[9.0, 1, 2, 3, 4, 5], [1.0, 9, 2, 3, 4, 5], [9.0, 8, 7, 6, 5, 0]])
     labels = torch.tensor([0, 2, 5])
-    res = engine.evaluate(Fixed(), [(logits, labels)], engine.Precision("none", torch.device("cpu")),
-                          torch.device("cpu"))
+    res = engine.evaluate(
+        Fixed(), [(logits, labels)], engine.Precision("none", torch.device("cpu")), torch.device("cpu")
+    )
     assert res["eval_samples"] == 3
     assert res["top1"] == pytest.approx(100 / 3) and res["top5"] == pytest.approx(200 / 3)
 
@@ -108,9 +110,17 @@ def test_grad_accumulation_skips_the_allreduce_under_torch_compile(tmp_path):
         tdist.destroy_process_group()
 
 
-@pytest.mark.parametrize("cin,cout,hw,k,stride,pad,bias", [
-    (8, 16, 5, 1, 1, 0, False), (8, 16, 6, 1, 2, 0, True), (8, 16, 1, 3, 1, 1, False),
-    (8, 16, 2, 3, 1, 1, True), (8, 16, 2, 3, 2, 1, False), (8, 8, 2, 3, 1, 1, False)])
+@pytest.mark.parametrize(
+    "cin,cout,hw,k,stride,pad,bias",
+    [
+        (8, 16, 5, 1, 1, 0, False),
+        (8, 16, 6, 1, 2, 0, True),
+        (8, 16, 1, 3, 1, 1, False),
+        (8, 16, 2, 3, 1, 1, True),
+        (8, 16, 2, 3, 2, 1, False),
+        (8, 8, 2, 3, 1, 1, False),
+    ],
+)
 def test_matmul_conv_equals_the_convolution(cin, cout, hw, k, stride, pad, bias, monkeypatch):
     """Every path of MatmulConv2d (1x1 kernels, strided 1x1, any kernel on a tiny map) gives
     the convolution's output and gradients, in float64, for NCHW and channels_last input."""
@@ -150,8 +160,9 @@ def test_matmul_conv_takes_the_maps_where_it_is_faster(monkeypatch):
 
 
 def test_cpu_models_use_matmul_convs_and_keep_their_state_dict_keys():
-    m = models.prepare(models.build_model("resnet50", 10), torch.device("cpu"), channels_last=True,
-                       sync_bn=False, distributed=False)
+    m = models.prepare(
+        models.build_model("resnet50", 10), torch.device("cpu"), channels_last=True, sync_bn=False, distributed=False
+    )
     assert type(m.layer4[0].conv2) is models.MatmulConv2d
     assert set(m.state_dict()) == set(models.build_model("resnet50", 10).state_dict())
 
@@ -181,6 +192,7 @@ def test_backbone_lr_scale_puts_the_head_in_groups_of_its_own():
 
 def test_ema_follows_the_weights_and_copies_the_bn_statistics():
     from distres.ema import EMA
+
     torch.manual_seed(0)
     m = models.build_model("resnet18", 10)
     start = {k: v.clone() for k, v in m.state_dict().items()}

@@ -11,13 +11,26 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import REPO, TINY, read_metrics, run_train, start_train, wait_for
 from distres import checkpoint
+from tests.helpers import REPO, TINY, read_metrics, run_train, start_train, wait_for
 
 # 2 gloo ranks x batch 4 over 256 samples: 32 steps per epoch, 64 in all; deterministic kernels
 # and fp32 so that "the same computation" means bitwise equal results.
-ARGS = TINY + ["--batch-size", "4", "--synthetic-samples", "256", "--epochs", "2", "--amp", "none",
-               "--deterministic", "--checkpoint-every", "8", "--eval-every", "0"]
+ARGS = TINY + [
+    "--batch-size",
+    "4",
+    "--synthetic-samples",
+    "256",
+    "--epochs",
+    "2",
+    "--amp",
+    "none",
+    "--deterministic",
+    "--checkpoint-every",
+    "8",
+    "--eval-every",
+    "0",
+]
 STEPS = 64
 
 
@@ -109,8 +122,9 @@ checkpoint.save({"model": {"w": torch.zeros(1000)}, "step": 2}, __import__("path
 def test_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
     folder = tmp_path / "ck"
     checkpoint.save({"model": {"w": torch.ones(1000)}, "step": 1}, folder, 1, keep=3)
-    proc = subprocess.Popen([sys.executable, "-c", _SLOW_SAVE, str(folder)], cwd=REPO,
-                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_SAVE, str(folder)], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO))
+    )
     wait_for(lambda: [p for p in os.listdir(folder) if ".tmp" in p], 60, "the temporary file")
     proc.kill()
     proc.wait()
@@ -147,15 +161,18 @@ def test_chaos_soak(tmp_path, uninterrupted):
     must end with the uninterrupted run's weights, every step once in metrics.jsonl, and at most
     --checkpoint-every steps computed again per fault. DISTRES_SOAK_SEED replays a run."""
     import random
+
     seed = int(os.environ.get("DISTRES_SOAK_SEED", random.randrange(1 << 16)))
     rng = random.Random(seed)
     print(f"chaos soak seed {seed} (replay with DISTRES_SOAK_SEED={seed})")
     out, log = tmp_path / "run", tmp_path / "log"
     folder = out / "checkpoints"
-    proc = start_train(ARGS + ["--eval-every", "1", "--output-dir", str(out)], nproc=2,
-                       extra_torchrun=["--max-restarts", "3"], log=log)
+    proc = start_train(
+        ARGS + ["--eval-every", "1", "--output-dir", str(out)], nproc=2, extra_torchrun=["--max-restarts", "3"], log=log
+    )
+    first_target = rng.randint(3, 12)
     moments = [
-        ("step", lambda target=rng.randint(3, 12): _last_step(out) >= target),
+        ("step", lambda target=first_target: _last_step(out) >= target),
         ("checkpoint write", lambda: folder.is_dir() and any(".tmp" in p for p in os.listdir(folder))),
         ("epoch end", lambda: (folder / "step-00000032.pt").exists()),
     ]
@@ -163,13 +180,18 @@ def test_chaos_soak(tmp_path, uninterrupted):
     try:
         for moment, ready in moments:
             # Each fault waits for the job to be back and past its resume point.
-            wait_for(lambda: ready() and _worker_pid(proc.pid, 0) and _worker_pid(proc.pid, 1), 240, moment, poll=0.01)
+            wait_for(
+                lambda ready=ready: ready() and _worker_pid(proc.pid, 0) and _worker_pid(proc.pid, 1),
+                240,
+                moment,
+                poll=0.01,
+            )
             sig, rank = rng.choice([signal.SIGKILL, signal.SIGTERM, signal.SIGUSR1]), rng.randint(0, 1)
             step = _last_step(out)
             os.kill(_worker_pid(proc.pid, rank), sig)
             faults.append((moment, sig.name, rank, step))
             started = len(_starts(log))
-            wait_for(lambda: len(_starts(log)) > started, 240, f"the restart after {moment}")
+            wait_for(lambda started=started: len(_starts(log)) > started, 240, f"the restart after {moment}")
         assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
     finally:
         if proc.poll() is None:

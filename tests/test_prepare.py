@@ -12,18 +12,32 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import REPO, break_jpeg, make_imagefolder
 from distres.prepare import main
+from tests.helpers import REPO, break_jpeg, make_imagefolder
 
-needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None,
-                                  reason="the ffmpeg program is not installed (apt-get install ffmpeg)")
+needs_ffmpeg = pytest.mark.skipif(
+    shutil.which("ffmpeg") is None, reason="the ffmpeg program is not installed (apt-get install ffmpeg)"
+)
 
 
 def _testsrc(path: Path, seconds: int, size: str, pattern: str = "testsrc") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i",
-                    f"{pattern}=duration={seconds}:size={size}:rate=10", "-pix_fmt", "yuv420p", str(path)],
-                   check=True)
+    subprocess.run(
+        [
+            "ffmpeg",
+            "-nostdin",
+            "-loglevel",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+            f"{pattern}=duration={seconds}:size={size}:rate=10",
+            "-pix_fmt",
+            "yuv420p",
+            str(path),
+        ],
+        check=True,
+    )
     return path
 
 
@@ -46,8 +60,13 @@ def test_video_frames_broken_video_listed_and_rerun_skips(tmp_path, capsys):
     assert "1 file(s) are not videos" in out and "README.txt" in out
     frames = sorted(dst.rglob("*.jpg"))
     assert [f.relative_to(dst).as_posix() for f in frames] == [
-        "bars/clip_000001.jpg", "bars/clip_000002.jpg", "bars/clip_000003.jpg", "bars/clip_000004.jpg",
-        "noise/tall_000001.jpg", "noise/tall_000002.jpg"]  # 2 fps of 2 s and 1 s
+        "bars/clip_000001.jpg",
+        "bars/clip_000002.jpg",
+        "bars/clip_000003.jpg",
+        "bars/clip_000004.jpg",
+        "noise/tall_000001.jpg",
+        "noise/tall_000002.jpg",
+    ]  # 2 fps of 2 s and 1 s
     assert {Image.open(f).size for f in frames} == {(48, 32), (32, 48)}  # shorter side 32
     assert not list(dst.rglob(".*"))  # no temporary folders left
 
@@ -57,6 +76,7 @@ def test_video_frames_broken_video_listed_and_rerun_skips(tmp_path, capsys):
     assert len(list(dst.rglob("*.jpg"))) == 6
 
     from distres.data.sources import FolderSource
+
     frames = FolderSource(dst)
     assert frames.classes == ["bars", "noise"] and len(frames) == 6
 
@@ -96,7 +116,10 @@ def test_cifar10_pickles_to_png_folders(tmp_path, capsys):
     assert _summary(out) == "distres.prepare: cifar10: 5 written, 0 already there, 1 unreadable"
     assert f"unreadable: {root / 'data_batch_4'}: " in out
     assert sorted(p.relative_to(dst).as_posix() for p in (dst / "test").rglob("*.png")) == [
-        "test/automobile/00000.png", "test/automobile/00002.png", "test/horse/00001.png"]
+        "test/automobile/00000.png",
+        "test/automobile/00002.png",
+        "test/horse/00001.png",
+    ]
     # lossless: the exact pixels, numbered through the split (data_batch_2 starts at 10000)
     img = np.asarray(Image.open(dst / "train" / "horse" / "10001.png"))
     assert np.array_equal(img, batches["data_batch_2"][0][1].reshape(3, 32, 32).transpose(1, 2, 0))
@@ -104,11 +127,25 @@ def test_cifar10_pickles_to_png_folders(tmp_path, capsys):
 
 
 def test_bad_arguments_are_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "distres.prepare", "resize", str(tmp_path / "nope"),
-                        str(tmp_path / "o"), "--size", "32"], cwd=REPO, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distres.prepare",
+            "resize",
+            str(tmp_path / "nope"),
+            str(tmp_path / "o"),
+            "--size",
+            "32",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2
-    assert r.stderr.strip() == (f"distres: error: {tmp_path / 'nope'} is not a folder; "
-                                "pass SRC as a folder of class folders")
+    assert r.stderr.strip() == (
+        f"distres: error: {tmp_path / 'nope'} is not a folder; pass SRC as a folder of class folders"
+    )
     (tmp_path / "flat").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "x.jpg")
     assert main(["resize", str(tmp_path / "flat"), str(tmp_path / "o"), "--size", "0"]) == 2

@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from tests.helpers import TINY, read_metrics, run_train
+from distres import profiling
 from distres.config import parse_args
 from distres.errors import UserError
-from distres import profiling
+from tests.helpers import TINY, read_metrics, run_train
 
 FIRST, LAST, STEPS = 3, 5, 8
 
@@ -17,8 +17,24 @@ FIRST, LAST, STEPS = 3, 5, 8
 def profiled(module_dir):
     out = module_dir
     # 128 samples / (2 ranks x 8) = 8 steps; the window sits inside the one epoch
-    r = run_train(TINY + ["--batch-size", "8", "--synthetic-samples", "128", "--epochs", "1", "--eval-every", "0",
-                          "--profile-steps", f"{FIRST}:{LAST}", "--output-dir", str(out)], nproc=2)
+    r = run_train(
+        TINY
+        + [
+            "--batch-size",
+            "8",
+            "--synthetic-samples",
+            "128",
+            "--epochs",
+            "1",
+            "--eval-every",
+            "0",
+            "--profile-steps",
+            f"{FIRST}:{LAST}",
+            "--output-dir",
+            str(out),
+        ],
+        nproc=2,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return out, r
 
@@ -33,8 +49,9 @@ def test_one_trace_per_rank_covering_exactly_the_window(profiled):
         traces = sorted((out / "profile").glob(f"rank{rank}.*.pt.trace.json"))
         assert len(traces) == 1, traces
         events = _trace(traces[0])
-        steps = sorted(int(e["name"].split("#")[1]) for e in events
-                       if e.get("ph") == "X" and e["name"].startswith("ProfilerStep#"))
+        steps = sorted(
+            int(e["name"].split("#")[1]) for e in events if e.get("ph") == "X" and e["name"].startswith("ProfilerStep#")
+        )
         assert steps == list(range(FIRST, LAST + 1))
         names = {e["name"] for e in events if e.get("ph") == "X"}
         # the real DDP step: gloo all-reduces of the gradients, the convolutions, the labelled fetches
@@ -65,20 +82,36 @@ def test_run_continues_after_the_window_and_the_verdict_names_the_trace(profiled
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics if m["kind"] == "train"] == list(range(1, STEPS + 1))
     epoch = [m for m in metrics if m["kind"] == "epoch"]
-    assert len(epoch) == 1 and "trace: " in epoch[0]["verdict_detail"] and "profile/rank0." in epoch[0]["verdict_detail"]
+    assert (
+        len(epoch) == 1 and "trace: " in epoch[0]["verdict_detail"] and "profile/rank0." in epoch[0]["verdict_detail"]
+    )
     assert (out / "checkpoints" / "last.pt").exists()
 
 
-@pytest.mark.parametrize("text,needle", [
-    ("3-5", "must be A:B"), ("5:3", "1 <= A <= B"), ("0:2", "1 <= A <= B"), ("x:y", "must be A:B")])
+@pytest.mark.parametrize(
+    "text,needle", [("3-5", "must be A:B"), ("5:3", "1 <= A <= B"), ("0:2", "1 <= A <= B"), ("x:y", "must be A:B")]
+)
 def test_bad_windows_are_user_errors(text, needle):
     with pytest.raises(UserError, match=needle):
         parse_args(["--profile-steps", text])
 
 
 def test_window_beyond_the_run_is_one_line(tmp_path):
-    r = run_train(TINY + ["--batch-size", "4", "--synthetic-samples", "16", "--max-steps", "4",
-                          "--profile-steps", "2:9", "--output-dir", str(tmp_path / "o")])
+    r = run_train(
+        TINY
+        + [
+            "--batch-size",
+            "4",
+            "--synthetic-samples",
+            "16",
+            "--max-steps",
+            "4",
+            "--profile-steps",
+            "2:9",
+            "--output-dir",
+            str(tmp_path / "o"),
+        ]
+    )
     assert r.returncode == 2
     lines = [x for x in r.stderr.splitlines() if "error" in x]
     assert lines == ["distres: error: --profile-steps 2:9: the run has 4 steps; pick a window that ends by step 4"]
@@ -88,15 +121,26 @@ def test_gpu_timeline_split():
     """The CUDA branch of the summary, on a hand-made timeline (no GPU on the test machines): a
     convolution kernel hides the first part of an all-reduce, the GPU idles while the host
     fetches a batch and while it does other host work."""
+
     def ev(name, ts, dur, cat, tid):
         return {"ph": "X", "name": name, "ts": ts, "dur": dur, "cat": cat, "pid": 1, "tid": tid}
-    trace = {"traceEvents": [ev("ProfilerStep#7", 0, 100, "user_annotation", 1),
-                             ev(profiling.DATA_WAIT, 80, 15, "user_annotation", 1),
-                             ev("sm90_xmma_fprop_implicit_gemm", 0, 40, "kernel", 7),
-                             ev("ncclDevKernel_AllReduce_Sum_f32", 30, 30, "kernel", 8),
-                             ev("vectorized_elementwise_kernel", 70, 10, "kernel", 7)]}
+
+    trace = {
+        "traceEvents": [
+            ev("ProfilerStep#7", 0, 100, "user_annotation", 1),
+            ev(profiling.DATA_WAIT, 80, 15, "user_annotation", 1),
+            ev("sm90_xmma_fprop_implicit_gemm", 0, 40, "kernel", 7),
+            ev("ncclDevKernel_AllReduce_Sum_f32", 30, 30, "kernel", 8),
+            ev("vectorized_elementwise_kernel", 70, 10, "kernel", 7),
+        ]
+    }
     s = profiling.summarize(trace, "cuda")
     got = {k: round(v * 1e6, 6) for k, v in s["seconds"].items()}
-    assert got == {"convolution/matmul": 40, "communication": 20, "normalisation/elementwise": 10,
-                   "data wait": 15, "host overhead": 15}
+    assert got == {
+        "convolution/matmul": 40,
+        "communication": 20,
+        "normalisation/elementwise": 10,
+        "data wait": 15,
+        "host overhead": 15,
+    }
     assert s["steps"] == [7] and s["wall_s"] == pytest.approx(100e-6)

@@ -6,10 +6,36 @@ from tests.helpers import read_metrics, run_train
 def test_resnet18_cifar_stem_learns_real_cifar10(cifar10_subset, tmp_path):
     # 4,000 training images (400 per class), one epoch, then the 1,000-image test subset.
     out = tmp_path / "run"
-    r = run_train(["--arch", "resnet18", "--data", "cifar10", "--data-dir", str(cifar10_subset),
-                   "--epochs", "1", "--batch-size", "64", "--optimizer", "sgd", "--lr", "0.1",
-                   "--warmup-epochs", "0.2", "--weight-decay", "5e-4", "--device", "cpu",
-                   "--no-progress", "--log-every", "10", "--output-dir", str(out)], timeout=600)
+    r = run_train(
+        [
+            "--arch",
+            "resnet18",
+            "--data",
+            "cifar10",
+            "--data-dir",
+            str(cifar10_subset),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "64",
+            "--optimizer",
+            "sgd",
+            "--lr",
+            "0.1",
+            "--warmup-epochs",
+            "0.2",
+            "--weight-decay",
+            "5e-4",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--log-every",
+            "10",
+            "--output-dir",
+            str(out),
+        ],
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     ev = [x for x in read_metrics(out) if x["kind"] == "eval"][-1]
     assert ev["eval_samples"] == 1000

@@ -25,6 +25,11 @@ def test_recipe_settings():
     assert fast.resize_schedule().sizes(32)[22:28] == [160, 160, 160, 192, 192, 192]
     assert fast.eval_sizes() == (256, 0) and fast.blurpool and fast.train_image_size() == 192
     classic = parse_args(["--config", str(CONFIGS[0].parent / "imagenet-rn50-90ep.yaml"), "--data-dir", "/x"])
-    assert (classic.epochs, classic.schedule, classic.lr_step_epochs(), classic.weight_decay) == (90, "step", [30, 60], 1e-4)
+    assert (classic.epochs, classic.schedule, classic.lr_step_epochs(), classic.weight_decay) == (
+        90,
+        "step",
+        [30, 60],
+        1e-4,
+    )
     mnist = parse_args(["--config", str(CONFIGS[0].parent / "mnist.yaml")])
     assert mnist.data == "mnist" and mnist.train_image_size() == 28

@@ -17,9 +17,26 @@ def test_quick_cpu_run(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     work = tmp_path / "work"
     # The README's --quick with two measured windows instead of six: the same runs, shorter.
-    r = subprocess.run([sys.executable, "benchmarks/scaling.py", "--quick", "--windows", "2", "--work-dir", str(work),
-                        "--name", "quick", "--wandb", "offline"], cwd=REPO, env=cli_env(), capture_output=True,
-                       text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/scaling.py",
+            "--quick",
+            "--windows",
+            "2",
+            "--work-dir",
+            str(work),
+            "--name",
+            "quick",
+            "--wandb",
+            "offline",
+        ],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((work / "quick.json").read_text())
     assert (work / "quick.png").stat().st_size > 10_000
@@ -45,27 +62,45 @@ def test_quick_cpu_run(tmp_path, monkeypatch):
     # one W&B run holding the table and the plot
     runs = list((work / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    summary = json.loads(subprocess.run([str(Path(sys.executable).with_name("wandb")), "leet", "inspect",
-                                         "--summary", "--json", str(runs[0])], capture_output=True, text=True,
-                                        check=True, timeout=120).stdout)
+    summary = json.loads(
+        subprocess.run(
+            [str(Path(sys.executable).with_name("wandb")), "leet", "inspect", "--summary", "--json", str(runs[0])],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        ).stdout
+    )
     assert summary["summary"]["scaling/table"]["_type"] == "table-file"
     assert summary["summary"]["scaling/plot"]["_type"] == "image-file"
     assert summary["summary"]["cpuN/efficiency"] == pytest.approx(two["efficiency"])
 
 
 def _rec(step, ips, wait, step_time, synced=None, epoch=0.5):
-    r = {"kind": "train", "step": step, "epoch": epoch, "images_per_sec": ips, "data_wait_frac": wait,
-         "step_time": step_time, "peak_mem_mb": 100.0 + step}
+    r = {
+        "kind": "train",
+        "step": step,
+        "epoch": epoch,
+        "images_per_sec": ips,
+        "data_wait_frac": wait,
+        "step_time": step_time,
+        "peak_mem_mb": 100.0 + step,
+    }
     if synced is not None:
         r["synced"] = synced
     return r
 
 
 def test_analyse_measures_exposed_communication():
-    recs = [_rec(5, 1.0, 0.0, 9.0, True), _rec(10, 1.0, 0.0, 9.0, False),  # warm-up
-            _rec(15, 100.0, 0.1, 1.0, True), _rec(20, 120.0, 0.1, 0.8, False),
-            _rec(25, 110.0, 0.1, 1.2, True), _rec(30, 130.0, 0.1, 0.9, False),
-            {"kind": "eval", "step": 30, "epoch": 1}]
+    recs = [
+        _rec(5, 1.0, 0.0, 9.0, True),
+        _rec(10, 1.0, 0.0, 9.0, False),  # warm-up
+        _rec(15, 100.0, 0.1, 1.0, True),
+        _rec(20, 120.0, 0.1, 0.8, False),
+        _rec(25, 110.0, 0.1, 1.2, True),
+        _rec(30, 130.0, 0.1, 0.9, False),
+        {"kind": "eval", "step": 30, "epoch": 1},
+    ]
     got = scaling.analyse(recs, window=5, warmup=2)
     assert got["windows"] == 2 and got["nosync_windows"] == 2
     assert got["images_per_sec"] == 105.0 and got["step_ms"] == pytest.approx(1100)
@@ -77,9 +112,13 @@ def test_analyse_measures_exposed_communication():
 
 
 def test_analyse_drops_short_windows_and_loader_restarts():
-    recs = [_rec(4, 1.0, 0, 1.0), _rec(8, 50.0, 0, 1.0), _rec(10, 1.0, 0, 1.0, epoch=1.0),  # epoch end: short
-            _rec(14, 2.0, 0.5, 1.0, epoch=1.4),  # first window after an epoch end: loader start-up
-            _rec(18, 60.0, 0, 1.0, epoch=1.8)]
+    recs = [
+        _rec(4, 1.0, 0, 1.0),
+        _rec(8, 50.0, 0, 1.0),
+        _rec(10, 1.0, 0, 1.0, epoch=1.0),  # epoch end: short
+        _rec(14, 2.0, 0.5, 1.0, epoch=1.4),  # first window after an epoch end: loader start-up
+        _rec(18, 60.0, 0, 1.0, epoch=1.8),
+    ]
     got = scaling.analyse(recs, window=4, warmup=1)
     assert got["window_images_per_sec"] == [50.0, 60.0] and got["exposed_comm_ms"] == 0.0
     with pytest.raises(scaling.UserError, match="no steady-state window"):
@@ -87,10 +126,12 @@ def test_analyse_drops_short_windows_and_loader_restarts():
 
 
 def test_efficiency_is_per_unit_of_hardware():
-    rows = [{"name": "cpu1", "device": "cpu", "world": 1, "hardware": 2, "ref": "cpu1", "images_per_sec": 100.0},
-            {"name": "cpuN", "device": "cpu", "world": 2, "hardware": 2, "ref": "cpu1", "images_per_sec": 80.0},
-            {"name": "gpu1", "device": "cuda", "world": 1, "hardware": 1, "ref": "gpu1", "images_per_sec": 3000.0},
-            {"name": "gpuN", "device": "cuda", "world": 8, "hardware": 8, "ref": "gpu1", "images_per_sec": 21000.0}]
+    rows = [
+        {"name": "cpu1", "device": "cpu", "world": 1, "hardware": 2, "ref": "cpu1", "images_per_sec": 100.0},
+        {"name": "cpuN", "device": "cpu", "world": 2, "hardware": 2, "ref": "cpu1", "images_per_sec": 80.0},
+        {"name": "gpu1", "device": "cuda", "world": 1, "hardware": 1, "ref": "gpu1", "images_per_sec": 3000.0},
+        {"name": "gpuN", "device": "cuda", "world": 8, "hardware": 8, "ref": "gpu1", "images_per_sec": 21000.0},
+    ]
     got = {r["name"]: r for r in scaling.with_efficiency(rows)}
     assert got["cpuN"]["efficiency"] == pytest.approx(0.8)
     assert got["gpuN"]["efficiency"] == pytest.approx(0.875)
@@ -127,8 +168,9 @@ def test_projection_overlap_and_limits():
 
 def test_bad_input_is_one_line(capsys):
     assert scaling.main(["--units", "cpu1,tpu9"]) == 2
-    assert capsys.readouterr().err.strip() == ("distres: error: unknown unit 'tpu9' in --units; choose from "
-                                               "cpu1, cpuN, gpu1, gpuN, nodes or auto")
+    assert capsys.readouterr().err.strip() == (
+        "distres: error: unknown unit 'tpu9' in --units; choose from cpu1, cpuN, gpu1, gpuN, nodes or auto"
+    )
     assert scaling.main(["--units", "gpu1", "--gpus", "0"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
     assert scaling.main(["--windows", "0"]) == 2
@@ -152,8 +194,9 @@ def test_comm_probe_skips_the_allreduce_every_other_window(tmp_path):
         ddp = nn.parallel.DistributedDataParallel(nn.Linear(4, 2))
         calls = count_allreduces(ddp)
         ctx = DistContext(0, 0, 1, 1, torch.device("cpu"), "gloo")
-        meter = perf.StepMeter(TrainConfig(log_every=2, bench_comm_probe=True), ctx, global_batch=8,
-                               backend="synthetic")
+        meter = perf.StepMeter(
+            TrainConfig(log_every=2, bench_comm_probe=True), ctx, global_batch=8, backend="synthetic"
+        )
         synced = []
         for step in range(8):
             before = len(calls)
@@ -185,12 +228,15 @@ def test_gpu_kit_lists_parts_that_fit_the_command_limit():
     """benchmarks/gpu.sh list runs nothing: every part with its minutes (each within a 10-minute
     command, with room to start and pack), and an unknown part is refused."""
     import re
-    out = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh"), "list"], capture_output=True, text=True,
-                         timeout=30)
+
+    out = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu.sh"), "list"], capture_output=True, text=True, timeout=30
+    )
     assert out.returncode == 0, out.stderr
     parts = re.findall(r"^(\S+)\s+~(\d+) min\s+\S", out.stdout, re.M)
     assert {p for p, _ in parts} >= {"first", "smoke", "bare", "levers", "loaders", "cifar10", "scaling", "seed"}
     assert all(1 <= int(m) <= 8 for _, m in parts), parts
-    bad = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh"), "nope"], capture_output=True, text=True,
-                         timeout=30)
+    bad = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu.sh"), "nope"], capture_output=True, text=True, timeout=30
+    )
     assert bad.returncode == 2 and "unknown part" in bad.stderr

@@ -1,11 +1,10 @@
 """Each rank sees a disjoint share of every epoch; evaluation counts every sample once."""
 
+import numpy as np
 import pytest
 
-from tests.helpers import make_imagefolder, read_metrics, run_train
-import numpy as np
-
 from distres.data.sharding import ShardSampler, epoch_order
+from tests.helpers import make_imagefolder, read_metrics, run_train
 
 
 def shard(n: int, rank: int, world: int, seed: int = 0, epoch: int = 0, shuffle: bool = True) -> list[int]:
@@ -82,13 +81,14 @@ def test_a_step_takes_the_same_samples_whatever_the_split_of_its_global_batch(sp
     steps = _steps(100, *split)
     assert len(steps) == 100 // 16
     for k, slots in enumerate(steps):
-        assert sorted(i for ids in slots.values() for i in ids) == sorted(order[16 * k:16 * k + 16])
+        assert sorted(i for ids in slots.values() for i in ids) == sorted(order[16 * k : 16 * k + 16])
     if split[1] == 8:
         assert steps == _steps(100, 2, 8, 1)
 
 
-@pytest.mark.parametrize("before,after", [((2, 8, 1), (1, 8, 2)), ((2, 8, 1), (4, 4, 1)),
-                                          ((2, 8, 1), (1, 8, 1)), ((1, 4, 2), (3, 4, 2))])
+@pytest.mark.parametrize(
+    "before,after", [((2, 8, 1), (1, 8, 2)), ((2, 8, 1), (4, 4, 1)), ((2, 8, 1), (1, 8, 1)), ((1, 4, 2), (3, 4, 2))]
+)
 def test_a_resume_with_another_split_takes_exactly_the_samples_left(before, after):
     """Interrupted after 3 steps of global batch 16; resumed at sample 48 with another split
     (the same global batch, or another): the rest of the epoch's order, each sample once, only
@@ -99,15 +99,16 @@ def test_a_resume_with_another_split_takes_exactly_the_samples_left(before, afte
     rest = [i for slots in _steps(n, *after, start=done * g_before) for ids in slots.values() for i in ids]
     order = epoch_order(n, 4, 1, True).tolist()
     g_after = after[0] * after[1] * after[2]
-    assert sorted(first) == sorted(order[:done * g_before])
-    expected = order[done * g_before:][:(n - done * g_before) // g_after * g_after]
+    assert sorted(first) == sorted(order[: done * g_before])
+    expected = order[done * g_before :][: (n - done * g_before) // g_after * g_after]
     assert sorted(rest) == sorted(expected) and not set(first) & set(rest)
 
 
 def test_repeated_augmentation_spreads_the_copies_over_ranks():
     n, world, batch, reps = 96, 4, 6, 3
-    samplers = [ShardSampler(n, batch, r, world, seed=1, shuffle=True, drop_last=True, repeats=reps)
-                for r in range(world)]
+    samplers = [
+        ShardSampler(n, batch, r, world, seed=1, shuffle=True, drop_last=True, repeats=reps) for r in range(world)
+    ]
     per_rank = [[pair for b in s for pair in b] for s in samplers]
     assert len({len(p) for p in per_rank}) == 1 and len(per_rank[0]) == n // world  # equal shares, same epoch length
     images = [i for p in per_rank for i, _ in p]
@@ -138,9 +139,30 @@ def test_eval_count_exact_with_two_processes(tmp_path):
     and the reduced count is exactly 13 (a padding sampler would report 14 or 16)."""
     data = make_imagefolder(tmp_path / "data", {"train": {"a": 12, "b": 12}, "val": {"a": 6, "b": 7}})
     out = tmp_path / "run"
-    r = run_train(["--arch", "resnet18", "--data", "imagefolder", "--data-dir", str(data),
-                   "--image-size", "32", "--batch-size", "4", "--epochs", "1", "--device", "cpu",
-                   "--no-progress", "--workers", "0", "--output-dir", str(out)], nproc=2)
+    r = run_train(
+        [
+            "--arch",
+            "resnet18",
+            "--data",
+            "imagefolder",
+            "--data-dir",
+            str(data),
+            "--image-size",
+            "32",
+            "--batch-size",
+            "4",
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--workers",
+            "0",
+            "--output-dir",
+            str(out),
+        ],
+        nproc=2,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     evals = [x for x in read_metrics(out) if x["kind"] == "eval"]
     assert [e["eval_samples"] for e in evals] == [13]

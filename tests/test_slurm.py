@@ -36,9 +36,23 @@ def slurm():
 
 
 def _submit(env, out, log, args) -> str:
-    r = subprocess.run(["sbatch", "--parsable", "--ntasks=2", "--ntasks-per-node=2", "--cpus-per-task=1",
-                        f"--output={log}", str(REPO / "slurm" / "train-cpu.sbatch"), *args],
-                       cwd=REPO, env=dict(env, OUTPUT_DIR=str(out)), capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--ntasks=2",
+            "--ntasks-per-node=2",
+            "--cpus-per-task=1",
+            f"--output={log}",
+            str(REPO / "slurm" / "train-cpu.sbatch"),
+            *args,
+        ],
+        cwd=REPO,
+        env=dict(env, OUTPUT_DIR=str(out)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     return r.stdout.strip().split(";")[0]
 

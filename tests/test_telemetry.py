@@ -14,6 +14,7 @@ from distres.dist import DistContext
 def _nvml_present() -> bool:
     try:
         import pynvml
+
         pynvml.nvmlInit()
         pynvml.nvmlShutdown()
         return True
@@ -22,8 +23,9 @@ def _nvml_present() -> bool:
 
 
 def _ctx(device: str) -> DistContext:
-    return DistContext(rank=0, local_rank=0, world_size=1, local_world_size=1,
-                       device=torch.device(device), backend=None)
+    return DistContext(
+        rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device(device), backend=None
+    )
 
 
 def test_no_driver_is_a_noop_with_one_info_line(capsys):
@@ -83,7 +85,9 @@ def test_summarise_combines_gpus_by_sample_count():
 
 def test_verdict_input_bound_names_the_lever():
     assert perf.verdict(0.41, None, "--data-backend dali", "--compile") == (
-        "input-bound", "input-bound: 41% of step time waiting for data — try --data-backend dali")
+        "input-bound",
+        "input-bound: 41% of step time waiting for data — try --data-backend dali",
+    )
     assert perf.verdict(perf.INPUT_BOUND_FRAC, None, "x", "y")[0] == "input-bound"
 
 
@@ -107,14 +111,20 @@ def test_levers_follow_the_config():
     assert perf.levers(cfg, "cuda", "torch")[1].startswith("more GPUs")
 
 
-@pytest.mark.parametrize("data,device,wrong", [("cifar10", "cuda", "--data-backend gpu"),
-                                               ("synthetic", "cuda", "--data-backend dali"),
-                                               ("synthetic", "cpu", "--workers")])
+@pytest.mark.parametrize(
+    "data,device,wrong",
+    [
+        ("cifar10", "cuda", "--data-backend gpu"),
+        ("synthetic", "cuda", "--data-backend dali"),
+        ("synthetic", "cpu", "--workers"),
+    ],
+)
 def test_levers_follow_the_resolved_backend(data, device, wrong):
     """With the default --data-backend auto, CIFAR-10 on CUDA already runs on the gpu backend and
     synthetic data on the synthetic one: neither is told to switch to what it already uses, nor
     to DALI or more workers, which would not touch its data path."""
     from distres.data.loaders import resolve_backend
+
     cfg = TrainConfig(data=data)
     backend = resolve_backend(cfg.data_backend, data, torch.device(device))
     advice, _ = perf.levers(cfg, device, backend)

@@ -5,9 +5,9 @@ import sys
 
 import pytest
 
-from tests.helpers import TINY, read_metrics, run_train
 from distres.config import parse_args
 from distres.errors import UserError, format_error
+from tests.helpers import TINY, read_metrics, run_train
 
 pytest.importorskip("tensorboard", reason="the [tensorboard] extra: pip install -e '.[tensorboard]'")
 from tensorboard.backend.event_processing import event_file_loader  # noqa: E402
@@ -34,8 +34,19 @@ def resumed(module_dir):
     """A run that logged steps 1-5 and died with its newest checkpoint at step 3 (its step-5
     checkpoint removed), then resumed: steps 4 and 5 are logged twice."""
     out = module_dir / "run"
-    common = TINY + ["--tensorboard", "--batch-size", "4", "--synthetic-samples", "32", "--epochs", "1",
-                     "--checkpoint-every", "3", "--output-dir", str(out)]
+    common = TINY + [
+        "--tensorboard",
+        "--batch-size",
+        "4",
+        "--synthetic-samples",
+        "32",
+        "--epochs",
+        "1",
+        "--checkpoint-every",
+        "3",
+        "--output-dir",
+        str(out),
+    ]
     first = run_train(common + ["--max-steps", "5"])
     assert first.returncode == 0, first.stderr[-3000:]
     first_time = {m["step"]: m["time"] for m in read_metrics(out) if m["kind"] == "train"}
@@ -55,9 +66,11 @@ def test_events_match_metrics_once_each_across_a_resume(resumed):
     ea = _shown(tb)
     metrics = read_metrics(out)
     by_kind = {k: [m for m in metrics if m["kind"] == k] for k in ("train", "eval", "epoch")}
-    for kind, prefix, fields in (("train", "train", ("loss", "lr", "images_per_sec", "data_wait_frac", "time")),
-                                 ("eval", "eval", ("top1", "top5", "val_loss")),
-                                 ("epoch", "perf", ("data_wait_frac", "images_per_sec", "step_time"))):
+    for kind, prefix, fields in (
+        ("train", "train", ("loss", "lr", "images_per_sec", "data_wait_frac", "time")),
+        ("eval", "eval", ("top1", "top5", "val_loss")),
+        ("epoch", "perf", ("data_wait_frac", "images_per_sec", "step_time")),
+    ):
         for field in fields:
             shown = [(e.step, e.value) for e in ea.Scalars(f"{prefix}/{field}")]
             want = [(m["step"], pytest.approx(m[field], rel=1e-6)) for m in by_kind[kind]]
@@ -75,4 +88,5 @@ def test_missing_tensorboard_is_one_line(monkeypatch):
         parse_args(TINY + ["--tensorboard"])
     assert format_error(err.value) == (
         "distres: error: --tensorboard needs the tensorboard package: pip install -e '.[tensorboard]' "
-        "(or drop --tensorboard)")
+        "(or drop --tensorboard)"
+    )

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TINY, read_metrics, run_train
 from distres import tracking
+from tests.helpers import TINY, read_metrics, run_train
 
 WANDB_CLI = Path(sys.executable).with_name("wandb")
 
@@ -21,15 +21,28 @@ def clean_home(tmp_path, monkeypatch):
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))
-    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR",
-                "WANDB_DATA_DIR", "WANDB_BASE_URL", "NETRC"):
+    for var in (
+        "WANDB_API_KEY",
+        "WANDB_MODE",
+        "WANDB_DIR",
+        "WANDB_CACHE_DIR",
+        "WANDB_CONFIG_DIR",
+        "WANDB_DATA_DIR",
+        "WANDB_BASE_URL",
+        "NETRC",
+    ):
         monkeypatch.delenv(var, raising=False)
     return home
 
 
 def _inspect(run_dir: Path, *flags: str):
-    out = subprocess.run([str(WANDB_CLI), "leet", "inspect", "--json", *flags, str(run_dir)],
-                         capture_output=True, text=True, timeout=120, check=True).stdout
+    out = subprocess.run(
+        [str(WANDB_CLI), "leet", "inspect", "--json", *flags, str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
     if "--summary" in flags:
         return json.loads(out)
     return [json.loads(x) for x in out.splitlines() if x.strip()]
@@ -45,8 +58,24 @@ def _runs(out: Path) -> list[Path]:
 
 def test_two_process_job_writes_one_offline_run(tmp_path, clean_home):
     out = tmp_path / "run"
-    r = run_train(TINY + ["--wandb", "offline", "--batch-size", "4", "--synthetic-samples", "32",
-                          "--epochs", "1", "--log-every", "2", "--output-dir", str(out)], nproc=2)
+    r = run_train(
+        TINY
+        + [
+            "--wandb",
+            "offline",
+            "--batch-size",
+            "4",
+            "--synthetic-samples",
+            "32",
+            "--epochs",
+            "1",
+            "--log-every",
+            "2",
+            "--output-dir",
+            str(out),
+        ],
+        nproc=2,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     runs = _runs(out)
     assert len(runs) == 1, runs  # rank 0 only: one run per job, never one per process
@@ -78,8 +107,20 @@ def test_two_process_job_writes_one_offline_run(tmp_path, clean_home):
 
 def test_resumed_run_continues_the_same_wandb_run(tmp_path, clean_home):
     out = tmp_path / "run"
-    common = TINY + ["--wandb", "offline", "--batch-size", "4", "--synthetic-samples", "16", "--epochs", "2",
-                     "--eval-every", "0", "--output-dir", str(out)]
+    common = TINY + [
+        "--wandb",
+        "offline",
+        "--batch-size",
+        "4",
+        "--synthetic-samples",
+        "16",
+        "--epochs",
+        "2",
+        "--eval-every",
+        "0",
+        "--output-dir",
+        str(out),
+    ]
     first = run_train(common + ["--max-steps", "4"])
     assert first.returncode == 0, first.stderr[-3000:]
     second = run_train(common + ["--resume", "latest"])  # what a requeued job runs

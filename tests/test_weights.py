@@ -40,7 +40,9 @@ def test_imagenet_weights_load_from_the_hub_cache_with_a_new_head(tmp_path, monk
     pre = weights.resolve(cfg, CPU)
     assert pre.mean == (0.485, 0.456, 0.406) and not pre.cifar_stem
     torch.manual_seed(0)
-    net = models.build(cfg, [str(k) for k in range(10)], 32, CPU, pre)  # 32 px: auto would pick the CIFAR stem; the weights win
+    net = models.build(
+        cfg, [str(k) for k in range(10)], 32, CPU, pre
+    )  # 32 px: auto would pick the CIFAR stem; the weights win
     assert "new classifier head" in capsys.readouterr().err
     got = net.state_dict()
     for k, v in state.items():
@@ -53,9 +55,25 @@ def test_imagenet_weights_load_from_the_hub_cache_with_a_new_head(tmp_path, monk
 def test_offline_without_the_file_is_one_line_naming_it(tmp_path):
     env = cli_env()
     env["TORCH_HOME"] = str(tmp_path / "empty")
-    r = subprocess.run([sys.executable, "-m", "distres.train", *TINY, "--weights", "imagenet", "--max-steps", "1",
-                        "--output-dir", str(tmp_path / "out")], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distres.train",
+            *TINY,
+            "--weights",
+            "imagenet",
+            "--max-steps",
+            "1",
+            "--output-dir",
+            str(tmp_path / "out"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2
     [line] = [x for x in r.stderr.splitlines() if x.startswith("distres: error:")]
     assert "resnet18-f37072fd.pth" in line and str(tmp_path / "empty" / "hub" / "checkpoints") in line
@@ -66,14 +84,17 @@ def test_weights_that_do_not_fit_are_refused_by_name(tmp_path):
     path = tmp_path / "rn50.pth"
     torch.save(torchvision.models.resnet50().state_dict(), path)
     with pytest.raises(UserError, match=r"does not fit this model: .*(missing|unexpected|shape mismatch) layer"):
-        models.build(_cfg(weights=str(path)), list('abcdefghij'), 224, CPU, weights.resolve(_cfg(weights=str(path)), CPU))
+        models.build(
+            _cfg(weights=str(path)), list("abcdefghij"), 224, CPU, weights.resolve(_cfg(weights=str(path)), CPU)
+        )
     # A CIFAR stem asked for explicitly with ImageNet-stem weights: refused, not half-loaded.
     path18 = tmp_path / "rn18.pth"
-    torch.save({"state_dict": {"module." + k: v for k, v in torchvision.models.resnet18().state_dict().items()}},
-               path18)
+    torch.save(
+        {"state_dict": {"module." + k: v for k, v in torchvision.models.resnet18().state_dict().items()}}, path18
+    )
     cfg = _cfg(weights=str(path18), cifar_stem="on")
     with pytest.raises(UserError, match="stem"):
-        models.build(cfg, list('abcdefghij'), 32, CPU, weights.resolve(cfg, CPU))
+        models.build(cfg, list("abcdefghij"), 32, CPU, weights.resolve(cfg, CPU))
     # The same file with the stem left to auto: the DDP prefix and the container are seen through.
     cfg = _cfg(weights=str(path18))
     net = models.build(cfg, [str(k) for k in range(1000)], 32, CPU, weights.resolve(cfg, CPU))
@@ -81,8 +102,10 @@ def test_weights_that_do_not_fit_are_refused_by_name(tmp_path):
 
 
 def test_safetensors_and_distres_files_carry_their_normalisation(tmp_path):
-    from safetensors.torch import save_file
     import json
+
+    from safetensors.torch import save_file
+
     torch.manual_seed(1)
     src = models.build_model("resnet18", 3, cifar_stem=True)
     meta = models.describe(src, "resnet18", ["a", "b", "c"], (0.1, 0.2, 0.3), (0.4, 0.5, 0.6), 32)
@@ -92,13 +115,14 @@ def test_safetensors_and_distres_files_carry_their_normalisation(tmp_path):
         cfg = _cfg(weights=str(tmp_path / name))
         pre = weights.resolve(cfg, CPU)
         assert pre.mean == (0.1, 0.2, 0.3) and pre.std == (0.4, 0.5, 0.6) and pre.cifar_stem
-        net = models.build(cfg, ['a', 'b', 'c'], 32, CPU, pre)
+        net = models.build(cfg, ["a", "b", "c"], 32, CPU, pre)
         for k, v in src.state_dict().items():
             assert torch.equal(net.state_dict()[k], v), (name, k)
 
 
 def test_other_trainers_meta_and_a_yaml_null_are_handled(tmp_path):
     from distres.config import parse_args
+
     path = tmp_path / "mm.pth"  # mmpretrain-style: a "meta" of its own beside the state dict
     torch.save({"meta": {"epoch": 3}, "state_dict": torchvision.models.resnet18().state_dict()}, path)
     pre = weights.resolve(_cfg(weights=str(path)), CPU)

@@ -49,25 +49,36 @@ def _posterize(start: int, span: int):
 
 def _space(shear, translate, rotate, colour, posterize, identity: bool, colours_last: bool) -> dict:
     """name -> (magnitudes(bins, height, width) or None, signed), in torchvision's order."""
-    geometry = {"ShearX": (_lin(shear), True), "ShearY": (_lin(shear), True),
-                "TranslateX": (lambda n, h, w: torch.linspace(0.0, translate(w), n), True),
-                "TranslateY": (lambda n, h, w: torch.linspace(0.0, translate(h), n), True),
-                "Rotate": (_lin(rotate), True)}
+    geometry = {
+        "ShearX": (_lin(shear), True),
+        "ShearY": (_lin(shear), True),
+        "TranslateX": (lambda n, h, w: torch.linspace(0.0, translate(w), n), True),
+        "TranslateY": (lambda n, h, w: torch.linspace(0.0, translate(h), n), True),
+        "Rotate": (_lin(rotate), True),
+    }
     colours = {name: (_lin(colour), True) for name in ("Brightness", "Color", "Contrast", "Sharpness")}
-    rest = {"Posterize": (posterize, False), "Solarize": (lambda n, h, w: torch.linspace(1.0, 0.0, n), False),
-            "AutoContrast": (None, False), "Equalize": (None, False)}
+    rest = {
+        "Posterize": (posterize, False),
+        "Solarize": (lambda n, h, w: torch.linspace(1.0, 0.0, n), False),
+        "AutoContrast": (None, False),
+        "Equalize": (None, False),
+    }
     space = {"Identity": (None, False)} if identity else {}
     return {**space, **geometry, **rest, **colours} if colours_last else {**space, **geometry, **colours, **rest}
 
 
 SPACES = {
     "ta_wide": _space(0.99, lambda side: 32.0, 135.0, 0.99, _posterize(8, 6), identity=True, colours_last=False),
-    "ra": _space(0.3, lambda side: 150.0 / 331.0 * side, 30.0, 0.9, _posterize(8, 4), identity=True,
-                 colours_last=False),
+    "ra": _space(
+        0.3, lambda side: 150.0 / 331.0 * side, 30.0, 0.9, _posterize(8, 4), identity=True, colours_last=False
+    ),
     "augmix": _space(0.3, lambda side: side / 3.0, 30.0, 0.9, _posterize(4, 4), identity=False, colours_last=True),
 }
-INTERPOLATION = {"ta_wide": TF.InterpolationMode.NEAREST, "ra": TF.InterpolationMode.NEAREST,
-                 "augmix": TF.InterpolationMode.BILINEAR}
+INTERPOLATION = {
+    "ta_wide": TF.InterpolationMode.NEAREST,
+    "ra": TF.InterpolationMode.NEAREST,
+    "augmix": TF.InterpolationMode.BILINEAR,
+}
 
 
 def apply_op(img: torch.Tensor, name: str, magnitude: float, interpolation) -> torch.Tensor:
@@ -76,15 +87,26 @@ def apply_op(img: torch.Tensor, name: str, magnitude: float, interpolation) -> t
         return img
     if name in ("ShearX", "ShearY"):
         shear = math.degrees(math.atan(magnitude))
-        return TF.affine(img, angle=0.0, translate=[0, 0], scale=1.0, interpolation=interpolation,
-                         shear=[shear, 0.0] if name == "ShearX" else [0.0, shear], center=[0, 0])
+        return TF.affine(
+            img,
+            angle=0.0,
+            translate=[0, 0],
+            scale=1.0,
+            interpolation=interpolation,
+            shear=[shear, 0.0] if name == "ShearX" else [0.0, shear],
+            center=[0, 0],
+        )
     if name in ("TranslateX", "TranslateY"):
         shift = [int(magnitude), 0] if name == "TranslateX" else [0, int(magnitude)]
         return TF.affine(img, angle=0.0, translate=shift, scale=1.0, shear=[0.0, 0.0], interpolation=interpolation)
     if name == "Rotate":
         return TF.rotate(img, angle=magnitude, interpolation=interpolation)
-    colour = {"Brightness": TF.adjust_brightness, "Color": TF.adjust_saturation,
-              "Contrast": TF.adjust_contrast, "Sharpness": TF.adjust_sharpness}
+    colour = {
+        "Brightness": TF.adjust_brightness,
+        "Color": TF.adjust_saturation,
+        "Contrast": TF.adjust_contrast,
+        "Sharpness": TF.adjust_sharpness,
+    }
     if name in colour:
         return colour[name](img, 1.0 + magnitude)
     if name == "Posterize":
@@ -96,8 +118,9 @@ def apply_op(img: torch.Tensor, name: str, magnitude: float, interpolation) -> t
     return TF.equalize(img)
 
 
-def _pick(space: dict, u_op: float, u_bin: float, u_sign: float, bins: int, h: int, w: int,
-          bin_index: int | None = None) -> tuple[str, float]:
+def _pick(
+    space: dict, u_op: float, u_bin: float, u_sign: float, bins: int, h: int, w: int, bin_index: int | None = None
+) -> tuple[str, float]:
     """An op (u_op), its magnitude bin (``bin_index``, else u_bin of ``bins``) and sign (u_sign)."""
     names = list(space)
     name = names[int(u_op * len(names))]
@@ -133,7 +156,7 @@ class Policy:
             return apply_op(img, *_pick(space, *u[:3], TA_BINS, h, w), interp)
         if self.name == "ra":
             for k in range(RA_OPS):
-                img = apply_op(img, *_pick(space, *u[3 * k:3 * k + 3], RA_BINS, h, w, self.ra_magnitude), interp)
+                img = apply_op(img, *_pick(space, *u[3 * k : 3 * k + 3], RA_BINS, h, w, self.ra_magnitude), interp)
             return img
         return self._augmix(img, u, space, interp, h, w)
 
@@ -145,13 +168,12 @@ class Policy:
         weights = e[2:5] / e[2:5].sum() * m[1]
         mix = float(m[0]) * img.float()
         for i in range(AUGMIX_WIDTH):
-            chain = u[5 + i * (1 + 3 * AUGMIX_DEPTHS):5 + (i + 1) * (1 + 3 * AUGMIX_DEPTHS)]
+            chain = u[5 + i * (1 + 3 * AUGMIX_DEPTHS) : 5 + (i + 1) * (1 + 3 * AUGMIX_DEPTHS)]
             aug = img
             for d in range(1 + int(chain[0] * AUGMIX_DEPTHS)):
-                u_op, u_bin, u_sign = chain[1 + 3 * d:4 + 3 * d]
+                u_op, u_bin, u_sign = chain[1 + 3 * d : 4 + 3 * d]
                 # torchvision: one of the first ``severity`` of 10 bins
-                name, mag = _pick(space, u_op, 0.0, u_sign, AUGMIX_BINS, h, w,
-                                  bin_index=int(u_bin * AUGMIX_SEVERITY))
+                name, mag = _pick(space, u_op, 0.0, u_sign, AUGMIX_BINS, h, w, bin_index=int(u_bin * AUGMIX_SEVERITY))
                 aug = apply_op(aug, name, mag, interp)
             mix.add_(float(weights[i]) * aug)
         return mix.to(torch.uint8)

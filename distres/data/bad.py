@@ -22,13 +22,14 @@ class BadSamples:
 
     def report(self, name: str, reason: str) -> None:
         if self.policy == "fail":
-            raise RankError(f"cannot decode {name} ({reason}); remove or replace the file, "
-                            "or pass --on-bad-sample skip to leave such files out")
+            raise RankError(
+                f"cannot decode {name} ({reason}); remove or replace the file, "
+                "or pass --on-bad-sample skip to leave such files out"
+            )
         self.count += 1
         if name not in self._named:  # a bad file comes back every epoch: name it once
             self._named.add(name)
-            console(f"distres: skipping unreadable image {name} ({reason}); "
-                    "counted as bad_samples in the metrics")
+            console(f"distres: skipping unreadable image {name} ({reason}); counted as bad_samples in the metrics")
 
     def report_all(self, bad) -> None:
         for name, reason in bad:

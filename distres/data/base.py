@@ -26,8 +26,9 @@ from distres.errors import RankError
 class Normalize:
     """uint8 N x C x H x W images (any strides, any device) -> the model's input."""
 
-    def __init__(self, mean, std, device: torch.device, memory_format: torch.memory_format,
-                 dtype: torch.dtype = torch.float32):
+    def __init__(
+        self, mean, std, device: torch.device, memory_format: torch.memory_format, dtype: torch.dtype = torch.float32
+    ):
         self.device, self.memory_format, self.dtype = device, memory_format, dtype
         self.mean_255 = [255 * m for m in mean]  # 0..255 units, as uint8 pixels come
         self.std_255 = [255 * s for s in std]
@@ -75,8 +76,17 @@ class Spec:
         return self.device.type == "cuda"
 
     def sampler(self, num_samples: int) -> ShardSampler:
-        return ShardSampler(num_samples, self.batch_size, self.rank, self.world, self.seed,
-                            shuffle=self.train, drop_last=self.train, repeats=self.repeats, accum=self.accum)
+        return ShardSampler(
+            num_samples,
+            self.batch_size,
+            self.rank,
+            self.world,
+            self.seed,
+            shuffle=self.train,
+            drop_last=self.train,
+            repeats=self.repeats,
+            accum=self.accum,
+        )
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -215,5 +225,7 @@ class Loader:
 def all_bad(bad, size: int) -> RankError:
     """A batch of which nothing could be decoded cannot be skipped (every rank must step)."""
     first = bad[0][0] if bad else "?"
-    return RankError(f"all {size} images of a batch are unreadable (first: {first}); "
-                     "check the data folder (python -m distres.prepare resize rewrites it and lists the bad files)")
+    return RankError(
+        f"all {size} images of a batch are unreadable (first: {first}); "
+        "check the data folder (python -m distres.prepare resize rewrites it and lists the bad files)"
+    )

@@ -33,7 +33,7 @@ _CHUNK = 1 << 16
 def erase_boxes(seeds: np.ndarray, height: int, width: int, p: float) -> np.ndarray:
     """B x 4 int64 (top, left, height, width) of each sample's erased box; height 0: none."""
     u = uniforms(derived_seeds(seeds, "erase"), 1 + 4 * ERASE_ATTEMPTS)
-    us, ur, ut, ul = (u[:, 1 + k * ERASE_ATTEMPTS:1 + (k + 1) * ERASE_ATTEMPTS] for k in range(4))
+    us, ur, ut, ul = (u[:, 1 + k * ERASE_ATTEMPTS : 1 + (k + 1) * ERASE_ATTEMPTS] for k in range(4))
     area = height * width * (ERASE_SCALE[0] + (ERASE_SCALE[1] - ERASE_SCALE[0]) * us)
     lo, hi = math.log(ERASE_RATIO[0]), math.log(ERASE_RATIO[1])
     aspect = np.exp(lo + (hi - lo) * ur)
@@ -70,8 +70,14 @@ def soft_targets(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return torch.zeros(len(labels), num_classes, device=labels.device).scatter_(1, labels[:, None], 1.0)
 
 
-def mix(images: torch.Tensor, labels: torch.Tensor, num_classes: int, rng: np.random.Generator,
-        mixup_alpha: float, cutmix_alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+def mix(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    rng: np.random.Generator,
+    mixup_alpha: float,
+    cutmix_alpha: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixup or cutmix of a batch with itself rolled by one; returns (images, soft targets)."""
     use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < 0.5)
     lam = float(rng.beta(cutmix_alpha, cutmix_alpha) if use_cutmix else rng.beta(mixup_alpha, mixup_alpha))
@@ -95,14 +101,13 @@ class BatchAugment:
     ``start_epoch`` takes the epoch's sample seeds; the erasing boxes of the whole epoch then go
     to the device in one copy, at its first batch (when the image size is known)."""
 
-    def __init__(self, random_erase: float, mixup_alpha: float, cutmix_alpha: float, num_classes: int,
-                 seed: int):
+    def __init__(self, random_erase: float, mixup_alpha: float, cutmix_alpha: float, num_classes: int, seed: int):
         self.p, self.mixup_alpha, self.cutmix_alpha = random_erase, mixup_alpha, cutmix_alpha
         self.num_classes, self.seed = num_classes, seed
         self.epoch, self.seeds, self.boxes = 0, np.zeros(0, dtype=np.uint64), None
 
     @classmethod
-    def from_config(cls, cfg, num_classes: int) -> "BatchAugment | None":
+    def from_config(cls, cfg, num_classes: int) -> BatchAugment | None:
         if cfg.random_erase <= 0 and cfg.mixup_alpha <= 0 and cfg.cutmix_alpha <= 0:
             return None
         return cls(cfg.random_erase, cfg.mixup_alpha, cfg.cutmix_alpha, num_classes, cfg.seed)
@@ -117,8 +122,12 @@ class BatchAugment:
         if self.p > 0:
             if self.boxes is None:
                 # In chunks: the draws of a whole ImageNet epoch at once would take gigabytes.
-                boxes = np.concatenate([erase_boxes(self.seeds[k:k + _CHUNK], *images.shape[-2:], self.p)
-                                        for k in range(0, len(self.seeds), _CHUNK)])
+                boxes = np.concatenate(
+                    [
+                        erase_boxes(self.seeds[k : k + _CHUNK], *images.shape[-2:], self.p)
+                        for k in range(0, len(self.seeds), _CHUNK)
+                    ]
+                )
                 self.boxes = to_device(torch.from_numpy(boxes), images.device)
             images = erase(images, self.boxes[rows])
         if self.mixup_alpha > 0 or self.cutmix_alpha > 0:

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from distres.data import transforms
-from distres.data.decode import DECODE_ERRORS, describe, decode_torchvision, image_size, read_bytes
 from distres.data.base import Loader, Spec, all_bad
+from distres.data.decode import DECODE_ERRORS, decode_torchvision, describe, image_size, read_bytes
 from distres.data.sharding import sample_seeds
 from distres.data.sources import FolderSource
 from distres.errors import UserError
@@ -42,8 +42,10 @@ def import_dali():
         from nvidia import dali  # noqa: F401
         from nvidia.dali import fn, types
     except ImportError:
-        raise UserError("--data-backend dali needs NVIDIA DALI, which is not installed; "
-                        "pip install -e '.[dali]' (or use --data-backend torch)") from None
+        raise UserError(
+            "--data-backend dali needs NVIDIA DALI, which is not installed; "
+            "pip install -e '.[dali]' (or use --data-backend torch)"
+        ) from None
     return dali.Pipeline, fn, types
 
 
@@ -55,7 +57,7 @@ class _Feed:
 
     AHEAD = 2  # batches prepared ahead: DALI's own prefetch queue takes two at a time
 
-    def __init__(self, loader: "DaliLoader"):
+    def __init__(self, loader: DaliLoader):
         self.loader = loader
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="distres-dali-feed")
         self.pending: deque = deque()
@@ -120,8 +122,11 @@ class _Feed:
             out += [resized.astype(np.float32), anchor.astype(np.int32)]
         if ld.train:
             boxes = transforms.train_boxes(sample_seeds(ld.sampler.seed, epoch, kept), sizes, ld.size, ld.flip)
-            out += [np.stack([boxes.top, boxes.left], 1).astype(np.int32),
-                    np.stack([boxes.height, boxes.width], 1).astype(np.int32), boxes.flip.astype(np.int32)]
+            out += [
+                np.stack([boxes.top, boxes.left], 1).astype(np.int32),
+                np.stack([boxes.height, boxes.width], 1).astype(np.int32),
+                boxes.flip.astype(np.int32),
+            ]
         return k, out, [ld.source.paths[i] for i in index], bad
 
 
@@ -129,11 +134,15 @@ class DaliLoader(Loader):
     def __init__(self, spec: Spec):
         self.Pipeline, self.fn, self.types = import_dali()
         if not isinstance(spec.source, FolderSource):
-            raise UserError("--data-backend dali reads image files; write them with "
-                            "`python -m distres.prepare cifar10 SRC DST` and pass --data-dir DST")
+            raise UserError(
+                "--data-backend dali reads image files; write them with "
+                "`python -m distres.prepare cifar10 SRC DST` and pass --data-dir DST"
+            )
         if spec.sizes is not None:
-            raise UserError("--progressive-resize works with --data-backend torch, gpu or synthetic: the dali "
-                            "pipeline is built for one image size")
+            raise UserError(
+                "--progressive-resize works with --data-backend torch, gpu or synthetic: the dali "
+                "pipeline is built for one image size"
+            )
         super().__init__(spec, len(spec.source))
         self.train, self.size, self.flip, self.resize = spec.train, spec.image_size, spec.flip, spec.resize
         self.batch_size, self.threads = spec.batch_size, max(1, spec.workers)
@@ -146,10 +155,12 @@ class DaliLoader(Loader):
     def _pipeline(self):
         fn, types = self.fn, self.types
         gpu = self.device.type == "cuda"
-        device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) \
-            if gpu else None  # None: DALI's CPU-only mode, no CUDA needed
-        pipe = self.Pipeline(batch_size=self.batch_size, num_threads=self.threads, device_id=device_id,
-                             prefetch_queue_depth=2)
+        device_id = (
+            (self.device.index if self.device.index is not None else torch.cuda.current_device()) if gpu else None
+        )  # None: DALI's CPU-only mode, no CUDA needed
+        pipe = self.Pipeline(
+            batch_size=self.batch_size, num_threads=self.threads, device_id=device_id, prefetch_queue_depth=2
+        )
         size = [self.size, self.size]
         outputs = 2 + 2 * (not self.random_resized_crop) + 3 * self.train
         with pipe:
@@ -159,8 +170,15 @@ class DaliLoader(Loader):
             if self.random_resized_crop:
                 # Decode only the box (libjpeg-turbo and nvJPEG skip the rest: the boxes average
                 # half the image), then resize it to size x size.
-                images = fn.decoders.image_slice(jpegs, geometry[0], geometry[1], axis_names="HW",
-                                                 normalized_anchor=False, normalized_shape=False, **decoder)
+                images = fn.decoders.image_slice(
+                    jpegs,
+                    geometry[0],
+                    geometry[1],
+                    axis_names="HW",
+                    normalized_anchor=False,
+                    normalized_shape=False,
+                    **decoder,
+                )
                 images = fn.resize(images, size=size, antialias=True)
             else:  # resize_center_crop, with torchvision's sizes and rounding from the host
                 images = fn.decoders.image(jpegs, **decoder)
@@ -168,11 +186,22 @@ class DaliLoader(Loader):
                 images = fn.resize(images, size=resized, antialias=True)
                 images = fn.slice(images, start=anchor, shape=size, axis_names="HW")
                 if self.train:  # then the small-image pad-crop box, zero outside the image
-                    images = fn.slice(images, start=geometry[2], shape=geometry[3], axis_names="HW",
-                                      out_of_bounds_policy="pad", fill_values=0)
+                    images = fn.slice(
+                        images,
+                        start=geometry[2],
+                        shape=geometry[3],
+                        axis_names="HW",
+                        out_of_bounds_policy="pad",
+                        fill_values=0,
+                    )
             images = fn.crop_mirror_normalize(
-                images, mirror=mirror, mean=self.norm.mean_255, std=self.norm.std_255,
-                dtype=types.FLOAT, output_layout="HWC" if self.hwc else "CHW")
+                images,
+                mirror=mirror,
+                mean=self.norm.mean_255,
+                std=self.norm.std_255,
+                dtype=types.FLOAT,
+                output_layout="HWC" if self.hwc else "CHW",
+            )
             # On the GPU the labels go with the images: no host-to-device copy per batch.
             pipe.set_outputs(images, labels.gpu() if gpu else labels)
         pipe.build()
@@ -203,7 +232,7 @@ class DaliLoader(Loader):
         k, n = 0, self.sampler.num_batches()
         while k < n:
             pipe = self._start_pass(k)
-            for k in range(k, n):
+            for k in range(k, n):  # noqa: B020 (k continues after a rebuilt pipeline)
                 try:
                     images, labels = pipe.run()
                 except RuntimeError:
@@ -235,6 +264,7 @@ def to_torch(images, labels, device: torch.device, hwc: bool):
     DALI reuses its output buffers (on CUDA a device-to-device copy on the current stream);
     NHWC output becomes an N x C x H x W view with channels_last strides."""
     from nvidia.dali.plugin.pytorch import feed_ndarray
+
     stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
     t = images.as_tensor()
     out = torch.empty(t.shape(), dtype=torch.float32, device=device)

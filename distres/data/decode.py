@@ -50,6 +50,7 @@ def to_uint8(img: torch.Tensor) -> torch.Tensor:
 
 def decode_pil(path: str) -> torch.Tensor:
     from PIL import Image
+
     with Image.open(path) as im:
         if im.mode.startswith("I"):  # 16-bit (or 32-bit integer) grayscale: convert("RGB") would clip it
             arr = torch.from_numpy(np.array(im).astype(np.int32)).clamp(0, 65535)
@@ -92,11 +93,11 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
         if marker == 0xFF:  # fill byte
             i += 1
             continue
-        length = struct.unpack(">H", data[i + 2:i + 4])[0]
+        length = struct.unpack(">H", data[i + 2 : i + 4])[0]
         if marker in _SOF:
             if i + 9 > n:
                 return None
-            h, w = struct.unpack(">HH", data[i + 5:i + 9])
+            h, w = struct.unpack(">HH", data[i + 5 : i + 9])
             return (h, w) if h and w else None
         i += 2 + length
     return None
@@ -107,6 +108,7 @@ def image_size(data: bytes) -> tuple[int, int] | None:
     if data[:2] == JPEG_MAGIC:
         return jpeg_size(data)
     from PIL import Image
+
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.verify()  # checks the whole file (e.g. PNG CRCs), not only the header

@@ -16,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from distres.data import transforms
-from distres.data.decode import DECODE_ERRORS, describe
 from distres.data.base import Loader, SideStream, Spec, to_device
+from distres.data.decode import DECODE_ERRORS, describe
 from distres.data.sources import ArraySource
 from distres.errors import UserError
 
@@ -31,16 +31,21 @@ def _check_fits(n: int, size: int, device: torch.device) -> None:
     else:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     if need > MEMORY_SHARE * free:
-        raise UserError(f"--data-backend gpu would hold {n} images of {size}x{size} px ({need / 2**30:.1f} GiB) "
-                        f"on {device.type}, more than half of its {free / 2**30:.1f} GiB free; "
-                        "use --data-backend torch or dali, or a smaller --image-size")
+        raise UserError(
+            f"--data-backend gpu would hold {n} images of {size}x{size} px ({need / 2**30:.1f} GiB) "
+            f"on {device.type}, more than half of its {free / 2**30:.1f} GiB free; "
+            "use --data-backend torch or dali, or a smaller --image-size"
+        )
 
 
 def load_all(source, size: int, bad, workers: int, resize: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Every image of source at size x size (``resize_center_crop``), as N x H x W x C uint8
     on the CPU, and the labels; undecodable files are left out (and reported)."""
-    if isinstance(source, ArraySource) and tuple(source.images.shape[-2:]) == (size, size) \
-            and transforms.eval_size(size, resize) == size:
+    if (
+        isinstance(source, ArraySource)
+        and tuple(source.images.shape[-2:]) == (size, size)
+        and transforms.eval_size(size, resize) == size
+    ):
         return source.images.permute(0, 2, 3, 1).contiguous(), source.labels
 
     def one(i: int):
@@ -65,8 +70,10 @@ class GpuLoader(Loader):
     def __init__(self, spec: Spec):
         largest = max([spec.image_size] + ([spec.sizes.start, spec.sizes.end] if spec.sizes else []))
         if largest > transforms.SMALL_IMAGES:
-            raise UserError(f"--data-backend gpu is for small images (<= {transforms.SMALL_IMAGES} px, "
-                            f"pad-crop-flip augmentation); for --image-size {largest} use --data-backend torch or dali")
+            raise UserError(
+                f"--data-backend gpu is for small images (<= {transforms.SMALL_IMAGES} px, "
+                f"pad-crop-flip augmentation); for --image-size {largest} use --data-backend torch or dali"
+            )
         self.spec, self.train, self.flip, self.policy = spec, spec.train, spec.flip, spec.policy
         self.size = 0  # the size the images are stored at (``_store``)
         self._store(spec.image_size)
@@ -95,8 +102,10 @@ class GpuLoader(Loader):
         index = to_device(torch.from_numpy(ids % self.num_samples), self.device)
         if self.train:
             seeds = self.sampler.seeds(ids)
-            crops = to_device(transforms.pad_crop_params(transforms.pad_crop_boxes(seeds, self.size, self.pad, self.flip)),
-                              self.device)
+            crops = to_device(
+                transforms.pad_crop_params(transforms.pad_crop_boxes(seeds, self.size, self.pad, self.flip)),
+                self.device,
+            )
             side = SideStream(self.device, index, crops) if self.policy.active else None
         for part in self.sampler.batch_slices():
             i = index[part]

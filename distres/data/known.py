@@ -26,8 +26,10 @@ from distres.errors import UserError
 NO_FLIP = ("mnist",)  # a mirrored digit is another glyph (or none): no random flips in training
 MNIST_CLASSES = tuple(str(d) for d in range(10))
 # The idx files as LeCun published them and torchvision keeps them (under MNIST/raw/).
-MNIST_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-               False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+MNIST_FILES = {
+    True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 
 
 @dataclass(frozen=True)
@@ -55,28 +57,35 @@ def splits(name: str, root: Path, download: bool, classes: list[str] | None = No
         return imagefolder_splits(root, classes)
     if name == "cifar10":
         from distres.data.sources import cifar10_splits
+
         return cifar10_splits(root, download, classes)
     reader = {"cifar100": _cifar100, "mnist": _mnist}[name]
     result = reader(root, download)
     if classes is not None and list(classes) != list(result[1].classes):
-        raise UserError(f"the model's classes ({', '.join(classes[:5])}, ...) are not {name}'s; "
-                        "pass the --data and --data-dir it was trained on")
+        raise UserError(
+            f"the model's classes ({', '.join(classes[:5])}, ...) are not {name}'s; "
+            "pass the --data and --data-dir it was trained on"
+        )
     return result
 
 
 def _download(name: str, root: Path, expected: str) -> None:
     import torchvision.datasets as tvd
+
     cls, title = {"cifar100": (tvd.CIFAR100, "CIFAR-100"), "mnist": (tvd.MNIST, "MNIST")}[name]
     try:
         root.mkdir(parents=True, exist_ok=True)
         for train in (True, False):
             cls(str(root), train=train, download=True)
     except Exception as e:  # no network, proxy, disk full: the fix is the same
-        raise UserError(f"{title} is not in {root} and could not be downloaded ({type(e).__name__}); "
-                        f"offline, pass --data-dir with {expected}") from None
+        raise UserError(
+            f"{title} is not in {root} and could not be downloaded ({type(e).__name__}); "
+            f"offline, pass --data-dir with {expected}"
+        ) from None
 
 
 # --- CIFAR-100: torchvision's cifar-100-python/ (train, test, meta pickles; the 100 fine labels)
+
 
 def _cifar100(root: Path, download: bool) -> tuple:
     folder = root / "cifar-100-python"
@@ -104,6 +113,7 @@ def _unpickle(path: Path) -> dict:
 
 # --- MNIST: the idx files, plain or .gz, in D/ or D/MNIST/raw/
 
+
 def _mnist(root: Path, download: bool) -> tuple:
     names = [n for pair in MNIST_FILES.values() for n in pair]
     expected = f"{', '.join(n + '[.gz]' for n in names)} (in it or in its MNIST/raw/)"
@@ -118,12 +128,15 @@ def _mnist(root: Path, download: bool) -> tuple:
         x = read_idx(_idx_path(folder, images))
         y = read_idx(_idx_path(folder, labels))
         if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
-            raise UserError(f"{folder}: {images} ({x.shape}) and {labels} ({y.shape}) do not pair up as "
-                            "N images and N labels; download them again")
+            raise UserError(
+                f"{folder}: {images} ({x.shape}) and {labels} ({y.shape}) do not pair up as "
+                "N images and N labels; download them again"
+            )
         # 1 channel -> 3 identical ones: the models and weights stay torchvision's (module docstring).
         rgb = np.repeat(x[..., None], 3, axis=-1)
-        out.append(ArraySource(rgb, y.astype(np.int64), list(MNIST_CLASSES),
-                               name=f"mnist-{'train' if train else 't10k'}"))
+        out.append(
+            ArraySource(rgb, y.astype(np.int64), list(MNIST_CLASSES), name=f"mnist-{'train' if train else 't10k'}")
+        )
     return tuple(out)
 
 
@@ -148,7 +161,7 @@ def read_idx(path: Path) -> np.ndarray:
         if data[:2] != b"\0\0" or data[2] not in _IDX_TYPES:
             raise ValueError("not an idx header")
         ndim = data[3]
-        shape = tuple(int.from_bytes(data[4 + 4 * k:8 + 4 * k], "big") for k in range(ndim))
+        shape = tuple(int.from_bytes(data[4 + 4 * k : 8 + 4 * k], "big") for k in range(ndim))
         arr = np.frombuffer(data, dtype=_IDX_TYPES[data[2]], offset=4 + 4 * ndim)
         return arr.reshape(shape)
     except (OSError, EOFError, ValueError, IndexError) as e:
@@ -162,4 +175,3 @@ def write_idx(path: Path, arr: np.ndarray) -> None:
     opener = gzip.open if str(path).endswith(".gz") else open
     with opener(path, "wb") as f:
         f.write(header + arr.tobytes())
-

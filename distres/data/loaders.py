@@ -19,8 +19,8 @@ import torch
 from distres.data import known, sources, transforms
 from distres.data.autoaug import Policy
 from distres.data.bad import BadSamples
-from distres.data.batchaug import BatchAugment
 from distres.data.base import Loader, Normalize, Spec
+from distres.data.batchaug import BatchAugment
 from distres.errors import UserError, console
 
 
@@ -57,26 +57,36 @@ def resolve_backend(requested: str, data: str, device: torch.device) -> str:
     return "gpu" if data in known.KNOWN and device.type == "cuda" else "torch"
 
 
-def build(cfg, ctx, memory_format: torch.memory_format, stats=None, train: bool = True,
-          classes: list[str] | None = None) -> DataBundle:
+def build(
+    cfg, ctx, memory_format: torch.memory_format, stats=None, train: bool = True, classes: list[str] | None = None
+) -> DataBundle:
     """The train and validation loaders for cfg.data on this rank (only the validation loader
     with ``train=False``). ``stats``: a (mean, std) normalisation instead of the data set's,
     e.g. the one pretrained weights were trained with; ``classes``: the label names the
     validation split must use (a model's), checked against its folders."""
     backend = resolve_backend(cfg.data_backend, cfg.data, ctx.device)
     if (backend == "synthetic") != (cfg.data == "synthetic"):
-        raise UserError("--data-backend synthetic goes with --data synthetic only; use --data-backend torch"
-                        if backend == "synthetic" else
-                        f"--data synthetic makes its images itself; drop --data-backend {backend}")
+        raise UserError(
+            "--data-backend synthetic goes with --data synthetic only; use --data-backend torch"
+            if backend == "synthetic"
+            else f"--data synthetic makes its images itself; drop --data-backend {backend}"
+        )
     if train and cfg.auto_augment != "none" and backend in ("dali", "synthetic"):
-        raise UserError(f"--auto-augment {cfg.auto_augment} runs in the torch and gpu backends only: "
-                        + ("DALI's auto_aug draws from its own generators, not from the per-sample seeds; "
-                           if backend == "dali" else "")
-                        + "use --data-backend torch (or gpu)")
+        raise UserError(
+            f"--auto-augment {cfg.auto_augment} runs in the torch and gpu backends only: "
+            + (
+                "DALI's auto_aug draws from its own generators, not from the per-sample seeds; "
+                if backend == "dali"
+                else ""
+            )
+            + "use --data-backend torch (or gpu)"
+        )
     if cfg.decode_on == "device" and backend != "torch":
-        raise UserError(f"--decode-on device is an option of --data-backend torch; the {backend} backend "
-                        + ("makes its images on the device" if backend == "synthetic" else "decodes by itself")
-                        + ": drop --decode-on device or pass --data-backend torch")
+        raise UserError(
+            f"--decode-on device is an option of --data-backend torch; the {backend} backend "
+            + ("makes its images on the device" if backend == "synthetic" else "decodes by itself")
+            + ": drop --decode-on device or pass --data-backend torch"
+        )
     size = cfg.train_image_size()
     eval_crop, eval_resize = cfg.eval_sizes()
     eval_resize = transforms.eval_size(eval_crop, eval_resize)
@@ -89,23 +99,38 @@ def build(cfg, ctx, memory_format: torch.memory_format, stats=None, train: bool 
         if is_train and not train:
             loaders.append(None)
             continue
-        spec = Spec(src, is_train, size if is_train else eval_crop, Normalize(mean, std, ctx.device, memory_format),
-                    BadSamples(cfg.on_bad_sample), cfg.batch_size, ctx.rank, ctx.world_size, cfg.seed, workers,
-                    ctx.cpus_per_rank, repeats=cfg.repeated_aug, accum=cfg.grad_accum,
-                    policy=Policy(cfg.auto_augment, cfg.ra_magnitude),
-                    batch_aug=BatchAugment.from_config(cfg, len(names)),
-                    flip=cfg.data not in known.NO_FLIP,
-                    resize=0 if is_train else eval_resize, sizes=cfg.resize_schedule() if is_train else None,
-                    decode_on_device=cfg.decode_on == "device")
+        spec = Spec(
+            src,
+            is_train,
+            size if is_train else eval_crop,
+            Normalize(mean, std, ctx.device, memory_format),
+            BadSamples(cfg.on_bad_sample),
+            cfg.batch_size,
+            ctx.rank,
+            ctx.world_size,
+            cfg.seed,
+            workers,
+            ctx.cpus_per_rank,
+            repeats=cfg.repeated_aug,
+            accum=cfg.grad_accum,
+            policy=Policy(cfg.auto_augment, cfg.ra_magnitude),
+            batch_aug=BatchAugment.from_config(cfg, len(names)),
+            flip=cfg.data not in known.NO_FLIP,
+            resize=0 if is_train else eval_resize,
+            sizes=cfg.resize_schedule() if is_train else None,
+            decode_on_device=cfg.decode_on == "device",
+        )
         loaders.append(loader_class(backend)(spec))
 
     train_loader = loaders[0]
     if train_loader is not None and train_loader.num_samples < cfg.batch_size * ctx.world_size:
         raise UserError(
             f"{train_loader.num_samples} training samples cannot fill one batch of {cfg.batch_size} on each of "
-            f"{ctx.world_size} processes; lower --batch-size or launch fewer processes")
-    return DataBundle(train_loader, loaders[1], len(names), size, backend, names, tuple(mean), tuple(std),
-                      eval_crop, eval_resize)
+            f"{ctx.world_size} processes; lower --batch-size or launch fewer processes"
+        )
+    return DataBundle(
+        train_loader, loaders[1], len(names), size, backend, names, tuple(mean), tuple(std), eval_crop, eval_resize
+    )
 
 
 def _splits(cfg, ctx, sizes: tuple[int, int], classes: list[str] | None):
@@ -113,12 +138,17 @@ def _splits(cfg, ctx, sizes: tuple[int, int], classes: list[str] | None):
     the training and evaluation crops (synthetic images are made at them)."""
     if cfg.data == "synthetic":
         from distres.data.synthetic import SyntheticSource
-        splits = [SyntheticSource(n, cfg.synthetic_classes, sizes[k], cfg.seed, k, ctx.device)
-                  for k, n in enumerate((cfg.synthetic_samples, max(1, cfg.synthetic_samples // 8)))]
+
+        splits = [
+            SyntheticSource(n, cfg.synthetic_classes, sizes[k], cfg.seed, k, ctx.device)
+            for k, n in enumerate((cfg.synthetic_samples, max(1, cfg.synthetic_samples // 8)))
+        ]
         names = [str(k) for k in range(cfg.synthetic_classes)]
         if classes is not None and len(classes) != len(names):
-            raise UserError(f"the model has {len(classes)} classes, --data synthetic {len(names)}; "
-                            f"pass --synthetic-classes {len(classes)}")
+            raise UserError(
+                f"the model has {len(classes)} classes, --data synthetic {len(names)}; "
+                f"pass --synthetic-classes {len(classes)}"
+            )
         return splits, classes or names, ((0.5,) * 3, (0.25,) * 3)
     if cfg.data in known.KNOWN:
         root = Path(cfg.data_dir) if cfg.data_dir else known.default_dir(cfg.data)
@@ -137,12 +167,16 @@ def loader_class(name: str) -> type[Loader]:
     # Imported on use: the dali module needs the optional extra, the others stay light.
     if name == "torch":
         from distres.data.torchloader import TorchLoader
+
         return TorchLoader
     if name == "gpu":
         from distres.data.gpu import GpuLoader
+
         return GpuLoader
     if name == "dali":
         from distres.data.dali import DaliLoader
+
         return DaliLoader
     from distres.data.synthetic import SyntheticLoader
+
     return SyntheticLoader

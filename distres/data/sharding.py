@@ -24,7 +24,7 @@ world size or resumed run processes it.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -62,8 +62,18 @@ class ShardSampler(torch.utils.data.Sampler):
     from there.
     """
 
-    def __init__(self, num_samples: int, batch_size: int, rank: int, world: int, seed: int,
-                 shuffle: bool, drop_last: bool, repeats: int = 1, accum: int = 1):
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        rank: int,
+        world: int,
+        seed: int,
+        shuffle: bool,
+        drop_last: bool,
+        repeats: int = 1,
+        accum: int = 1,
+    ):
         self.num_samples, self.batch_size, self.accum = num_samples, batch_size, accum if drop_last else 1
         self.rank, self.world, self.seed = rank, world, seed
         self.shuffle, self.drop_last = shuffle, drop_last
@@ -99,11 +109,11 @@ class ShardSampler(torch.utils.data.Sampler):
         (batch k is the k-th slice of batch_size of them; training leaves the tail that fills
         no batch unused)."""
         order = epoch_order(self.num_samples, self.seed, self.epoch, self.shuffle, self.repeats)
-        rest = order[self.start_sample:].numpy()
+        rest = order[self.start_sample :].numpy()
         if not self.drop_last:
-            return np.ascontiguousarray(rest[self.rank::self.world])
+            return np.ascontiguousarray(rest[self.rank :: self.world])
         steps = len(rest) // self.step_samples
-        slots = rest[:steps * self.step_samples].reshape(steps, self.batch_size, self.accum, self.world)
+        slots = rest[: steps * self.step_samples].reshape(steps, self.batch_size, self.accum, self.world)
         return np.ascontiguousarray(slots[:, :, :, self.rank].transpose(0, 2, 1).reshape(-1))
 
     def epoch_indices(self) -> np.ndarray:
@@ -118,8 +128,7 @@ class ShardSampler(torch.utils.data.Sampler):
         """An identity of this rank's batch k (counted from the start position) for per-batch
         random draws: the position of its first sample in the epoch's order. The same images
         in the same slot of a step give the same key, whatever the split of the global batch."""
-        return (self.start_sample + (k // self.accum) * self.step_samples
-                + (k % self.accum) * self.world + self.rank)
+        return self.start_sample + (k // self.accum) * self.step_samples + (k % self.accum) * self.world + self.rank
 
     def batch_slices(self, start: int = 0) -> Iterator[slice]:
         """This rank's batches from batch ``start`` (counted from the start position) as slices

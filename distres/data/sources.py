@@ -29,9 +29,11 @@ class FolderSource:
         found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
         unknown = sorted(set(found) - set(classes)) if classes is not None else []
         if unknown:
-            raise UserError(f"{root} has class folder(s) {', '.join(unknown[:5])} that the training classes "
-                            f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}) do not have; its "
-                            "images would be scored against the wrong labels: give it the same class folders")
+            raise UserError(
+                f"{root} has class folder(s) {', '.join(unknown[:5])} that the training classes "
+                f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}) do not have; its "
+                "images would be scored against the wrong labels: give it the same class folders"
+            )
         self.classes = list(classes) if classes is not None else found
         if not self.classes:
             raise UserError(f"{root} has no class sub-folders; expected {root}/<class>/<image>.jpg")
@@ -42,8 +44,9 @@ class FolderSource:
         ignored: list[str] = []
         for label, name in enumerate(self.classes):
             folder = root / name
-            entries = [e for e in os.scandir(folder) if e.is_file() and not e.name.startswith(".")] \
-                if folder.is_dir() else []
+            entries = (
+                [e for e in os.scandir(folder) if e.is_file() and not e.name.startswith(".")] if folder.is_dir() else []
+            )
             files = sorted(e.path for e in entries if e.name.lower().endswith(IMAGE_EXTENSIONS))
             ignored += sorted(e.path for e in entries if not e.name.lower().endswith(IMAGE_EXTENSIONS))
             if not files:
@@ -53,13 +56,17 @@ class FolderSource:
         if not self.paths:
             raise UserError(f"{root} holds no image files ({', '.join(IMAGE_EXTENSIONS)}); check --data-dir")
         if empty and classes is None:
-            raise UserError(f"class folder(s) {', '.join(empty[:5])} in {root} hold no image files; "
-                            "add images or remove the empty folder(s)")
+            raise UserError(
+                f"class folder(s) {', '.join(empty[:5])} in {root} hold no image files; "
+                "add images or remove the empty folder(s)"
+            )
         if empty:
             self.notes.append(f"distres: note: {root} has no images of class(es) {', '.join(empty[:5])}")
         if ignored:
-            self.notes.append(f"distres: note: ignored {len(ignored)} non-image file(s) in {root} "
-                              f"(e.g. {ignored[0]}); images end in {', '.join(IMAGE_EXTENSIONS)}")
+            self.notes.append(
+                f"distres: note: ignored {len(ignored)} non-image file(s) in {root} "
+                f"(e.g. {ignored[0]}); images end in {', '.join(IMAGE_EXTENSIONS)}"
+            )
         self.labels = torch.tensor(labels, dtype=torch.int64)
 
     def __len__(self) -> int:
@@ -112,24 +119,33 @@ def cifar10_splits(root: Path, download: bool, classes: list[str] | None = None)
     if (root / "train").is_dir() and any((root / n).is_dir() for n in ("test", "val")):
         return imagefolder_splits(root, classes)
     if classes is not None and list(classes) != list(CIFAR10_CLASSES):
-        raise UserError(f"the model's classes ({', '.join(classes[:5])}, ...) are not CIFAR-10's; "
-                        "pass the --data and --data-dir it was trained on")
+        raise UserError(
+            f"the model's classes ({', '.join(classes[:5])}, ...) are not CIFAR-10's; "
+            "pass the --data and --data-dir it was trained on"
+        )
     if not (root / "cifar-10-batches-py").is_dir():
         if not download:
-            raise UserError(f"CIFAR-10 not found in {root}; pass --data-dir with cifar-10-batches-py/ "
-                            "or train/ + test/ image folders")
+            raise UserError(
+                f"CIFAR-10 not found in {root}; pass --data-dir with cifar-10-batches-py/ "
+                "or train/ + test/ image folders"
+            )
         _download_cifar10(root)
     from torchvision.datasets import CIFAR10
+
     splits = []
     for train in (True, False):
         ds = CIFAR10(str(root), train=train, download=False)
-        splits.append(ArraySource(ds.data, ds.targets, list(classes or CIFAR10_CLASSES),
-                                  name=f"cifar10-{'train' if train else 'test'}"))
+        splits.append(
+            ArraySource(
+                ds.data, ds.targets, list(classes or CIFAR10_CLASSES), name=f"cifar10-{'train' if train else 'test'}"
+            )
+        )
     return tuple(splits)
 
 
 def _download_cifar10(root: Path) -> None:
     from torchvision.datasets import CIFAR10
+
     try:
         root.mkdir(parents=True, exist_ok=True)
         CIFAR10(str(root), train=True, download=True)

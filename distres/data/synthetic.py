@@ -10,11 +10,20 @@ from distres.data.base import Loader, Spec, to_device
 class SyntheticSource:
     """A pool of images, each a noisy copy of its class's template, cycled by index."""
 
-    def __init__(self, num_samples: int, num_classes: int, image_size: int, seed: int,
-                 split: int, device: torch.device, pool: int = 256):
+    def __init__(
+        self,
+        num_samples: int,
+        num_classes: int,
+        image_size: int,
+        seed: int,
+        split: int,
+        device: torch.device,
+        pool: int = 256,
+    ):
         # The class templates depend on the seed alone, so train and val share them.
-        templates = torch.randint(0, 256, (num_classes, 3, 8, 8), dtype=torch.uint8,
-                                  generator=torch.Generator().manual_seed(seed))
+        templates = torch.randint(
+            0, 256, (num_classes, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
+        )
         g = torch.Generator().manual_seed(seed * 7919 + split + 1)
         pool = min(pool, num_samples)
         self.num_samples = num_samples

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from distres.data import transforms
-from distres.data.decode import DECODE_ERRORS, decode_torchvision, describe, jpeg_size, read_bytes
 from distres.data.base import Loader, SideStream, Spec, all_bad, prefetch, to_device
+from distres.data.decode import DECODE_ERRORS, decode_torchvision, describe, jpeg_size, read_bytes
 from distres.errors import UserError
 
 
@@ -93,8 +92,12 @@ class BatchDataset(torch.utils.data.Dataset):
             coded = b"".join(img for img in images if isinstance(img, bytes))
             lengths = [len(img) if isinstance(img, bytes) else 0 for img in images]
             decoded = [img for img in images if not isinstance(img, bytes)]
-            return torch.frombuffer(bytearray(coded) or bytearray(1), dtype=torch.uint8), labels, bad, \
-                (lengths, decoded, seeds, size, names)
+            return (
+                torch.frombuffer(bytearray(coded) or bytearray(1), dtype=torch.uint8),
+                labels,
+                bad,
+                (lengths, decoded, seeds, size, names),
+            )
         if not images:
             return torch.empty(0, 3, size, size, dtype=torch.uint8), labels, bad
         return assemble(images, seeds, size, self.train, self.policy, self.flip), labels, bad
@@ -186,14 +189,19 @@ class TorchLoader(Loader):
     def __init__(self, spec: Spec):
         super().__init__(spec, len(spec.source))
         if spec.decode_on_device and not hasattr(spec.source, "paths"):
-            raise UserError(f"--decode-on device decodes image files, and {spec.source.name(0).split('[')[0]} "
-                            "comes as arrays already decoded; drop --decode-on device")
+            raise UserError(
+                f"--decode-on device decodes image files, and {spec.source.name(0).split('[')[0]} "
+                "comes as arrays already decoded; drop --decode-on device"
+            )
         self.spec, workers = spec, spec.workers
         self.loader = torch.utils.data.DataLoader(
             BatchDataset(spec.source, spec.train, spec.policy, spec.flip, spec.resize, spec.decode_on_device),
             batch_sampler=_SizedBatches(self),
-            collate_fn=_whole_batch, num_workers=workers, pin_memory=spec.pin_memory,
-            persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+            collate_fn=_whole_batch,
+            num_workers=workers,
+            pin_memory=spec.pin_memory,
+            persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None,
         )
 
     def _batches(self):
@@ -220,7 +228,7 @@ class TorchLoader(Loader):
             if not lengths:
                 raise all_bad(bad, len(bad))
             sizes = [n for n in lengths if n]
-            parts = iter(torch.split(blob[:sum(sizes)], sizes) if sizes else ())
+            parts = iter(torch.split(blob[: sum(sizes)], sizes) if sizes else ())
             coded = [next(parts) if n else None for n in lengths]
             yield side.run(batch, coded, labels, decoded, seeds, size, names)
 

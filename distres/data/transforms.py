@@ -34,7 +34,7 @@ def uniforms(seeds: np.ndarray, n: int) -> np.ndarray:
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
 @dataclass
@@ -50,8 +50,7 @@ class Boxes:
     flip: np.ndarray
 
     def __getitem__(self, i: int) -> tuple[int, int, int, int, bool]:
-        return (int(self.top[i]), int(self.left[i]), int(self.height[i]), int(self.width[i]),
-                bool(self.flip[i]))
+        return (int(self.top[i]), int(self.left[i]), int(self.height[i]), int(self.width[i]), bool(self.flip[i]))
 
 
 def pad_crop_boxes(seeds: np.ndarray, size: int, pad: int, flip: bool = True) -> Boxes:
@@ -69,7 +68,7 @@ def rrc_boxes(seeds: np.ndarray, heights: np.ndarray, widths: np.ndarray, flip: 
     h = np.asarray(heights, dtype=np.float64)[:, None]
     w = np.asarray(widths, dtype=np.float64)[:, None]
     u = uniforms(seeds, 4 * RRC_ATTEMPTS + 1)
-    us, ur, ut, ul = (u[:, k * RRC_ATTEMPTS:(k + 1) * RRC_ATTEMPTS] for k in range(4))
+    us, ur, ut, ul = (u[:, k * RRC_ATTEMPTS : (k + 1) * RRC_ATTEMPTS] for k in range(4))
     target = h * w * (RRC_SCALE[0] + (RRC_SCALE[1] - RRC_SCALE[0]) * us)
     lo, hi = math.log(RRC_RATIO[0]), math.log(RRC_RATIO[1])
     aspect = np.exp(lo + (hi - lo) * ur)
@@ -87,7 +86,10 @@ def rrc_boxes(seeds: np.ndarray, heights: np.ndarray, widths: np.ndarray, flip: 
     cw, ch = np.where(found, cw, fw), np.where(found, ch, fh)
     top = np.where(found, top, (h - ch) // 2)
     left = np.where(found, left, (w - cw) // 2)
-    as_int = (lambda a: a[:, 0].astype(np.int64))
+
+    def as_int(a):
+        return a[:, 0].astype(np.int64)
+
     return Boxes(as_int(top), as_int(left), as_int(ch), as_int(cw), (u[:, -1] < 0.5) & flip)
 
 
@@ -103,8 +105,9 @@ def pad_crop_params(boxes: Boxes) -> torch.Tensor:
     return torch.from_numpy(np.stack([boxes.top, boxes.left, boxes.flip.astype(np.int64)]))
 
 
-def gather_pad_crops(padded: torch.Tensor, index: torch.Tensor, params: torch.Tensor, size: int,
-                     pad: int) -> torch.Tensor:
+def gather_pad_crops(
+    padded: torch.Tensor, index: torch.Tensor, params: torch.Tensor, size: int, pad: int
+) -> torch.Tensor:
     """The pad-crop boxes of a whole batch in one gather, on any device. ``padded`` is
     N x H x W x C, every image already inside a ``pad``-pixel zero border; ``index`` picks the
     batch's images and ``params`` (``pad_crop_params``, on padded's device) their boxes.
