@@ -331,13 +331,13 @@ def gradient_param_bytes(cfg) -> list[int]:
     all-reduces fp32 gradients whatever the autocast dtype)."""
     from distres import models
 
-    if cfg.data == "synthetic":
+    if cfg.data.dataset == "synthetic":
         classes = cfg.synthetic_classes
-    elif cfg.data == "cifar10":
+    elif cfg.data.dataset == "cifar10":
         classes = 10
     else:
         classes = sum(d.is_dir() for d in (Path(cfg.data_dir) / "train").iterdir())
-    net = models.build_model(cfg.arch, classes, models.use_cifar_stem(cfg.cifar_stem, cfg.train_image_size()))
+    net = models.build_model(cfg.arch, classes, models.use_cifar_stem(cfg.cifar_stem, cfg.data.train_image_size))
     return [p.numel() * 4 for p in net.parameters() if p.requires_grad]
 
 
@@ -706,7 +706,7 @@ def main(argv: list[str] | None = None) -> int:
                 "batch_size": a.batch_size,
                 "amp": a.amp,
                 "data": a.data,
-                "image_size": cfg.train_image_size(),
+                "image_size": cfg.data.train_image_size,
                 "window": a.window,
                 "warmup_windows": a.warmup_windows,
                 "windows": a.windows,

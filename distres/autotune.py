@@ -39,7 +39,6 @@ holds the tuned ones).
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import sys
@@ -71,15 +70,15 @@ FIELDS = {
 
 def effective(cfg, ctx) -> dict:
     """The value each lever has in cfg, with 'auto' and 0/-1 defaults resolved for this process."""
-    backend = resolve_backend(cfg.data_backend, cfg.data, ctx.device)
+    backend = resolve_backend(cfg.data.data_backend, cfg.data.dataset, ctx.device)
     return {
         "data_backend": backend,
-        "workers": cfg.workers if cfg.workers >= 0 else default_workers(ctx.cpus_per_rank, ctx.device),
-        "channels_last": cfg.channels_last,
-        "compile": cfg.compile_mode if cfg.compile else "off",
-        "threads": cfg.threads or ctx.cpus_per_rank,
-        "bucket_cap_mb": cfg.bucket_cap_mb,
-        "broadcast_buffers": cfg.broadcast_buffers,
+        "workers": cfg.data.workers if cfg.data.workers >= 0 else default_workers(ctx.cpus_per_rank, ctx.device),
+        "channels_last": cfg.model.channels_last,
+        "compile": cfg.model.compile_mode if cfg.model.compile else "off",
+        "threads": cfg.dist.threads or ctx.cpus_per_rank,
+        "bucket_cap_mb": cfg.dist.bucket_cap_mb,
+        "broadcast_buffers": cfg.dist.broadcast_buffers,
     }
 
 
@@ -98,7 +97,9 @@ def candidates(lever: str, cfg, ctx) -> list:
         # Only backends whose batches are bit-identical: the torch backend, and the gpu
         # backend's one-gather pad-crops for small images (synthetic data has only its own).
         options = (
-            [] if cfg.data == "synthetic" else ["torch"] + (["gpu"] if cfg.train_image_size() <= SMALL_IMAGES else [])
+            []
+            if cfg.data.dataset == "synthetic"
+            else ["torch"] + (["gpu"] if cfg.data.train_image_size <= SMALL_IMAGES else [])
         )
     elif lever == "workers":
         options = sorted({0, 1, 2, max(1, cpus // 2), cpus}) if now["data_backend"] in ("torch", "dali") else []
@@ -137,10 +138,10 @@ def trial(cfg, ctx, steps: int, warmup: int = WARMUP_STEPS) -> dict | None:
     {images_per_sec, data_wait_frac}, the same on every rank; None when cfg's loader cannot
     be built on some rank (the reason is printed by rank 0). A collective."""
     if ctx.device.type == "cpu":
-        torch.set_num_threads(cfg.threads or ctx.cpus_per_rank)
-    torch.manual_seed(cfg.seed)
+        torch.set_num_threads(cfg.dist.threads or ctx.cpus_per_rank)
+    torch.manual_seed(cfg.run.seed)
     try:
-        bundle, why = data.build(cfg, ctx, models.memory_format(cfg.channels_last)), None
+        bundle, why = data.build(cfg, ctx, models.memory_format(cfg.model.channels_last)), None
     except UserError as e:  # e.g. the data set does not fit the gpu backend
         bundle, why = None, str(e)
     reasons = [w for w in dist.gather_objects(why) if w]
@@ -153,17 +154,19 @@ def trial(cfg, ctx, steps: int, warmup: int = WARMUP_STEPS) -> dict | None:
     net = models.build(cfg, bundle.classes, bundle.image_size, ctx)
     plan = optim.plan(cfg, bundle.train.num_samples, ctx.world_size)
     optimizer = optim.build_optimizer(cfg, net, plan.lr)
-    precision = engine.Precision(cfg.amp, ctx.device)
+    precision = engine.Precision(cfg.optim.amp, ctx.device)
     model = models.parallelize(net, cfg, ctx)
     loss_fn = optim.build_loss(cfg)
     meter = perf.StepMeter(cfg, ctx, plan.global_batch, bundle.backend)
     batches = _endless(bundle.train)
-    warmup += 2 if cfg.compile else 0  # compile (and CUDA graphs) settle in a few calls
+    warmup += 2 if cfg.model.compile else 0  # compile (and CUDA graphs) settle in a few calls
     for _ in range(warmup):
-        engine.train_step(model, meter.fetch(batches), loss_fn, optimizer, precision, cfg.clip_grad_norm)
+        engine.train_step(model, meter.fetch(batches), loss_fn, optimizer, precision, cfg.optim.clip_grad_norm)
     meter.start_window()
     for _ in range(steps):
-        meter.add(engine.train_step(model, meter.fetch(batches), loss_fn, optimizer, precision, cfg.clip_grad_norm))
+        meter.add(
+            engine.train_step(model, meter.fetch(batches), loss_fn, optimizer, precision, cfg.optim.clip_grad_norm)
+        )
     rec = meter.flush(steps, 0.0, 0.0, 0)
     batches.close()  # ends the loader's epoch (its worker processes with the loader below)
     del model, net, optimizer, bundle, batches, meter
@@ -191,7 +194,7 @@ def tune(cfg, ctx) -> tuple[config.TrainConfig, dict]:
     """(the config to train with, the table). Every rank calls it; rank 0 decides."""
     t0 = time.perf_counter()
     saved_rng, saved_threads = checkpoint.rng_state(ctx.device), torch.get_num_threads()
-    budget, steps = cfg.autotune_budget, cfg.autotune_steps
+    budget, steps = cfg.tune.autotune_budget, cfg.tune.autotune_steps
     rows, longest = [], 0.0
 
     def run_trial(lever, value, trial_cfg, warmup=WARMUP_STEPS):
@@ -216,7 +219,7 @@ def tune(cfg, ctx) -> tuple[config.TrainConfig, dict]:
     best["kept"] = True
     if best["images_per_sec"] is None:
         raise UserError("--autotune: the configuration as given cannot be built; fix it first")
-    plan = dist.broadcast_object(order(cfg, ctx, best, cfg.tuned_levers()))
+    plan = dist.broadcast_object(order(cfg, ctx, best, cfg.tune.levers))
     skipped = []
     for lever in plan:
         for value in dist.broadcast_object(candidates(lever, best_cfg, ctx)):
@@ -224,7 +227,7 @@ def tune(cfg, ctx) -> tuple[config.TrainConfig, dict]:
             if not dist.broadcast_object(left >= longest):
                 skipped.append(f"{lever}={value}")
                 continue
-            trial_cfg = dataclasses.replace(best_cfg, **changes_for(lever, value))
+            trial_cfg = best_cfg.replace(**changes_for(lever, value))
             row = run_trial(lever, value, trial_cfg)
             faster = row["images_per_sec"] is not None and row["images_per_sec"] > best["images_per_sec"] * (1 + MARGIN)
             if dist.broadcast_object(faster):
@@ -236,7 +239,7 @@ def tune(cfg, ctx) -> tuple[config.TrainConfig, dict]:
     torch.set_num_threads(saved_threads)
     chosen = {f: getattr(best_cfg, f) for lever in config.AUTOTUNE_LEVERS for f in FIELDS[lever]}
     chosen = dist.broadcast_object(chosen)
-    tuned = dataclasses.replace(cfg, **chosen)
+    tuned = cfg.replace(**chosen)
     table = {
         "budget_s": budget,
         "steps_per_trial": steps,
@@ -308,7 +311,7 @@ def for_run(cfg, ctx, out: Path, resumed: bool) -> config.TrainConfig:
     --autotune-retune), else the result of tuning now, written to OUTPUT_DIR/autotune.json."""
     path = out / "autotune.json"
     saved = None
-    if resumed and not cfg.autotune_retune and ctx.is_main and path.is_file():
+    if resumed and not cfg.tune.autotune_retune and ctx.is_main and path.is_file():
         saved = json.loads(path.read_text())["config"]
     saved = dist.broadcast_object(saved)
     if saved is not None:
@@ -316,7 +319,7 @@ def for_run(cfg, ctx, out: Path, resumed: bool) -> config.TrainConfig:
             console(
                 f"distres: autotune: resuming with the settings chosen before ({path}; --autotune-retune tunes again)"
             )
-        return dataclasses.replace(cfg, **saved)
+        return cfg.replace(**saved)
     tuned, table = tune(cfg, ctx)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -335,13 +338,13 @@ def main(argv: list[str] | None = None) -> int:
             "Takes the same flags as distres.train; writes OUTPUT_DIR/autotune.json and "
             "OUTPUT_DIR/config.yaml (the tuned config, usable with --config).",
         )
-        ctx = dist.init(cfg.device, cfg.dist_backend, deterministic=cfg.deterministic)
+        ctx = dist.init(cfg.dist.device, cfg.dist.dist_backend, deterministic=cfg.run.deterministic)
         tuned, table = tune(cfg, ctx)
         if ctx.is_main:
-            out = Path(cfg.output_dir)
+            out = Path(cfg.run.output_dir)
             out.mkdir(parents=True, exist_ok=True)
             (out / "autotune.json").write_text(json.dumps(table, indent=1) + "\n")
-            dataclasses.replace(tuned, autotune=False).save(out / "config.yaml")
+            tuned.replace(autotune=False).save(out / "config.yaml")
             console(format_table(table))
             print(table["flags"], flush=True)  # stdout: what to add to the training command
 

@@ -192,13 +192,13 @@ SPLIT_KEYS = ("world_size", "batch_size", "grad_accum")
 
 def data_order(cfg, world_size: int) -> dict:
     return {
-        "seed": cfg.seed,
+        "seed": cfg.run.seed,
         "world_size": world_size,
-        "batch_size": cfg.batch_size,
-        "grad_accum": cfg.grad_accum,
-        "data": cfg.data,
-        "data_dir": cfg.data_dir,
-        "repeated_aug": cfg.repeated_aug,
+        "batch_size": cfg.optim.batch_size,
+        "grad_accum": cfg.optim.grad_accum,
+        "data": cfg.data.dataset,
+        "data_dir": cfg.data.data_dir,
+        "repeated_aug": cfg.data.repeated_aug,
     }
 
 
@@ -240,14 +240,14 @@ class Checkpointer:
         self.found = self._find()  # (state, path) to resume from, or None
         # A resume that found no checkpoint still continues the output directory (the logger
         # drops the records of an attempt that died before its first checkpoint).
-        self.resume_step: int | None = 0 if cfg.resume is not None or ctx.restart > 0 else None
+        self.resume_step: int | None = 0 if cfg.checkpoint.resume is not None or ctx.restart > 0 else None
         self._writer: threading.Thread | None = None  # rank 0's background write
         self._error: BaseException | None = None
         self.best_top1 = self._best_so_far() if self.resume_step is not None else None
         self.last_saved: Path | None = None  # the newest checkpoint of this run, once written or resumed from
 
     def _find(self) -> tuple[dict, Path] | None:
-        resume = self.cfg.resume
+        resume = self.cfg.checkpoint.resume
         if self.ctx.restart > 0:
             # torchrun --max-restarts restarted the workers, or SLURM requeued the job, with the
             # original command line: continue from this run's newest checkpoint, also when that
@@ -304,7 +304,7 @@ class Checkpointer:
 
     def _load(self, state: dict, path: Path, ts: TrainingState) -> None:
         cfg, saved = self.cfg, state.get("config", {})
-        if saved.get("amp", cfg.amp) != cfg.amp:
+        if saved.get("amp", cfg.optim.amp) != cfg.optim.amp:
             raise UserError(
                 f"checkpoint {path} was trained with --amp {saved['amp']}; resume with --amp "
                 f"{saved['amp']} or start a new --output-dir"
@@ -364,7 +364,7 @@ class Checkpointer:
         )
         if old and new != old:
             peak = max(ts.scheduler.base_lrs)
-            if self.cfg.rescale_lr_on_resume:
+            if self.cfg.checkpoint.rescale_lr_on_resume:
                 factor = new / old
                 ts.scheduler.base_lrs = [lr * factor for lr in ts.scheduler.base_lrs]
                 for group in ts.optimizer.param_groups:
@@ -401,13 +401,13 @@ class Checkpointer:
                 "world_size": self.ctx.world_size,
                 "data_order": order,
                 "schedule_axis": ts.axis.state_dict() if ts.axis is not None else None,
-                "config": self.cfg.to_dict(),
+                "config": self.cfg.options(),
                 "rng": rng,  # one entry per rank
                 "meta": ts.meta,
                 "ema": ts.ema.state_dict() if ts.ema is not None else None,
             }
         )
-        self._start_write(lambda: save(state, self.folder, step, self.cfg.keep_checkpoints))
+        self._start_write(lambda: save(state, self.folder, step, self.cfg.checkpoint.keep_checkpoints))
 
     def save_best(self, weights: dict, meta: dict, record: dict) -> bool:
         """Keep ``weights`` as best.pt when ``record["top1"]`` beats the best so far (rank 0
@@ -418,7 +418,7 @@ class Checkpointer:
             return False
         self.best_top1 = record["top1"]
         state = _host_copy(
-            {"format": FORMAT, "model": weights, "meta": meta, "best": record, "config": self.cfg.to_dict()}
+            {"format": FORMAT, "model": weights, "meta": meta, "best": record, "config": self.cfg.options()}
         )
         self.folder.mkdir(parents=True, exist_ok=True)
         self._start_write(lambda: atomic_save(state, self.folder / BEST))

@@ -105,21 +105,23 @@ def run(a, ctx) -> dict:
         eval_image_size=meta["image_size"],
         eval_resize=meta.get("resize", 0),
     )
-    if a.data is not None and a.data != trained.config.data and a.data_dir is None and a.data != "synthetic":
-        raise UserError(f"--data {a.data} needs --data-dir (the checkpoint's folder is for {trained.config.data})")
-    if cfg.data == "imagefolder" and not cfg.data_dir:
+    if a.data is not None and a.data != trained.config.dataset and a.data_dir is None and a.data != "synthetic":
+        raise UserError(f"--data {a.data} needs --data-dir (the checkpoint's folder is for {trained.config.dataset})")
+    if cfg.data.dataset == "imagefolder" and not cfg.data.data_dir:
         raise UserError("--data imagefolder needs --data-dir PATH")
     cfg.validate()
     bundle = data.build(
         cfg,
         ctx,
-        models.memory_format(cfg.channels_last),
+        models.memory_format(cfg.model.channels_last),
         stats=(meta["mean"], meta["std"]),
         train=False,
         classes=meta["classes"],
     )
     collect = Collector(bundle.val, a.top_k)
-    result = engine.evaluate(trained.model, bundle.val, engine.Precision(cfg.amp, ctx.device), ctx.device, collect)
+    result = engine.evaluate(
+        trained.model, bundle.val, engine.Precision(cfg.optim.amp, ctx.device), ctx.device, collect
+    )
     rows = [row for part in dist.gather_objects(collect.rows) for row in part]
     if ctx.is_main:
         out = Path(a.output_dir) if a.output_dir else default_output_dir(checkpoint)
@@ -129,7 +131,12 @@ def run(a, ctx) -> dict:
                 meta["classes"],
                 result,
                 out,
-                {"checkpoint": str(checkpoint), "weights": trained.weights, "data": cfg.data, "data_dir": cfg.data_dir},
+                {
+                    "checkpoint": str(checkpoint),
+                    "weights": trained.weights,
+                    "data": cfg.data.dataset,
+                    "data_dir": cfg.data.data_dir,
+                },
             )
         except OSError as e:
             raise UserError(

@@ -74,15 +74,17 @@ def check_inputs(paths: list[str] | None, trained: inference.Trained) -> tuple[t
     norm = inference.normalizer(trained.meta, torch.device("cpu"), channels_last=False)
     x, _ = norm(torch.stack(images), torch.zeros(0, dtype=torch.int64))
     where = (
-        "--check-images" if paths is not None else f"{trained.config.data_dir or trained.config.data} validation images"
+        "--check-images"
+        if paths is not None
+        else f"{trained.config.data_dir or trained.config.dataset} validation images"
     )
     return x, where
 
 
 def _validation_files(cfg) -> list[str]:
-    if cfg.data == "synthetic" or not cfg.data_dir:
+    if cfg.data.dataset == "synthetic" or not cfg.data.data_dir:
         return []
-    root = Path(cfg.data_dir)
+    root = Path(cfg.data.data_dir)
     split = next((root / n for n in ("val", "test") if (root / n).is_dir()), None)
     if split is None:
         return []

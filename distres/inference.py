@@ -3,7 +3,6 @@ image files turned into its input the way its validation images were."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +47,7 @@ def load(path: str | Path, which: str = "auto", device: torch.device | None = No
     cfg = run_config(file.config)
     device = device or torch.device("cpu")
     if not plain:
-        model = models.prepare(model, device, cfg.channels_last, sync_bn=False, distributed=False)
+        model = models.prepare(model, device, cfg.model.channels_last, sync_bn=False, distributed=False)
     return Trained(model.eval().requires_grad_(False), file.meta, file.weights, cfg)
 
 
@@ -64,7 +63,7 @@ def run_config(saved: dict | None) -> TrainConfig:
 
 def with_overrides(cfg: TrainConfig, **changes) -> TrainConfig:
     """cfg with the flags the user gave (None: keep the checkpoint's)."""
-    return dataclasses.replace(cfg, **{k: v for k, v in changes.items() if v is not None})
+    return cfg.replace(**{k: v for k, v in changes.items() if v is not None})
 
 
 def normalizer(meta: dict, device: torch.device, channels_last: bool) -> Normalize:

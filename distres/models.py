@@ -180,11 +180,11 @@ def prepare(model: nn.Module, device: torch.device, channels_last: bool, sync_bn
 def build(cfg, classes: list[str], image_size: int, ctx, pretrained=None) -> nn.Module:
     """The run's model for these classes, on its device, starting from ``pretrained``
     (``weights.Pretrained``) when given, ready to load a checkpoint into."""
-    stem = weights.use_cifar_stem(pretrained, cfg.cifar_stem, use_cifar_stem(cfg.cifar_stem, image_size))
-    model = build_model(cfg.arch, len(classes), stem, cfg.zero_init_residual, cfg.blurpool)
+    stem = weights.use_cifar_stem(pretrained, cfg.model.cifar_stem, use_cifar_stem(cfg.model.cifar_stem, image_size))
+    model = build_model(cfg.model.arch, len(classes), stem, cfg.model.zero_init_residual, cfg.model.blurpool)
     if pretrained is not None and pretrained.state:
         weights.load_into(model, pretrained, classes, announce=ctx.is_main)
-    return prepare(model, ctx.device, cfg.channels_last, cfg.sync_bn, ctx.distributed)
+    return prepare(model, ctx.device, cfg.model.channels_last, cfg.model.sync_bn, ctx.distributed)
 
 
 def describe(
@@ -239,24 +239,24 @@ def parallelize(model: nn.Module, cfg, ctx) -> nn.Module:
         model = nn.parallel.DistributedDataParallel(
             model,
             device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-            bucket_cap_mb=cfg.bucket_cap_mb,
+            bucket_cap_mb=cfg.dist.bucket_cap_mb,
             # Gradients become views into the all-reduce buckets: one copy less per step.
             gradient_as_bucket_view=True,
-            static_graph=cfg.static_graph,
+            static_graph=cfg.dist.static_graph,
             # Passed only to turn it off: recent torch warns whenever the flag is given.
-            **({} if cfg.broadcast_buffers else {"broadcast_buffers": False}),
+            **({} if cfg.dist.broadcast_buffers else {"broadcast_buffers": False}),
         )
-    if cfg.compile:
-        schedule = cfg.resize_schedule()
+    if cfg.model.compile:
+        schedule = cfg.data.resize_schedule
         if schedule is not None:
             # --progressive-resize: one static graph per training size (a few multiples of 32), each
             # compiled once when its first epoch starts, rather than a dynamic-shape graph that is
             # slower at every size; the limit makes room for them beside evaluation's shapes.
-            sizes = len(set(schedule.sizes(cfg.epochs)))
+            sizes = len(set(schedule.sizes(cfg.optim.epochs)))
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * sizes + 8)
         model = torch.compile(
             model,
-            mode=None if cfg.compile_mode == "default" else cfg.compile_mode,
+            mode=None if cfg.model.compile_mode == "default" else cfg.model.compile_mode,
             dynamic=False if schedule is not None else None,
         )
     return model

@@ -85,10 +85,10 @@ class Resumed:
 def _horizon(cfg, num_samples: int, global_batch: int) -> tuple[int, int, int]:
     """(steps per epoch, epochs, total steps) of a run over num_samples at this global batch."""
     steps_per_epoch = num_samples // global_batch
-    epochs = cfg.epochs if cfg.epochs > 0 else math.ceil(cfg.max_steps / steps_per_epoch)
+    epochs = cfg.optim.epochs if cfg.optim.epochs > 0 else math.ceil(cfg.optim.max_steps / steps_per_epoch)
     total_steps = epochs * steps_per_epoch
-    if cfg.max_steps > 0:
-        total_steps = min(total_steps, cfg.max_steps)
+    if cfg.optim.max_steps > 0:
+        total_steps = min(total_steps, cfg.optim.max_steps)
         epochs = min(epochs, math.ceil(total_steps / steps_per_epoch))
     return steps_per_epoch, epochs, total_steps
 
@@ -98,14 +98,14 @@ def plan(cfg, num_samples: int, world_size: int, resumed: Resumed | None = None)
     (epochs, --max-steps, the schedule's length) is counted on the schedule's clock, in steps
     of the run's first global batch; a run resumed with another one finishes it at the new size,
     its steps left counted from the samples left."""
-    micro = cfg.batch_size * world_size
+    micro = cfg.optim.batch_size * world_size
     batches = num_samples // micro
-    if batches // cfg.grad_accum == 0:
+    if batches // cfg.optim.grad_accum == 0:
         raise UserError(
-            f"--grad-accum {cfg.grad_accum} needs more batches than the "
+            f"--grad-accum {cfg.optim.grad_accum} needs more batches than the "
             f"{batches} each rank has per epoch; lower it or --batch-size"
         )
-    global_batch = micro * cfg.grad_accum
+    global_batch = micro * cfg.optim.grad_accum
     axis = Axis(global_batch)
     if resumed is not None:
         then = Axis(**resumed.axis) if resumed.axis else Axis(resumed.global_batch)
@@ -123,7 +123,7 @@ def plan(cfg, num_samples: int, world_size: int, resumed: Resumed | None = None)
         if resumed.epoch < epochs:
             left = max(0, num_samples - resumed.sample) // global_batch + (epochs - resumed.epoch - 1) * steps_per_epoch
         total_steps = resumed.step + left
-        if cfg.max_steps > 0:
+        if cfg.optim.max_steps > 0:
             total_steps = min(total_steps, axis.step_at(first_total))
     return Plan(
         steps_per_epoch,
@@ -137,19 +137,19 @@ def plan(cfg, num_samples: int, world_size: int, resumed: Resumed | None = None)
 
 
 def peak_lr(cfg, world_size: int) -> float:
-    if cfg.lr > 0:
-        return cfg.lr
-    if cfg.optimizer == "sgd":  # linear scaling rule: 0.1 per 256 images
-        return 0.1 * cfg.batch_size * cfg.grad_accum * world_size / 256
+    if cfg.optim.lr > 0:
+        return cfg.optim.lr
+    if cfg.optim.optimizer == "sgd":  # linear scaling rule: 0.1 per 256 images
+        return 0.1 * cfg.optim.batch_size * cfg.optim.grad_accum * world_size / 256
     return 1e-3
 
 
 def build_optimizer(cfg, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay, lr, cfg.backbone_lr_scale)
+    groups = param_groups(model, cfg.optim.weight_decay, lr, cfg.finetune.backbone_lr_scale)
     # One fused kernel for all parameters' updates, on GPUs and CPUs alike (on the CPU, where
     # foreach falls back to a loop over tensors, it is several times faster).
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=True)
+    if cfg.optim.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov, fused=True)
     return torch.optim.AdamW(groups, lr=lr, fused=True)
 
 
@@ -191,14 +191,14 @@ def lr_factor(
 
 def build_scheduler(cfg, optimizer, plan: Plan):
     per_epoch, total = plan.schedule_steps
-    warmup = min(round(cfg.warmup_epochs * per_epoch), max(0, total - 1))
-    milestones = cfg.lr_step_epochs()
+    warmup = min(round(cfg.optim.warmup_epochs * per_epoch), max(0, total - 1))
+    milestones = cfg.optim.lr_step_epochs
 
     def factor(step: int) -> float:
-        return lr_factor(plan.axis(step), total, warmup, cfg.schedule, per_epoch, milestones, cfg.lr_gamma)
+        return lr_factor(plan.axis(step), total, warmup, cfg.optim.schedule, per_epoch, milestones, cfg.optim.lr_gamma)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def build_loss(cfg) -> nn.Module:
-    return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    return nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)

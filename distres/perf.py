@@ -46,7 +46,7 @@ def levers(cfg, device_type: str, backend: str) -> tuple[str, str]:
         # No decoding to speed up: a batch is a gather on the device, so the wait is the
         # host's per-batch work, which a larger batch amortises.
         data = f"a larger --batch-size (the {backend} backend makes batches on the device)"
-    elif device_type == "cuda" and cfg.data in NATIVE_SIZE:
+    elif device_type == "cuda" and cfg.data.dataset in NATIVE_SIZE:
         data = "--data-backend gpu (the whole data set resident on the GPU)"
     elif device_type == "cuda" and backend == "torch":
         installed = (
@@ -54,12 +54,12 @@ def levers(cfg, device_type: str, backend: str) -> tuple[str, str]:
         )
         data = "--data-backend dali" + ("" if installed else " (pip install -e '.[dali]')")
     else:
-        data = "more --workers" + (f" (now {cfg.workers})" if cfg.workers >= 0 else "")
-    if cfg.amp == "none":
+        data = "more --workers" + (f" (now {cfg.data.workers})" if cfg.data.workers >= 0 else "")
+    if cfg.optim.amp == "none":
         compute = "--amp bf16"
-    elif not cfg.channels_last:
+    elif not cfg.model.channels_last:
         compute = "--channels-last"
-    elif device_type == "cuda" and not cfg.compile:
+    elif device_type == "cuda" and not cfg.model.compile:
         compute = "--compile"
     elif device_type == "cuda":
         compute = "more GPUs (benchmarks/scaling.py measures how well they scale)"
@@ -92,12 +92,17 @@ def peak_memory_mb(device: torch.device) -> float:
 
 class StepMeter:
     def __init__(self, cfg, ctx, global_batch: int, backend: str, logger: Logger | None = None):
-        self.ctx, self.log_every, self.grad_accum, self.global_batch = ctx, cfg.log_every, cfg.grad_accum, global_batch
+        self.ctx, self.log_every, self.grad_accum, self.global_batch = (
+            ctx,
+            cfg.observe.log_every,
+            cfg.optim.grad_accum,
+            global_batch,
+        )
         self.logger = logger if logger is not None else Logger()
-        self.probe = cfg.bench_comm_probe and ctx.distributed  # (DDP only exists then)
+        self.probe = cfg.dist.bench_comm_probe and ctx.distributed  # (DDP only exists then)
         # The probe compares step times; on CUDA the host runs ahead of the GPU, so it waits
         # for the GPU after every step and the host clock times the GPU's work.
-        self.sync_steps = cfg.bench_comm_probe and ctx.device.type == "cuda"
+        self.sync_steps = cfg.dist.bench_comm_probe and ctx.device.type == "cuda"
         self.levers = levers(cfg, ctx.device.type, backend)
         self.t_run = time.perf_counter()  # the run's clock: records' "time", the final summary
         self._loss = torch.zeros((), device=ctx.device)  # summed on the device: no host sync per step

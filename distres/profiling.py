@@ -62,20 +62,20 @@ def category(name: str) -> str:
 class Window:
     def __init__(self, cfg, ctx, out: Path, step: int, total_steps: int):
         self.at = NEVER
-        win = cfg.profile_window()
+        win = cfg.observe.profile_window
         if win is None:
             return
         self.first, self.last = win
         if self.last > total_steps:
             raise UserError(
-                f"--profile-steps {cfg.profile_steps}: the run has {total_steps} steps; "
+                f"--profile-steps {cfg.observe.profile_steps}: the run has {total_steps} steps; "
                 f"pick a window that ends by step {total_steps}"
             )
         if step >= self.first:
             if ctx.is_main:
                 console(
                     f"distres: note: resumed at step {step}, past the start of --profile-steps "
-                    f"{cfg.profile_steps}; no profile this time"
+                    f"{cfg.observe.profile_steps}; no profile this time"
                 )
             return
         self.cfg, self.ctx, self.folder = cfg, ctx, out / "profile"
@@ -116,7 +116,9 @@ class Window:
         if self.ctx.device.type == "cuda":
             acts.append(torch.profiler.ProfilerActivity.CUDA)
         self.prof = torch.profiler.profile(
-            activities=acts, record_shapes=self.cfg.profile_shapes, profile_memory=self.cfg.profile_memory
+            activities=acts,
+            record_shapes=self.cfg.observe.profile_shapes,
+            profile_memory=self.cfg.observe.profile_memory,
         )
         self.prof.start()
         self.meter.label_fetch(DATA_WAIT)

@@ -269,16 +269,16 @@ def build(cfg, is_main: bool, output_dir: Path, resume_step: int | None, run_inf
     if not is_main:
         return Logger()
     loggers: list[Logger] = [JsonlLogger(output_dir / "metrics.jsonl", resume_step)]
-    if cfg.wandb != "disabled":
+    if cfg.observe.wandb != "disabled":
         loggers.append(
             WandbLogger(
-                cfg.wandb,
+                cfg.observe.wandb,
                 output_dir,
-                {**cfg.to_dict(), **(run_info or {})},
+                {**cfg.options(), **(run_info or {})},
                 output_dir.name,
                 resume=resume_step is not None,
             )
         )
-    if cfg.tensorboard:
+    if cfg.observe.tensorboard:
         loggers.append(TensorBoardLogger(output_dir, resume_step))
     return MultiLogger(loggers)

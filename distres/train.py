@@ -44,8 +44,8 @@ from distres.errors import Preempted, UserError, console, run_cli
 def _set_performance_flags(cfg, ctx) -> None:
     if ctx.device.type == "cpu":
         # N ranks on one CPU node would otherwise each start one thread per core and thrash.
-        torch.set_num_threads(cfg.threads or ctx.cpus_per_rank)
-    if cfg.deterministic:
+        torch.set_num_threads(cfg.dist.threads or ctx.cpus_per_rank)
+    if cfg.run.deterministic:
         torch.use_deterministic_algorithms(True)  # (dist.init set CUBLAS_WORKSPACE_CONFIG for it)
         torch.backends.cudnn.benchmark = False
     else:
@@ -88,20 +88,20 @@ class Run:
 
 
 def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
-    out = Path(cfg.output_dir)
+    out = Path(cfg.run.output_dir)
     ckpt = checkpoint.Checkpointer(cfg, ctx, out / "checkpoints")  # fails fast: before any data is read
     _set_performance_flags(cfg, ctx)
-    if cfg.autotune:  # before anything is built: the run is built with the chosen settings
+    if cfg.tune.autotune:  # before anything is built: the run is built with the chosen settings
         cfg = ckpt.cfg = autotune.for_run(cfg, ctx, out, resumed=ckpt.found is not None)
         _set_performance_flags(cfg, ctx)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts)
+    torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank (DDP also broadcasts)
     # A resumed run takes the stem and normalisation of --weights from its checkpoint: the file
     # may have moved since, and every weight comes from the checkpoint anyway.
     pretrained = weights.resolve(cfg, ctx, resumed=ckpt.found[0].get("meta") if ckpt.found else None)
     bundle = data.build(
         cfg,
         ctx,
-        models.memory_format(cfg.channels_last),
+        models.memory_format(cfg.model.channels_last),
         stats=(pretrained.mean, pretrained.std) if pretrained else None,
     )
     net = models.build(cfg, bundle.classes, bundle.image_size, ctx, pretrained)
@@ -113,10 +113,10 @@ def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
         checkpoint.resumed_position(ckpt.found[0], cfg, ctx.world_size) if ckpt.found else None,
     )
     optimizer = optim.build_optimizer(cfg, net, plan.lr)
-    precision = engine.Precision(cfg.amp, ctx.device)
+    precision = engine.Precision(cfg.optim.amp, ctx.device)
     meta = models.describe(
         net,
-        cfg.arch,
+        cfg.model.arch,
         bundle.classes,
         bundle.mean,
         bundle.std,
@@ -131,7 +131,7 @@ def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
         precision.scaler,
         bundle.train,
         meta,
-        EMA(net, cfg.ema_decay, cfg.ema_every) if cfg.ema_decay > 0 else None,
+        EMA(net, cfg.optim.ema_decay, cfg.optim.ema_every) if cfg.optim.ema_decay > 0 else None,
         plan.axis,
     )
     step = ckpt.restore(state)
@@ -174,16 +174,16 @@ def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
         step,
         window,
         logger,
-        watchdog.Watchdog(ctx, cfg.dist_timeout * 60, dist.job_store()),
+        watchdog.Watchdog(ctx, cfg.guard.dist_timeout * 60, dist.job_store()),
     )
-    if cfg.autotune:
+    if cfg.tune.autotune:
         r.meter.refs["autotune table"] = str(out / "autotune.json")
     if ctx.is_main:
         console(
-            f"distres: {cfg.arch} on {ctx.world_size} x {ctx.device.type} ({ctx.backend or 'single process'}), "
-            f"{cfg.data} {bundle.image_size}px ({bundle.backend} loader"
-            f"{', decoding on the ' + ctx.device.type if cfg.decode_on == 'device' else ''}), {bundle.num_classes} classes, "
-            f"global batch {plan.global_batch}, lr {max(state.scheduler.base_lrs):g}, amp {cfg.amp}, "
+            f"distres: {cfg.model.arch} on {ctx.world_size} x {ctx.device.type} ({ctx.backend or 'single process'}), "
+            f"{cfg.data.dataset} {bundle.image_size}px ({bundle.backend} loader"
+            f"{', decoding on the ' + ctx.device.type if cfg.data.decode_on == 'device' else ''}), {bundle.num_classes} classes, "
+            f"global batch {plan.global_batch}, lr {max(state.scheduler.base_lrs):g}, amp {cfg.optim.amp}, "
             f"{plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps"
         )
     last_eval = None
@@ -191,7 +191,7 @@ def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
     try:
         while r.step < plan.total_steps and bundle.train.epoch < plan.epochs:
             epoch = bundle.train.epoch
-            if epoch == cfg.freeze_backbone_epochs > 0 and bundle.train.position == 0:
+            if epoch == cfg.finetune.freeze_backbone_epochs > 0 and bundle.train.position == 0:
                 if _match_backbone(cfg, state):
                     r.model = models.parallelize(net, cfg, ctx)  # DDP then reduces the backbone's gradients too
                 if ctx.is_main:
@@ -202,7 +202,7 @@ def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
                 _diverged(r, e)
                 continue
             final = r.step >= plan.total_steps
-            if final or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
+            if final or (cfg.run.eval_every and (epoch + 1) % cfg.run.eval_every == 0):
                 last_eval = _evaluate(r, logger, epoch + 1)
             r.watch.enter("the end of an epoch", r.step)
             r.meter.epoch_end(telem, r.step, epoch + 1)  # data-wait verdict, GPU telemetry
@@ -237,9 +237,9 @@ def train_epoch(r: Run) -> None:
     cfg, plan, loader = r.cfg, r.plan, r.bundle.train
     epoch = loader.epoch
     done = loader.position // plan.global_batch  # steps of this epoch before this pass
-    left = len(loader) // cfg.grad_accum  # steps to the end of the epoch
+    left = len(loader) // cfg.optim.grad_accum  # steps to the end of the epoch
     steps = min(left, plan.total_steps - r.step)
-    if cfg.progressive_resize and loader.image_size != r.train_size:
+    if cfg.data.progressive_resize and loader.image_size != r.train_size:
         r.train_size = r.meter.fields["image_size"] = loader.image_size
         if r.ctx.is_main:
             console(f"distres: epoch {epoch + 1}: training at {r.train_size} px (--progressive-resize)")
@@ -251,13 +251,15 @@ def train_epoch(r: Run) -> None:
             r.prof.boundary(r.step, r.meter)
         r.watch.enter("loading data", r.step + 1)
         micro = r.meter.fetch(batches)
-        if cfg.compile and s == 0:
+        if cfg.model.compile and s == 0:
             # A pass's first step may compile (a new run, DDP rebuilt, a new image size): not timed.
             r.watch.leave()
         else:
             r.watch.enter("the training step", r.step + 1)  # its backward all-reduces the gradients
         with r.meter.step_context(r.model, r.step):  # no_sync() in probe windows (--bench-comm-probe)
-            loss = engine.train_step(r.model, micro, r.loss_fn, r.state.optimizer, r.precision, cfg.clip_grad_norm)
+            loss = engine.train_step(
+                r.model, micro, r.loss_fn, r.state.optimizer, r.precision, cfg.optim.clip_grad_norm
+            )
         r.state.scheduler.step()
         r.meter.add(loss)
         r.step += 1
@@ -267,13 +269,15 @@ def train_epoch(r: Run) -> None:
         # A signal on any rank stops all ranks at the same step (see preempt.py); one at the
         # pass's last step is handled after the epoch's checkpoint and evaluation.
         stopping = s < steps - 1 and r.stop.stop_requested()
-        if r.step % cfg.log_every == 0 or s == steps - 1 or stopping:
+        if r.step % cfg.observe.log_every == 0 or s == steps - 1 or stopping:
             rec = r.meter.flush(r.step, epoch + (done + s + 1) / plan.steps_per_epoch, r.lr, loader.bad_samples)
             divergence.check_logged(rec["loss"], r.state.scaler, r.step, r.lr)
             bar.set_postfix(
                 loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.3g}", img_s=f"{rec['images_per_sec']:.0f}", refresh=False
             )
-        if stopping or (cfg.checkpoint_every and r.step % cfg.checkpoint_every == 0 and s < steps - 1):
+        if stopping or (
+            cfg.checkpoint.checkpoint_every and r.step % cfg.checkpoint.checkpoint_every == 0 and s < steps - 1
+        ):
             r.save()
         if stopping:
             bar.close()
@@ -289,11 +293,11 @@ def _diverged(r: Run, err: divergence.Diverged) -> None:
     """--on-nonfinite: stop with the one-line error, or go back to the last good checkpoint with
     the lr scaled down (every rank, at the same step: the guard's verdict is shared)."""
     cfg = r.cfg
-    if cfg.on_nonfinite != "rollback" or r.rollbacks >= cfg.rollback_tries or r.ckpt.last_saved is None:
+    if cfg.guard.on_nonfinite != "rollback" or r.rollbacks >= cfg.guard.rollback_tries or r.ckpt.last_saved is None:
         raise divergence.give_up(err, str(r.ckpt.last_saved) if r.ckpt.last_saved else None, r.rollbacks)
     r.rollbacks += 1
     sched = r.state.scheduler
-    lowered = [lr * cfg.rollback_lr_factor for lr in sched.base_lrs]  # this run's lr, with earlier rollbacks
+    lowered = [lr * cfg.guard.rollback_lr_factor for lr in sched.base_lrs]  # this run's lr, with earlier rollbacks
     r.step = r.ckpt.roll_back(r.state)
     for group, was, now in zip(r.state.optimizer.param_groups, sched.base_lrs, lowered):
         group["lr"] *= now / was
@@ -307,14 +311,14 @@ def _diverged(r: Run, err: divergence.Diverged) -> None:
             "step": r.step,
             "diverged_at": err.step,
             "reason": err.what,
-            "lr_factor": cfg.rollback_lr_factor,
+            "lr_factor": cfg.guard.rollback_lr_factor,
             "rollback": r.rollbacks,
         }
     )
     if r.ctx.is_main:
         console(
-            f"distres: {err.what} at step {err.step}; rollback {r.rollbacks} of {cfg.rollback_tries}: back to "
-            f"{r.ckpt.last_saved} (step {r.step}) with the lr x {cfg.rollback_lr_factor:g} "
+            f"distres: {err.what} at step {err.step}; rollback {r.rollbacks} of {cfg.guard.rollback_tries}: back to "
+            f"{r.ckpt.last_saved} (step {r.step}) with the lr x {cfg.guard.rollback_lr_factor:g} "
             f"(now {r.state.optimizer.param_groups[0]['lr']:.4g})"
         )
 
@@ -324,9 +328,9 @@ def _match_backbone(cfg, state: checkpoint.TrainingState) -> bool:
     a start, a resume, a rollback or at the switch; whether it changed (DDP must then be rebuilt).
     A trainable backbone gets its SGD momentum buffers: a checkpoint from the head-only epochs
     has none for it, and fused SGD cannot step a mix (see ``optim.init_momentum``)."""
-    trainable = state.loader.epoch >= cfg.freeze_backbone_epochs
+    trainable = state.loader.epoch >= cfg.finetune.freeze_backbone_epochs
     changed = models.set_backbone_trainable(state.model, trainable)
-    if trainable and cfg.freeze_backbone_epochs:
+    if trainable and cfg.finetune.freeze_backbone_epochs:
         optim.init_momentum(state.optimizer)
     return changed
 
@@ -351,7 +355,7 @@ def _evaluate(r: Run, logger, epoch: int) -> dict:
 
     tick()
     ema_model = r.state.ema.module if r.state.ema is not None else None
-    if r.cfg.broadcast_buffers:
+    if r.cfg.dist.broadcast_buffers:
         for module in (r.state.model, ema_model):
             if module is not None:
                 dist.broadcast_buffers(module)
@@ -394,7 +398,7 @@ def _progress(cfg, ctx, epoch: int, epochs: int, first: int, total: int):
         mininterval=interval,
         dynamic_ncols=True,
         file=sys.stderr,
-        disable=not (cfg.progress and ctx.is_main),
+        disable=not (cfg.observe.progress and ctx.is_main),
     )
 
 
@@ -405,7 +409,10 @@ def main(argv: list[str] | None = None) -> int:
         run(
             cfg,
             dist.init(
-                cfg.device, cfg.dist_backend, timeout_s=cfg.dist_timeout * 60 + 120, deterministic=cfg.deterministic
+                cfg.dist.device,
+                cfg.dist.dist_backend,
+                timeout_s=cfg.guard.dist_timeout * 60 + 120,
+                deterministic=cfg.run.deterministic,
             ),
         )
 

@@ -59,13 +59,13 @@ def resolve(cfg, ctx, resumed: dict | None = None) -> Pretrained | None:
     """The weights ``--weights`` names, on every rank (None for ``none``). ``resumed``: the
     description in the checkpoint a resumed run continues from; its stem and normalisation
     stand in for the file's (no tensors: the checkpoint holds every weight)."""
-    if cfg.weights == "none":
+    if cfg.finetune.weights == "none":
         return None
     if resumed is not None:
-        return Pretrained({}, cfg.weights, tuple(resumed["mean"]), tuple(resumed["std"]), resumed)
-    if cfg.weights == "imagenet":
-        return _imagenet(cfg.arch, ctx)
-    path = Path(cfg.weights)
+        return Pretrained({}, cfg.finetune.weights, tuple(resumed["mean"]), tuple(resumed["std"]), resumed)
+    if cfg.finetune.weights == "imagenet":
+        return _imagenet(cfg.model.arch, ctx)
+    path = Path(cfg.finetune.weights)
     if not path.exists():
         raise UserError(f"--weights {path} does not exist; pass none, imagenet or the path of a weights file")
     return read_weights(path)

@@ -4,7 +4,7 @@ import sys
 import pytest
 import yaml
 
-from distres.config import TrainConfig, parse_args
+from distres.config import SECTIONS, TrainConfig, parse_args
 from distres.errors import UserError
 from tests.helpers import REPO
 
@@ -28,14 +28,36 @@ def test_saved_config_round_trips(tmp_path):
     cfg = parse_args(["--arch", "resnet18", "--epochs", "7", "--resume"])
     assert cfg.resume == "latest"
     cfg.save(tmp_path / "config.yaml")
-    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["epochs"] == 7
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert list(saved) == list(SECTIONS) and saved["optim"]["epochs"] == 7 and saved["data"]["dataset"] == "cifar10"
     assert parse_args(["--config", str(tmp_path / "config.yaml")]) == cfg
+
+
+def test_yaml_in_sections_and_flat_keys_mix(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model:\n  arch: resnet18\ndata:\n  dataset: mnist\n  workers: 0\noptim: {lr: 0.5}\nepochs: 3\n")
+    cfg = parse_args(["--config", str(f), "--batch-size", "16"])
+    assert (cfg.model.arch, cfg.data.dataset, cfg.data.workers, cfg.optim.lr) == ("resnet18", "mnist", 0, 0.5)
+    assert (cfg.optim.epochs, cfg.optim.batch_size) == (3, 16)
+    assert cfg.data.train_image_size == 28  # parsed once, from the data set's native size
+    assert cfg == TrainConfig(arch="resnet18", data="mnist", workers=0, lr=0.5, epochs=3, batch_size=16)
+
+
+def test_each_section_validates_itself():
+    with pytest.raises(UserError, match="--lr-steps must be comma-separated"):
+        TrainConfig(lr_steps="30,sixty").validate()
+    with pytest.raises(UserError, match="--rollback-lr-factor must be in"):
+        TrainConfig(rollback_lr_factor=2.0).guard.validate()
+    assert TrainConfig(lr_steps="5, 9").optim.lr_step_epochs == (5, 9)
+    assert TrainConfig(profile_steps="3:4").observe.profile_window == (3, 4)
+    assert TrainConfig(autotune_levers="workers,threads").tune.levers == ("workers", "threads")
 
 
 @pytest.mark.parametrize(
     "text,needle",
     [
         ("archh: resnet50\n", "unknown key 'archh'"),
+        ("optim:\n  lrr: 0.1\n", "unknown key 'optim.lrr'.*did you mean 'lr'"),
         ("arch: [unclosed\n", "not valid YAML"),
         ("- a\n- b\n", "must be a mapping"),
         ("batch_size: lots\n", "is not a int"),

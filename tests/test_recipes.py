@@ -22,14 +22,14 @@ def test_every_config_parses(path):
 
 def test_recipe_settings():
     fast = parse_args(["--config", str(CONFIGS[0].parent / "imagenet-rn50-fast.yaml")])
-    assert fast.resize_schedule().sizes(32)[22:28] == [160, 160, 160, 192, 192, 192]
-    assert fast.eval_sizes() == (256, 0) and fast.blurpool and fast.train_image_size() == 192
+    assert fast.data.resize_schedule.sizes(32)[22:28] == [160, 160, 160, 192, 192, 192]
+    assert fast.data.eval_sizes == (256, 0) and fast.blurpool and fast.data.train_image_size == 192
     classic = parse_args(["--config", str(CONFIGS[0].parent / "imagenet-rn50-90ep.yaml"), "--data-dir", "/x"])
-    assert (classic.epochs, classic.schedule, classic.lr_step_epochs(), classic.weight_decay) == (
+    assert (classic.epochs, classic.schedule, classic.optim.lr_step_epochs, classic.weight_decay) == (
         90,
         "step",
         [30, 60],
         1e-4,
     )
     mnist = parse_args(["--config", str(CONFIGS[0].parent / "mnist.yaml")])
-    assert mnist.data == "mnist" and mnist.train_image_size() == 28
+    assert mnist.dataset == "mnist" and mnist.data.train_image_size == 28

@@ -64,7 +64,7 @@ def test_schedule_examples_and_errors():
     with pytest.raises(UserError, match="two final training sizes"):
         parse_args(["--progressive-resize", "160:192", "--progressive-epochs", "1:2", "--image-size", "224"])
     cfg = parse_args(["--progressive-resize", "160:192", "--progressive-epochs", "1:2"])
-    assert cfg.train_image_size() == 192 and cfg.eval_sizes() == (192, 0)
+    assert cfg.data.train_image_size == 192 and cfg.data.eval_sizes == (192, 0)
     with pytest.raises(UserError, match="smaller than the evaluation crop"):
         parse_args(["--eval-image-size", "224", "--eval-resize", "200"])
 

@@ -108,9 +108,11 @@ class BatchAugment:
 
     @classmethod
     def from_config(cls, cfg, num_classes: int) -> BatchAugment | None:
-        if cfg.random_erase <= 0 and cfg.mixup_alpha <= 0 and cfg.cutmix_alpha <= 0:
+        if cfg.augment.random_erase <= 0 and cfg.augment.mixup_alpha <= 0 and cfg.augment.cutmix_alpha <= 0:
             return None
-        return cls(cfg.random_erase, cfg.mixup_alpha, cfg.cutmix_alpha, num_classes, cfg.seed)
+        return cls(
+            cfg.augment.random_erase, cfg.augment.mixup_alpha, cfg.augment.cutmix_alpha, num_classes, cfg.run.seed
+        )
 
     def start_epoch(self, epoch: int, seeds: np.ndarray) -> None:
         """``seeds``: the augmentation seeds of this rank's samples of the epoch, in order."""

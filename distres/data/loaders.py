@@ -60,20 +60,20 @@ def resolve_backend(requested: str, data: str, device: torch.device) -> str:
 def build(
     cfg, ctx, memory_format: torch.memory_format, stats=None, train: bool = True, classes: list[str] | None = None
 ) -> DataBundle:
-    """The train and validation loaders for cfg.data on this rank (only the validation loader
+    """The train and validation loaders for the configured data set on this rank (only the validation loader
     with ``train=False``). ``stats``: a (mean, std) normalisation instead of the data set's,
     e.g. the one pretrained weights were trained with; ``classes``: the label names the
     validation split must use (a model's), checked against its folders."""
-    backend = resolve_backend(cfg.data_backend, cfg.data, ctx.device)
-    if (backend == "synthetic") != (cfg.data == "synthetic"):
+    backend = resolve_backend(cfg.data.data_backend, cfg.data.dataset, ctx.device)
+    if (backend == "synthetic") != (cfg.data.dataset == "synthetic"):
         raise UserError(
             "--data-backend synthetic goes with --data synthetic only; use --data-backend torch"
             if backend == "synthetic"
             else f"--data synthetic makes its images itself; drop --data-backend {backend}"
         )
-    if train and cfg.auto_augment != "none" and backend in ("dali", "synthetic"):
+    if train and cfg.augment.auto_augment != "none" and backend in ("dali", "synthetic"):
         raise UserError(
-            f"--auto-augment {cfg.auto_augment} runs in the torch and gpu backends only: "
+            f"--auto-augment {cfg.augment.auto_augment} runs in the torch and gpu backends only: "
             + (
                 "DALI's auto_aug draws from its own generators, not from the per-sample seeds; "
                 if backend == "dali"
@@ -81,18 +81,18 @@ def build(
             )
             + "use --data-backend torch (or gpu)"
         )
-    if cfg.decode_on == "device" and backend != "torch":
+    if cfg.data.decode_on == "device" and backend != "torch":
         raise UserError(
             f"--decode-on device is an option of --data-backend torch; the {backend} backend "
             + ("makes its images on the device" if backend == "synthetic" else "decodes by itself")
             + ": drop --decode-on device or pass --data-backend torch"
         )
-    size = cfg.train_image_size()
-    eval_crop, eval_resize = cfg.eval_sizes()
+    size = cfg.data.train_image_size
+    eval_crop, eval_resize = cfg.data.eval_sizes
     eval_resize = transforms.eval_size(eval_crop, eval_resize)
     splits, names, (mean, std) = _splits(cfg, ctx, (size, eval_crop), classes)
     mean, std = stats or (mean, std)
-    workers = cfg.workers if cfg.workers >= 0 else default_workers(ctx.cpus_per_rank, ctx.device)
+    workers = cfg.data.workers if cfg.data.workers >= 0 else default_workers(ctx.cpus_per_rank, ctx.device)
 
     loaders = []
     for src, is_train in zip(splits, (True, False)):
@@ -104,28 +104,28 @@ def build(
             is_train,
             size if is_train else eval_crop,
             Normalize(mean, std, ctx.device, memory_format),
-            BadSamples(cfg.on_bad_sample),
-            cfg.batch_size,
+            BadSamples(cfg.data.on_bad_sample),
+            cfg.optim.batch_size,
             ctx.rank,
             ctx.world_size,
-            cfg.seed,
+            cfg.run.seed,
             workers,
             ctx.cpus_per_rank,
-            repeats=cfg.repeated_aug,
-            accum=cfg.grad_accum,
-            policy=Policy(cfg.auto_augment, cfg.ra_magnitude),
+            repeats=cfg.data.repeated_aug,
+            accum=cfg.optim.grad_accum,
+            policy=Policy(cfg.augment.auto_augment, cfg.augment.ra_magnitude),
             batch_aug=BatchAugment.from_config(cfg, len(names)),
-            flip=cfg.data not in known.NO_FLIP,
+            flip=cfg.data.dataset not in known.NO_FLIP,
             resize=0 if is_train else eval_resize,
-            sizes=cfg.resize_schedule() if is_train else None,
-            decode_on_device=cfg.decode_on == "device",
+            sizes=cfg.data.resize_schedule if is_train else None,
+            decode_on_device=cfg.data.decode_on == "device",
         )
         loaders.append(loader_class(backend)(spec))
 
     train_loader = loaders[0]
-    if train_loader is not None and train_loader.num_samples < cfg.batch_size * ctx.world_size:
+    if train_loader is not None and train_loader.num_samples < cfg.optim.batch_size * ctx.world_size:
         raise UserError(
-            f"{train_loader.num_samples} training samples cannot fill one batch of {cfg.batch_size} on each of "
+            f"{train_loader.num_samples} training samples cannot fill one batch of {cfg.optim.batch_size} on each of "
             f"{ctx.world_size} processes; lower --batch-size or launch fewer processes"
         )
     return DataBundle(
@@ -136,26 +136,26 @@ def build(
 def _splits(cfg, ctx, sizes: tuple[int, int], classes: list[str] | None):
     """(train source, val source), the class names, and the data set's (mean, std); ``sizes``:
     the training and evaluation crops (synthetic images are made at them)."""
-    if cfg.data == "synthetic":
+    if cfg.data.dataset == "synthetic":
         from distres.data.synthetic import SyntheticSource
 
         splits = [
-            SyntheticSource(n, cfg.synthetic_classes, sizes[k], cfg.seed, k, ctx.device)
-            for k, n in enumerate((cfg.synthetic_samples, max(1, cfg.synthetic_samples // 8)))
+            SyntheticSource(n, cfg.data.synthetic_classes, sizes[k], cfg.run.seed, k, ctx.device)
+            for k, n in enumerate((cfg.data.synthetic_samples, max(1, cfg.data.synthetic_samples // 8)))
         ]
-        names = [str(k) for k in range(cfg.synthetic_classes)]
+        names = [str(k) for k in range(cfg.data.synthetic_classes)]
         if classes is not None and len(classes) != len(names):
             raise UserError(
                 f"the model has {len(classes)} classes, --data synthetic {len(names)}; "
                 f"pass --synthetic-classes {len(classes)}"
             )
         return splits, classes or names, ((0.5,) * 3, (0.25,) * 3)
-    if cfg.data in known.KNOWN:
-        root = Path(cfg.data_dir) if cfg.data_dir else known.default_dir(cfg.data)
-        splits = known.splits(cfg.data, root, download=ctx.local_rank == 0, classes=classes)
-        stats = known.KNOWN[cfg.data].mean, known.KNOWN[cfg.data].std
+    if cfg.data.dataset in known.KNOWN:
+        root = Path(cfg.data.data_dir) if cfg.data.data_dir else known.default_dir(cfg.data.dataset)
+        splits = known.splits(cfg.data.dataset, root, download=ctx.local_rank == 0, classes=classes)
+        stats = known.KNOWN[cfg.data.dataset].mean, known.KNOWN[cfg.data.dataset].std
     else:
-        splits = sources.imagefolder_splits(Path(cfg.data_dir), classes=classes)
+        splits = sources.imagefolder_splits(Path(cfg.data.data_dir), classes=classes)
         stats = transforms.IMAGENET_MEAN, transforms.IMAGENET_STD
     if ctx.is_main:
         for note in [n for split in splits if split is not None for n in split.notes]:
