@@ -47,7 +47,8 @@ from pathlib import Path
 
 import torch
 
-from distres import checkpoint, config, data, dist, engine, models, optim, perf
+from distres import checkpoint, config, dist, engine, models, perf
+from distres.build import build_parts
 from distres.data.loaders import default_workers, resolve_backend
 from distres.data.transforms import SMALL_IMAGES
 from distres.errors import UserError, console, run_cli
@@ -133,43 +134,38 @@ def _release() -> None:
         torch.cuda.empty_cache()
 
 
+def _steps(n: int, model, meter, batches, parts, clip: float) -> None:
+    for _ in range(n):
+        loss = engine.train_step(model, meter.fetch(batches), parts.loss_fn, parts.optimizer, parts.precision, clip)
+        meter.add(loss)
+
+
 def trial(cfg, ctx, steps: int, warmup: int = WARMUP_STEPS) -> dict | None:
     """Time ``steps`` optimizer steps of cfg's real loader, model and step after warm-up:
-    {images_per_sec, data_wait_frac}, the same on every rank; None when cfg's loader cannot
+    {images_per_sec, data_wait_frac}, the same on every rank; None when cfg's run cannot
     be built on some rank (the reason is printed by rank 0). A collective."""
     if ctx.device.type == "cpu":
         torch.set_num_threads(cfg.dist.threads or ctx.cpus_per_rank)
-    torch.manual_seed(cfg.run.seed)
     try:
-        bundle, why = data.build(cfg, ctx, models.memory_format(cfg.model.channels_last)), None
+        parts, why = build_parts(cfg, ctx), None  # as the run builds them (build.py)
     except UserError as e:  # e.g. the data set does not fit the gpu backend
-        bundle, why = None, str(e)
+        parts, why = None, str(e)
     reasons = [w for w in dist.gather_objects(why) if w]
     if reasons:
-        if ctx.is_main:
-            console(f"distres: autotune: skipped ({reasons[0]})")
-        del bundle
+        ctx.say(f"distres: autotune: skipped ({reasons[0]})")
+        del parts
         _release()
         return None
-    net = models.build(cfg, bundle.classes, bundle.image_size, ctx)
-    plan = optim.plan(cfg, bundle.train.num_samples, ctx.world_size)
-    optimizer = optim.build_optimizer(cfg, net, plan.lr)
-    precision = engine.Precision(cfg.optim.amp, ctx.device)
-    model = models.parallelize(net, cfg, ctx)
-    loss_fn = optim.build_loss(cfg)
-    meter = perf.StepMeter(cfg, ctx, plan.global_batch, bundle.backend)
-    batches = _endless(bundle.train)
-    warmup += 2 if cfg.model.compile else 0  # compile (and CUDA graphs) settle in a few calls
-    for _ in range(warmup):
-        engine.train_step(model, meter.fetch(batches), loss_fn, optimizer, precision, cfg.optim.clip_grad_norm)
+    model = models.parallelize(parts.net, cfg, ctx)
+    meter = perf.StepMeter(cfg, ctx, parts.plan.global_batch, parts.bundle.backend)
+    batches = _endless(parts.bundle.train)
+    clip = cfg.optim.clip_grad_norm
+    _steps(warmup + (2 if cfg.model.compile else 0), model, meter, batches, parts, clip)  # compile settles in a few
     meter.start_window()
-    for _ in range(steps):
-        meter.add(
-            engine.train_step(model, meter.fetch(batches), loss_fn, optimizer, precision, cfg.optim.clip_grad_norm)
-        )
+    _steps(steps, model, meter, batches, parts, clip)
     rec = meter.flush(steps, 0.0, 0.0, 0)
     batches.close()  # ends the loader's epoch (its worker processes with the loader below)
-    del model, net, optimizer, bundle, batches, meter
+    del model, parts, batches, meter
     _release()
     per_rank = dist.gather_objects((rec["images_per_sec"], rec["data_wait_frac"]))
     # Ranks run in lock-step: the slowest one's rate is the job's.
@@ -209,8 +205,7 @@ def tune(cfg, ctx) -> tuple[config.TrainConfig, dict]:
             "kept": False,
         }
         rows.append(row)
-        if ctx.is_main:
-            console("distres: autotune: " + format_row(row))
+        ctx.say("distres: autotune: " + format_row(row))
         return row
 
     # The first trial also pays the process's one-time costs (kernel selection, allocator
@@ -244,14 +239,15 @@ def tune(cfg, ctx) -> tuple[config.TrainConfig, dict]:
         "budget_s": budget,
         "steps_per_trial": steps,
         "seconds": time.perf_counter() - t0,
-        "start": effective(cfg, ctx),
-        "chosen": effective(tuned, ctx),
-        "flags": flags(cfg, tuned),
-        "config": chosen,
+        **_outcome(cfg, tuned, ctx, chosen),
         "trials": rows,
         "not_tried": skipped,
     }
     return tuned, table
+
+
+def _outcome(cfg, tuned, ctx, chosen: dict) -> dict:
+    return {"start": effective(cfg, ctx), "chosen": effective(tuned, ctx), "flags": flags(cfg, tuned), "config": chosen}
 
 
 def confirm(start_cfg, best_cfg, best: dict, run_trial, fits: bool, skipped: list):
@@ -315,10 +311,7 @@ def for_run(cfg, ctx, out: Path, resumed: bool) -> config.TrainConfig:
         saved = json.loads(path.read_text())["config"]
     saved = dist.broadcast_object(saved)
     if saved is not None:
-        if ctx.is_main:
-            console(
-                f"distres: autotune: resuming with the settings chosen before ({path}; --autotune-retune tunes again)"
-            )
+        ctx.say(f"distres: autotune: resuming with the settings chosen before ({path}; --autotune-retune tunes again)")
         return cfg.replace(**saved)
     tuned, table = tune(cfg, ctx)
     if ctx.is_main:

@@ -534,7 +534,10 @@ TRAIN_DESCRIPTION = (
 def build_parser(
     prog: str = "python -m distres.train", description: str = TRAIN_DESCRIPTION
 ) -> argparse.ArgumentParser:
-    p = ArgumentParser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(
+        prog=prog,
+        description=description,
+    )
     p.add_argument(
         "--config",
         metavar="FILE.yaml",

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from distres.errors import RankError, UserError
+from distres.errors import RankError, UserError, console
 from distres.host import available_cpus
 
 
@@ -36,6 +36,11 @@ class DistContext:
     @property
     def distributed(self) -> bool:
         return self.backend is not None
+
+    def say(self, line: str) -> None:
+        """A line for the user from rank 0 (the other ranks would repeat it)."""
+        if self.is_main:
+            console(line)
 
     @property
     def cpus_per_rank(self) -> int:

@@ -43,8 +43,22 @@ def console(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each option's default, unless its help already says what the default is
+    (or the option is required: it has none)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if action.required or "default" in text else super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with the one-line error instead of a usage dump (the CLI's main prints it)."""
+    """argparse with the one-line error instead of a usage dump (the CLI's main prints it), and
+    the defaults in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         raise UserError(f"{message}; see {self.prog} --help")

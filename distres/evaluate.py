@@ -14,7 +14,6 @@ predictions).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import sys
@@ -24,14 +23,13 @@ import torch
 
 from distres import data, dist, engine, inference, models
 from distres.config import BACKENDS, DATASETS
-from distres.errors import ArgumentParser, UserError, console, run_cli
+from distres.errors import ArgumentParser, UserError, run_cli
 
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(
         prog="python -m distres.evaluate",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
         "--checkpoint",
@@ -258,8 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.top_k < 1:
             raise UserError("--top-k must be >= 1")
         ctx = dist.init(a.device, "auto")
-        if ctx.is_main:
-            console(f"distres.evaluate: scoring {a.checkpoint} on {ctx.world_size} x {ctx.device.type}")
+        ctx.say(f"distres.evaluate: scoring {a.checkpoint} on {ctx.world_size} x {ctx.device.type}")
         run(a, ctx)
 
     return run_cli(body, rank=dist.rank_from_env, cleanup=dist.teardown)

@@ -16,7 +16,6 @@ into the file where the format has room for it, and always beside it as ``FILE.j
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import warnings
@@ -37,7 +36,6 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(
         prog="python -m distres.export",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--checkpoint", required=True, help="a distres checkpoint (or .safetensors export)")
     p.add_argument("--format", choices=FORMATS, required=True, help="what to write")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torchvision
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from distres import weights
 from distres.errors import UserError
@@ -233,8 +234,29 @@ def set_backbone_trainable(model: nn.Module, trainable: bool) -> bool:
     return changed
 
 
-def parallelize(model: nn.Module, cfg, ctx) -> nn.Module:
-    """DDP across the processes (when there are several), then torch.compile (when asked)."""
+class CommProbe:
+    """DDP's gradient all-reduce as a comm hook that skips it while ``skip`` is set: the step
+    then keeps this rank's own gradients, as under ``no_sync()``. ``--bench-comm-probe`` sets it
+    for every other log window (``perf.StepMeter``), so that benchmarks/scaling.py can tell the
+    communication that backward could not hide from the compute."""
+
+    def __init__(self):
+        self.skip = False
+        self.allreduce = default_hooks.allreduce_hook  # (the default group's, as DDP's own)
+
+    @staticmethod
+    def hook(probe: CommProbe, bucket):
+        """The comm hook, with the probe as its state (DDP wants a plain named function)."""
+        if probe.skip:
+            done = torch.futures.Future()
+            done.set_result(bucket.buffer())
+            return done
+        return probe.allreduce(None, bucket)
+
+
+def parallelize(model: nn.Module, cfg, ctx, comm_probe: CommProbe | None = None) -> nn.Module:
+    """DDP across the processes (when there are several), with ``comm_probe`` as its comm hook
+    when given, then torch.compile (when asked)."""
     if ctx.distributed:
         model = nn.parallel.DistributedDataParallel(
             model,
@@ -246,6 +268,8 @@ def parallelize(model: nn.Module, cfg, ctx) -> nn.Module:
             # Passed only to turn it off: recent torch warns whenever the flag is given.
             **({} if cfg.dist.broadcast_buffers else {"broadcast_buffers": False}),
         )
+        if comm_probe is not None:
+            model.register_comm_hook(comm_probe, CommProbe.hook)
     if cfg.model.compile:
         schedule = cfg.data.resize_schedule
         if schedule is not None:

@@ -32,7 +32,7 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float, backbone_lr_s
 
 
 @dataclass(frozen=True)
-class Axis:
+class ScheduleClock:
     """The lr schedule's clock: optimizer steps of the run's first global batch ``global_batch``.
 
     A run resumed with another global batch takes steps of another size; from its resume step
@@ -67,7 +67,7 @@ class Plan:
     total_steps: int
     global_batch: int  # images per optimizer step, all processes
     lr: float  # peak learning rate
-    axis: Axis  # the schedule's clock (see Axis)
+    clock: ScheduleClock  # the schedule's clock
     schedule_steps: tuple[int, int]  # (steps per epoch, total steps) on the clock
 
 
@@ -79,7 +79,7 @@ class Resumed:
     epoch: int
     sample: int  # samples of ``epoch``'s order consumed
     global_batch: int  # the checkpoint's
-    axis: dict | None  # its Axis.state_dict(); None: saved before there was one
+    axis: dict | None  # its ScheduleClock.state_dict(); None: saved before there was one
 
 
 def _horizon(cfg, num_samples: int, global_batch: int) -> tuple[int, int, int]:
@@ -106,16 +106,18 @@ def plan(cfg, num_samples: int, world_size: int, resumed: Resumed | None = None)
             f"{batches} each rank has per epoch; lower it or --batch-size"
         )
     global_batch = micro * cfg.optim.grad_accum
-    axis = Axis(global_batch)
+    clock = ScheduleClock(global_batch)
     if resumed is not None:
-        then = Axis(**resumed.axis) if resumed.axis else Axis(resumed.global_batch)
-        then = Axis(then.global_batch, then.base_step, then.base, resumed.global_batch / then.global_batch)
-        axis = (
+        then = ScheduleClock(**resumed.axis) if resumed.axis else ScheduleClock(resumed.global_batch)
+        then = ScheduleClock(then.global_batch, then.base_step, then.base, resumed.global_batch / then.global_batch)
+        clock = (
             then
             if resumed.global_batch == global_batch
-            else Axis(then.global_batch, resumed.step, float(then(resumed.step)), global_batch / then.global_batch)
+            else ScheduleClock(
+                then.global_batch, resumed.step, float(then(resumed.step)), global_batch / then.global_batch
+            )
         )
-    first_per_epoch, epochs, first_total = _horizon(cfg, num_samples, axis.global_batch)
+    first_per_epoch, epochs, first_total = _horizon(cfg, num_samples, clock.global_batch)
     steps_per_epoch = num_samples // global_batch
     total_steps = first_total
     if resumed is not None:
@@ -124,14 +126,14 @@ def plan(cfg, num_samples: int, world_size: int, resumed: Resumed | None = None)
             left = max(0, num_samples - resumed.sample) // global_batch + (epochs - resumed.epoch - 1) * steps_per_epoch
         total_steps = resumed.step + left
         if cfg.optim.max_steps > 0:
-            total_steps = min(total_steps, axis.step_at(first_total))
+            total_steps = min(total_steps, clock.step_at(first_total))
     return Plan(
         steps_per_epoch,
         epochs,
         total_steps,
         global_batch,
         peak_lr(cfg, world_size),
-        axis,
+        clock,
         (first_per_epoch, first_total),
     )
 
@@ -175,7 +177,7 @@ def lr_factor(
     milestones: list[int],
     gamma: float,
 ) -> float:
-    """Multiplier of the peak lr at an optimizer step (0-based; on the ``Axis`` clock, which
+    """Multiplier of the peak lr at an optimizer step (0-based; on the ``ScheduleClock`` clock, which
     is fractional after a change of global batch)."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
@@ -195,7 +197,7 @@ def build_scheduler(cfg, optimizer, plan: Plan):
     milestones = cfg.optim.lr_step_epochs
 
     def factor(step: int) -> float:
-        return lr_factor(plan.axis(step), total, warmup, cfg.optim.schedule, per_epoch, milestones, cfg.optim.lr_gamma)
+        return lr_factor(plan.clock(step), total, warmup, cfg.optim.schedule, per_epoch, milestones, cfg.optim.lr_gamma)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 

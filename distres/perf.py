@@ -9,27 +9,24 @@ fraction, the GPU telemetry summary and the verdict: input-bound or compute-boun
 lever to try for the backend the run actually uses.
 
 The comm probe is how benchmarks/scaling.py measures the *exposed* communication time: with
-``--bench-comm-probe`` every other log window runs its steps inside DDP's ``no_sync()`` (no
-gradient all-reduce), so neighbouring windows differ only in the communication that backward
-could not hide. Interleaving (rather than one phase of each) keeps slow drifts of a shared
+``--bench-comm-probe`` the meter tells DDP's comm hook (``models.CommProbe``) to skip the
+gradient all-reduce in every other log window, so neighbouring windows differ only in the
+communication that backward could not hide. Interleaving (rather than one phase of each) keeps slow drifts of a shared
 machine out of the difference.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import resource
 import sys
 import time
 
 import torch
-import torch.nn as nn
 
 from distres import dist
 from distres.config import NATIVE_SIZE
-from distres.errors import console
-from distres.models import find_ddp
+from distres.models import CommProbe
 from distres.tracking import Logger
 
 # At or above this share of step time spent waiting for the next batch, the input pipeline is
@@ -99,7 +96,8 @@ class StepMeter:
             global_batch,
         )
         self.logger = logger if logger is not None else Logger()
-        self.probe = cfg.dist.bench_comm_probe and ctx.distributed  # (DDP only exists then)
+        # (DDP, and so its comm hook, only exists with a process group)
+        self.probe = CommProbe() if cfg.dist.bench_comm_probe and ctx.distributed else None
         # The probe compares step times; on CUDA the host runs ahead of the GPU, so it waits
         # for the GPU after every step and the host clock times the GPU's work.
         self.sync_steps = cfg.dist.bench_comm_probe and ctx.device.type == "cuda"
@@ -114,9 +112,12 @@ class StepMeter:
     def _reset_epoch(self) -> None:
         self.steps, self.elapsed, self.wait = 0, 0.0, 0.0
 
-    def start_window(self) -> None:
+    def start_window(self, step: int = 0) -> None:
+        """A log window from optimizer step ``step`` (steps done) on."""
         self._n, self._wait, self._t0 = 0, 0.0, time.perf_counter()
         self._loss.zero_()
+        if self.probe is not None:
+            self.probe.skip = self._probing(step)
 
     def fetch(self, batches) -> list:
         """The next optimizer step's micro-batches; the time spent waiting for them is data wait."""
@@ -141,12 +142,7 @@ class StepMeter:
 
     def _probing(self, step: int) -> bool:
         # step: optimizer steps done before this one; windows end at multiples of log_every.
-        return self.probe and (step // self.log_every) % 2 == 1
-
-    def step_context(self, model: nn.Module, step: int):
-        """no_sync() for the steps of every other window under --bench-comm-probe."""
-        ddp = find_ddp(model) if self._probing(step) else None
-        return ddp.no_sync() if ddp is not None else contextlib.nullcontext()
+        return self.probe is not None and (step // self.log_every) % 2 == 1
 
     def add(self, loss: torch.Tensor) -> None:
         """One optimizer step's mean loss (a device tensor, not read here)."""
@@ -159,6 +155,13 @@ class StepMeter:
     def pending_loss(self) -> torch.Tensor:
         """The losses of the window's steps so far, summed on the device (not read here)."""
         return self._loss
+
+    def maybe_flush(self, step: int, epoch: float, lr: float, bad_samples: int, last: bool) -> dict | None:
+        """The window's record when it ends at optimizer step ``step``: every --log-every steps,
+        and at a pass's ``last`` step; else None."""
+        if last or step % self.log_every == 0:
+            return self.flush(step, epoch, lr, bad_samples)
+        return None
 
     def flush(self, step: int, epoch: float, lr: float, bad_samples: int) -> dict:
         """Log the window ending at optimizer step ``step``, start the next one; the record.
@@ -186,7 +189,7 @@ class StepMeter:
             **self.fields,
         }
         self.logger.log(rec)
-        self.start_window()
+        self.start_window(step)
         return rec
 
     def window(self, steps: int, elapsed: float, wait: float, step: int) -> dict:
@@ -194,7 +197,7 @@ class StepMeter:
         adds it to the epoch's totals."""
         self.steps, self.elapsed, self.wait = self.steps + steps, self.elapsed + elapsed, self.wait + wait
         rec = {"step_time": elapsed / steps, "peak_mem_mb": peak_memory_mb(self.ctx.device)}
-        if self.probe:
+        if self.probe is not None:
             rec["synced"] = not self._probing(step - 1)
         return rec
 
@@ -220,7 +223,6 @@ class StepMeter:
             **gpu,
         }
         self.logger.log(rec)
-        if self.ctx.is_main:
-            console(f"distres: epoch {epoch}: {detail}")
+        self.ctx.say(f"distres: epoch {epoch}: {detail}")
         self._reset_epoch()
         return rec

@@ -11,7 +11,6 @@ and counted, and the rest go on.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import sys
@@ -29,7 +28,6 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(
         prog="python -m distres.predict",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of them")
     p.add_argument("--checkpoint", required=True, help="a distres checkpoint or .safetensors export")

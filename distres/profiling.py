@@ -1,6 +1,6 @@
 """``--profile-steps A:B``: torch.profiler over optimizer steps A..B on every rank.
 
-``Window`` hooks into ``train.train_epoch``'s step loop through one attribute, ``at``: the
+``ProfileWindow`` hooks into ``train.train_epoch``'s step loop through one attribute, ``at``: the
 number of optimizer steps done at which the window next needs a call (A - 1, then each step
 of the window, then -1 for never). Outside the window the loop's only profiling work is
 comparing that int with its step count, and nothing else of the run is touched.
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from distres.errors import UserError, console
+from distres.errors import UserError
 
 DATA_WAIT = "distres: data wait"
 STEP_PREFIX = "ProfilerStep#"
@@ -59,7 +59,7 @@ def category(name: str) -> str:
     return "host overhead"  # the step span itself, Python annotations, autograd's own frames
 
 
-class Window:
+class ProfileWindow:
     def __init__(self, cfg, ctx, out: Path, step: int, total_steps: int):
         self.at = NEVER
         win = cfg.observe.profile_window
@@ -72,11 +72,10 @@ class Window:
                 f"pick a window that ends by step {total_steps}"
             )
         if step >= self.first:
-            if ctx.is_main:
-                console(
-                    f"distres: note: resumed at step {step}, past the start of --profile-steps "
-                    f"{cfg.observe.profile_steps}; no profile this time"
-                )
+            ctx.say(
+                f"distres: note: resumed at step {step}, past the start of --profile-steps "
+                f"{cfg.observe.profile_steps}; no profile this time"
+            )
             return
         self.cfg, self.ctx, self.folder = cfg, ctx, out / "profile"
         self.meter = None  # the run's perf.StepMeter, from the first boundary on
@@ -86,6 +85,12 @@ class Window:
         self.wall = 0.0  # host clock over the ProfilerStep spans
         self.trace: Path | None = None
         self.at = self.first - 1
+
+    def step(self, step: int, meter) -> None:
+        """At the top of the step loop, ``step`` steps done: the one comparison a step pays
+        outside the window."""
+        if step == self.at:
+            self.boundary(step, meter)
 
     def boundary(self, step: int, meter) -> None:
         """At the top of the step loop, ``step`` steps done: start, advance or end the window."""
@@ -146,8 +151,7 @@ class Window:
         )
         (self.folder / f"summary-rank{self.ctx.rank}.json").write_text(json.dumps(summary, indent=1) + "\n")
         self.meter.refs["trace"] = str(self.folder / f"rank{self.ctx.rank}.*.pt.trace.json")
-        if self.ctx.is_main:
-            console(format_summary(summary, self.folder))
+        self.ctx.say(format_summary(summary, self.folder))
         self.prof = None
 
     def close(self) -> None:
@@ -237,50 +241,21 @@ def summarize(trace: dict, device_type: str) -> dict:
     main = (steps[0]["pid"], steps[0]["tid"])
     spans = _union([(e["ts"], e["ts"] + e["dur"]) for e in steps])
     wall = sum(b - a for a, b in spans)
-    secs: dict[str, float] = defaultdict(float)
-    comm = _union(
-        [
-            (e["ts"], e["ts"] + e["dur"])
-            for e in events
-            if category(e["name"]) == "communication" and (e["pid"], e["tid"]) != main
-        ]
-    )
     thread = [
         e for e in events if (e["pid"], e["tid"]) == main and _overlap([(e["ts"], e["ts"] + e["dur"])], spans) > 0
     ]
-    top: dict[str, float] = defaultdict(float)
     fetch = _union([(e["ts"], e["ts"] + e["dur"]) for e in thread if e["name"] == DATA_WAIT])
-    for e, own in _nest(thread):
-        inside_fetch = _overlap([(e["ts"], e["ts"] + e["dur"])], fetch) >= e["dur"] - 1e-3
-        if e["name"].startswith(STEP_PREFIX) or not inside_fetch:
-            cat = category(e["name"])
-            if e["name"].startswith(("aten::", "c10d::", "gloo:", "nccl:")):
-                top[e["name"]] += own
-            if device_type != "cuda":
-                if cat == "host overhead" and own > 0 and comm:
-                    # the share of this frame's own time while a collective was in flight
-                    ratio = own / e["dur"] if e["dur"] else 0.0
-                    waited = ratio * _overlap([(e["ts"], e["ts"] + e["dur"])], comm)
-                    secs["communication"] += waited
-                    own -= waited
-                secs[cat] += own
-        elif e["name"] == DATA_WAIT and device_type != "cuda":
-            secs["data wait"] += e["dur"]
     if device_type == "cuda":
-        secs = defaultdict(float)
-        kernels = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
-        busy: list[tuple[float, float]] = []
-        for cat in ("convolution/matmul", "normalisation/elementwise", "communication"):
-            mine = _union([(e["ts"], e["ts"] + e["dur"]) for e in kernels if category_kernel(e["name"]) == cat])
-            mine = _subtract(_subtract(mine, busy), _subtract([(-1e30, 1e30)], spans))
-            secs[cat] += sum(b - a for a, b in mine)
-            busy = _union(busy + mine)
-        idle = _subtract(spans, busy)
-        secs["data wait"] = _overlap(idle, fetch)
-        secs["host overhead"] = sum(b - a for a, b in idle) - secs["data wait"]
-        top = defaultdict(float)
-        for e in kernels:
-            top[e["name"][:60]] += e["dur"]
+        secs, top = _gpu_times(events, spans, fetch)
+    else:
+        comm = _union(
+            [
+                (e["ts"], e["ts"] + e["dur"])
+                for e in events
+                if category(e["name"]) == "communication" and (e["pid"], e["tid"]) != main
+            ]
+        )
+        secs, top = _host_times(thread, fetch, comm)
     seconds = {c: secs.get(c, 0.0) / 1e6 for c in CATEGORIES}
     return {
         "steps": sorted(int(e["name"][len(STEP_PREFIX) :]) for e in steps),
@@ -289,6 +264,47 @@ def summarize(trace: dict, device_type: str) -> dict:
         "shares": {c: (v / (wall / 1e6) if wall else 0.0) for c, v in seconds.items()},
         "top_ops": [[n, t / 1e6] for n, t in sorted(top.items(), key=lambda kv: -kv[1])[:8]],
     }
+
+
+def _host_times(thread: list[dict], fetch, comm) -> tuple[dict, dict]:
+    """(microseconds per category, per op) of the training thread's events within the spans."""
+    secs: dict[str, float] = defaultdict(float)
+    top: dict[str, float] = defaultdict(float)
+    for e, own in _nest(thread):
+        inside_fetch = _overlap([(e["ts"], e["ts"] + e["dur"])], fetch) >= e["dur"] - 1e-3
+        if e["name"].startswith(STEP_PREFIX) or not inside_fetch:
+            cat = category(e["name"])
+            if e["name"].startswith(("aten::", "c10d::", "gloo:", "nccl:")):
+                top[e["name"]] += own
+            if cat == "host overhead" and own > 0 and comm:
+                # the share of this frame's own time while a collective was in flight
+                ratio = own / e["dur"] if e["dur"] else 0.0
+                waited = ratio * _overlap([(e["ts"], e["ts"] + e["dur"])], comm)
+                secs["communication"] += waited
+                own -= waited
+            secs[cat] += own
+        elif e["name"] == DATA_WAIT:
+            secs["data wait"] += e["dur"]
+    return secs, top
+
+
+def _gpu_times(events: list[dict], spans, fetch) -> tuple[dict, dict]:
+    """(microseconds per category, per kernel) of the GPU's timeline within the spans."""
+    secs: dict[str, float] = defaultdict(float)
+    kernels = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    busy: list[tuple[float, float]] = []
+    for cat in ("convolution/matmul", "normalisation/elementwise", "communication"):
+        mine = _union([(e["ts"], e["ts"] + e["dur"]) for e in kernels if category_kernel(e["name"]) == cat])
+        mine = _subtract(_subtract(mine, busy), _subtract([(-1e30, 1e30)], spans))
+        secs[cat] += sum(b - a for a, b in mine)
+        busy = _union(busy + mine)
+    idle = _subtract(spans, busy)
+    secs["data wait"] = _overlap(idle, fetch)
+    secs["host overhead"] = sum(b - a for a, b in idle) - secs["data wait"]
+    top: dict[str, float] = defaultdict(float)
+    for e in kernels:
+        top[e["name"][:60]] += e["dur"]
+    return secs, top
 
 
 def category_kernel(name: str) -> str:

@@ -18,8 +18,6 @@ from collections.abc import Callable
 
 import torch
 
-from distres.errors import console
-
 SAMPLE_EVERY_S = 2.0
 # What one sample holds; each is averaged and maxed per epoch.
 FIELDS = ("util", "mem_used_mb", "power_w", "temp_c", "sm_clock_mhz")
@@ -167,12 +165,10 @@ def start(ctx, interval_s: float = SAMPLE_EVERY_S) -> Telemetry:
     except Exception as e:
         pynvml.nvmlShutdown()
         return _off(ctx, f"no NVML handle for {ctx.device} ({type(e).__name__}: {e})", collective)
-    if ctx.is_main:
-        console(f"distres: GPU telemetry: NVML sampler every {interval_s:g} s on each rank's GPU")
+    ctx.say(f"distres: GPU telemetry: NVML sampler every {interval_s:g} s on each rank's GPU")
     return Sampler(reader, interval_s, collective, close_fn=pynvml.nvmlShutdown)
 
 
 def _off(ctx, why: str, collective: bool) -> Telemetry:
-    if ctx.is_main:
-        console(f"distres: GPU telemetry off: {why}")
+    ctx.say(f"distres: GPU telemetry off: {why}")
     return Telemetry(collective)

@@ -14,6 +14,7 @@ timeout. The process group's own timeout is set later than this one, as a backst
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -38,6 +39,19 @@ class Watchdog:
 
     def leave(self) -> None:
         self._phase = None
+
+    @contextlib.contextmanager
+    def phase(self, what: str, step: int, timed: bool = True):
+        """``what`` of step ``step`` for the block's length; ``timed=False``: a block no timeout
+        applies to (a first step that may compile for minutes)."""
+        if timed:
+            self.enter(what, step)
+        else:
+            self.leave()
+        try:
+            yield
+        finally:
+            self.leave()
 
     def close(self) -> None:
         self._stop.set()

@@ -285,7 +285,7 @@ def test_the_horizon_stays_on_the_schedules_clock_across_a_change_of_global_batc
         cfg = TrainConfig(epochs=0, max_steps=250, batch_size=batch)
         plan = optim.plan(cfg, 1000, 1, optim.Resumed(150, 3, 0, 20, first))
         assert plan.total_steps == total and plan.schedule_steps == (50, 250)
-        assert plan.axis(plan.total_steps) == 250
+        assert plan.clock(plan.total_steps) == 250
 
 
 def test_a_checkpoint_of_the_first_format_resumes_with_the_current_split():

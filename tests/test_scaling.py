@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks import allreduce_model as model
 from benchmarks import scaling
-from tests.helpers import REPO, cli_env, count_allreduces
+from tests.helpers import REPO, cli_env
 
 
 def test_quick_cpu_run(tmp_path, monkeypatch):
@@ -178,36 +178,42 @@ def test_bad_input_is_one_line(capsys):
 
 
 def test_comm_probe_skips_the_allreduce_every_other_window(tmp_path):
-    """The measurement behind 'exposed communication': real DDP on a one-rank gloo group, a
-    comm hook counting the all-reduces that DDP starts."""
+    """The measurement behind 'exposed communication': real DDP on a one-rank gloo group with the
+    probe installed as its comm hook by models.parallelize, the all-reduces it starts counted."""
     import torch
     import torch.distributed as tdist
     import torch.nn as nn
 
-    from distres import perf
+    from distres import models, perf
     from distres.config import TrainConfig, build_parser
     from distres.dist import DistContext
 
     assert "--bench-comm-probe" in build_parser().format_help()
     tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
-        ddp = nn.parallel.DistributedDataParallel(nn.Linear(4, 2))
-        calls = count_allreduces(ddp)
         ctx = DistContext(0, 0, 1, 1, torch.device("cpu"), "gloo")
-        meter = perf.StepMeter(
-            TrainConfig(log_every=2, bench_comm_probe=True), ctx, global_batch=8, backend="synthetic"
-        )
+        cfg = TrainConfig(log_every=2, bench_comm_probe=True, channels_last=False)
+        meter = perf.StepMeter(cfg, ctx, global_batch=8, backend="synthetic")
+        calls, allreduce = [], meter.probe.allreduce
+
+        def counted(group, bucket):
+            calls.append(1)
+            return allreduce(group, bucket)
+
+        meter.probe.allreduce = counted
+        ddp = models.parallelize(nn.Linear(4, 2), cfg, ctx, comm_probe=meter.probe)
         synced = []
         for step in range(8):
+            if step % 2 == 0:
+                meter.start_window(step)  # as a flush at every --log-every steps does
             before = len(calls)
-            with meter.step_context(ddp, step):
-                ddp(torch.randn(8, 4)).sum().backward()
+            ddp(torch.randn(8, 4)).sum().backward()
             synced.append(len(calls) > before)
         assert synced == [True, True, False, False, True, True, False, False]
         assert meter.window(2, 1.0, 0.1, step=2)["synced"] is True
         assert meter.window(2, 1.0, 0.1, step=4)["synced"] is False
         plain = perf.StepMeter(TrainConfig(log_every=2), ctx, global_batch=8, backend="synthetic")
-        assert "synced" not in plain.window(2, 1.0, 0.1, step=4)  # no probe: every step all-reduces
+        assert plain.probe is None and "synced" not in plain.window(2, 1.0, 0.1, step=4)  # every step all-reduces
     finally:
         tdist.destroy_process_group()
 

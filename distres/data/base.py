@@ -54,7 +54,7 @@ class Spec:
     bad: BadSamples
     batch_size: int
     rank: int
-    world: int
+    world_size: int
     seed: int
     workers: int  # DataLoader processes (torch) or DALI threads
     cpus: int  # this rank's share of the CPUs (threads for one-off work such as decoding a data set)
@@ -80,7 +80,7 @@ class Spec:
             num_samples,
             self.batch_size,
             self.rank,
-            self.world,
+            self.world_size,
             self.seed,
             shuffle=self.train,
             drop_last=self.train,

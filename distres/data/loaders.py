@@ -65,28 +65,7 @@ def build(
     e.g. the one pretrained weights were trained with; ``classes``: the label names the
     validation split must use (a model's), checked against its folders."""
     backend = resolve_backend(cfg.data.data_backend, cfg.data.dataset, ctx.device)
-    if (backend == "synthetic") != (cfg.data.dataset == "synthetic"):
-        raise UserError(
-            "--data-backend synthetic goes with --data synthetic only; use --data-backend torch"
-            if backend == "synthetic"
-            else f"--data synthetic makes its images itself; drop --data-backend {backend}"
-        )
-    if train and cfg.augment.auto_augment != "none" and backend in ("dali", "synthetic"):
-        raise UserError(
-            f"--auto-augment {cfg.augment.auto_augment} runs in the torch and gpu backends only: "
-            + (
-                "DALI's auto_aug draws from its own generators, not from the per-sample seeds; "
-                if backend == "dali"
-                else ""
-            )
-            + "use --data-backend torch (or gpu)"
-        )
-    if cfg.data.decode_on == "device" and backend != "torch":
-        raise UserError(
-            f"--decode-on device is an option of --data-backend torch; the {backend} backend "
-            + ("makes its images on the device" if backend == "synthetic" else "decodes by itself")
-            + ": drop --decode-on device or pass --data-backend torch"
-        )
+    _check_backend(cfg, backend, train)
     size = cfg.data.train_image_size
     eval_crop, eval_resize = cfg.data.eval_sizes
     eval_resize = transforms.eval_size(eval_crop, eval_resize)
@@ -131,6 +110,32 @@ def build(
     return DataBundle(
         train_loader, loaders[1], len(names), size, backend, names, tuple(mean), tuple(std), eval_crop, eval_resize
     )
+
+
+def _check_backend(cfg, backend: str, train: bool) -> None:
+    """The options a backend cannot honour, each as its one-line error."""
+    if (backend == "synthetic") != (cfg.data.dataset == "synthetic"):
+        raise UserError(
+            "--data-backend synthetic goes with --data synthetic only; use --data-backend torch"
+            if backend == "synthetic"
+            else f"--data synthetic makes its images itself; drop --data-backend {backend}"
+        )
+    if train and cfg.augment.auto_augment != "none" and backend in ("dali", "synthetic"):
+        raise UserError(
+            f"--auto-augment {cfg.augment.auto_augment} runs in the torch and gpu backends only: "
+            + (
+                "DALI's auto_aug draws from its own generators, not from the per-sample seeds; "
+                if backend == "dali"
+                else ""
+            )
+            + "use --data-backend torch (or gpu)"
+        )
+    if cfg.data.decode_on == "device" and backend != "torch":
+        raise UserError(
+            f"--decode-on device is an option of --data-backend torch; the {backend} backend "
+            + ("makes its images on the device" if backend == "synthetic" else "decodes by itself")
+            + ": drop --decode-on device or pass --data-backend torch"
+        )
 
 
 def _splits(cfg, ctx, sizes: tuple[int, int], classes: list[str] | None):

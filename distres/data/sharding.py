@@ -67,7 +67,7 @@ class ShardSampler(torch.utils.data.Sampler):
         num_samples: int,
         batch_size: int,
         rank: int,
-        world: int,
+        world_size: int,
         seed: int,
         shuffle: bool,
         drop_last: bool,
@@ -75,7 +75,7 @@ class ShardSampler(torch.utils.data.Sampler):
         accum: int = 1,
     ):
         self.num_samples, self.batch_size, self.accum = num_samples, batch_size, accum if drop_last else 1
-        self.rank, self.world, self.seed = rank, world, seed
+        self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle, self.drop_last = shuffle, drop_last
         self.repeats = repeats if shuffle else 1  # evaluation counts every sample once
         self.epoch, self.start_sample = 0, 0
@@ -83,7 +83,7 @@ class ShardSampler(torch.utils.data.Sampler):
     @property
     def global_batch(self) -> int:
         """Samples of one micro-batch over all ranks."""
-        return self.batch_size * self.world
+        return self.batch_size * self.world_size
 
     @property
     def step_samples(self) -> int:
@@ -98,7 +98,7 @@ class ShardSampler(torch.utils.data.Sampler):
         left = max(0, self.num_samples - self.start_sample)
         if self.drop_last:  # whole steps only
             return left // self.step_samples * self.accum
-        mine = len(range(self.rank, left, self.world))
+        mine = len(range(self.rank, left, self.world_size))
         return -(-mine // self.batch_size)
 
     def __len__(self) -> int:
@@ -111,9 +111,9 @@ class ShardSampler(torch.utils.data.Sampler):
         order = epoch_order(self.num_samples, self.seed, self.epoch, self.shuffle, self.repeats)
         rest = order[self.start_sample :].numpy()
         if not self.drop_last:
-            return np.ascontiguousarray(rest[self.rank :: self.world])
+            return np.ascontiguousarray(rest[self.rank :: self.world_size])
         steps = len(rest) // self.step_samples
-        slots = rest[: steps * self.step_samples].reshape(steps, self.batch_size, self.accum, self.world)
+        slots = rest[: steps * self.step_samples].reshape(steps, self.batch_size, self.accum, self.world_size)
         return np.ascontiguousarray(slots[:, :, :, self.rank].transpose(0, 2, 1).reshape(-1))
 
     def epoch_indices(self) -> np.ndarray:
@@ -128,7 +128,9 @@ class ShardSampler(torch.utils.data.Sampler):
         """An identity of this rank's batch k (counted from the start position) for per-batch
         random draws: the position of its first sample in the epoch's order. The same images
         in the same slot of a step give the same key, whatever the split of the global batch."""
-        return self.start_sample + (k // self.accum) * self.step_samples + (k % self.accum) * self.world + self.rank
+        return (
+            self.start_sample + (k // self.accum) * self.step_samples + (k % self.accum) * self.world_size + self.rank
+        )
 
     def batch_slices(self, start: int = 0) -> Iterator[slice]:
         """This rank's batches from batch ``start`` (counted from the start position) as slices
