@@ -82,30 +82,30 @@ class Resumed:
     axis: dict | None  # its ScheduleClock.state_dict(); None: saved before there was one
 
 
-def _horizon(cfg, num_samples: int, global_batch: int) -> tuple[int, int, int]:
+def _horizon(opt, num_samples: int, global_batch: int) -> tuple[int, int, int]:
     """(steps per epoch, epochs, total steps) of a run over num_samples at this global batch."""
     steps_per_epoch = num_samples // global_batch
-    epochs = cfg.optim.epochs if cfg.optim.epochs > 0 else math.ceil(cfg.optim.max_steps / steps_per_epoch)
+    epochs = opt.epochs if opt.epochs > 0 else math.ceil(opt.max_steps / steps_per_epoch)
     total_steps = epochs * steps_per_epoch
-    if cfg.optim.max_steps > 0:
-        total_steps = min(total_steps, cfg.optim.max_steps)
+    if opt.max_steps > 0:
+        total_steps = min(total_steps, opt.max_steps)
         epochs = min(epochs, math.ceil(total_steps / steps_per_epoch))
     return steps_per_epoch, epochs, total_steps
 
 
-def plan(cfg, num_samples: int, world_size: int, resumed: Resumed | None = None) -> Plan:
+def plan(opt, num_samples: int, world_size: int, resumed: Resumed | None = None) -> Plan:
     """How long the run is, from --epochs / --max-steps and the samples of an epoch. The horizon
     (epochs, --max-steps, the schedule's length) is counted on the schedule's clock, in steps
     of the run's first global batch; a run resumed with another one finishes it at the new size,
     its steps left counted from the samples left."""
-    micro = cfg.optim.batch_size * world_size
+    micro = opt.batch_size * world_size
     batches = num_samples // micro
-    if batches // cfg.optim.grad_accum == 0:
+    if batches // opt.grad_accum == 0:
         raise UserError(
-            f"--grad-accum {cfg.optim.grad_accum} needs more batches than the "
+            f"--grad-accum {opt.grad_accum} needs more batches than the "
             f"{batches} each rank has per epoch; lower it or --batch-size"
         )
-    global_batch = micro * cfg.optim.grad_accum
+    global_batch = micro * opt.grad_accum
     clock = ScheduleClock(global_batch)
     if resumed is not None:
         then = ScheduleClock(**resumed.axis) if resumed.axis else ScheduleClock(resumed.global_batch)
@@ -117,7 +117,7 @@ def plan(cfg, num_samples: int, world_size: int, resumed: Resumed | None = None)
                 then.global_batch, resumed.step, float(then(resumed.step)), global_batch / then.global_batch
             )
         )
-    first_per_epoch, epochs, first_total = _horizon(cfg, num_samples, clock.global_batch)
+    first_per_epoch, epochs, first_total = _horizon(opt, num_samples, clock.global_batch)
     steps_per_epoch = num_samples // global_batch
     total_steps = first_total
     if resumed is not None:
@@ -125,33 +125,33 @@ def plan(cfg, num_samples: int, world_size: int, resumed: Resumed | None = None)
         if resumed.epoch < epochs:
             left = max(0, num_samples - resumed.sample) // global_batch + (epochs - resumed.epoch - 1) * steps_per_epoch
         total_steps = resumed.step + left
-        if cfg.optim.max_steps > 0:
+        if opt.max_steps > 0:
             total_steps = min(total_steps, clock.step_at(first_total))
     return Plan(
         steps_per_epoch,
         epochs,
         total_steps,
         global_batch,
-        peak_lr(cfg, world_size),
+        peak_lr(opt, world_size),
         clock,
         (first_per_epoch, first_total),
     )
 
 
-def peak_lr(cfg, world_size: int) -> float:
-    if cfg.optim.lr > 0:
-        return cfg.optim.lr
-    if cfg.optim.optimizer == "sgd":  # linear scaling rule: 0.1 per 256 images
-        return 0.1 * cfg.optim.batch_size * cfg.optim.grad_accum * world_size / 256
+def peak_lr(opt, world_size: int) -> float:
+    if opt.lr > 0:
+        return opt.lr
+    if opt.optimizer == "sgd":  # linear scaling rule: 0.1 per 256 images
+        return 0.1 * opt.batch_size * opt.grad_accum * world_size / 256
     return 1e-3
 
 
-def build_optimizer(cfg, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.optim.weight_decay, lr, cfg.finetune.backbone_lr_scale)
+def build_optimizer(opt, model: nn.Module, lr: float, backbone_lr_scale: float = 1.0) -> torch.optim.Optimizer:
+    groups = param_groups(model, opt.weight_decay, lr, backbone_lr_scale)
     # One fused kernel for all parameters' updates, on GPUs and CPUs alike (on the CPU, where
     # foreach falls back to a loop over tensors, it is several times faster).
-    if cfg.optim.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov, fused=True)
+    if opt.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=opt.momentum, nesterov=opt.nesterov, fused=True)
     return torch.optim.AdamW(groups, lr=lr, fused=True)
 
 
@@ -191,16 +191,16 @@ def lr_factor(
     return 1.0
 
 
-def build_scheduler(cfg, optimizer, plan: Plan):
+def build_scheduler(opt, optimizer, plan: Plan):
     per_epoch, total = plan.schedule_steps
-    warmup = min(round(cfg.optim.warmup_epochs * per_epoch), max(0, total - 1))
-    milestones = cfg.optim.lr_step_epochs
+    warmup = min(round(opt.warmup_epochs * per_epoch), max(0, total - 1))
+    milestones = opt.lr_step_epochs
 
     def factor(step: int) -> float:
-        return lr_factor(plan.clock(step), total, warmup, cfg.optim.schedule, per_epoch, milestones, cfg.optim.lr_gamma)
+        return lr_factor(plan.clock(step), total, warmup, opt.schedule, per_epoch, milestones, opt.lr_gamma)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def build_loss(cfg) -> nn.Module:
-    return nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+def build_loss(opt) -> nn.Module:
+    return nn.CrossEntropyLoss(label_smoothing=opt.label_smoothing)

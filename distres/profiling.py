@@ -60,24 +60,24 @@ def category(name: str) -> str:
 
 
 class ProfileWindow:
-    def __init__(self, cfg, ctx, out: Path, step: int, total_steps: int):
+    def __init__(self, observe, ctx, out: Path, step: int, total_steps: int):
         self.at = NEVER
-        win = cfg.observe.profile_window
+        win = observe.profile_window
         if win is None:
             return
         self.first, self.last = win
         if self.last > total_steps:
             raise UserError(
-                f"--profile-steps {cfg.observe.profile_steps}: the run has {total_steps} steps; "
+                f"--profile-steps {observe.profile_steps}: the run has {total_steps} steps; "
                 f"pick a window that ends by step {total_steps}"
             )
         if step >= self.first:
             ctx.say(
                 f"distres: note: resumed at step {step}, past the start of --profile-steps "
-                f"{cfg.observe.profile_steps}; no profile this time"
+                f"{observe.profile_steps}; no profile this time"
             )
             return
-        self.cfg, self.ctx, self.folder = cfg, ctx, out / "profile"
+        self.observe, self.ctx, self.folder = observe, ctx, out / "profile"
         self.meter = None  # the run's perf.StepMeter, from the first boundary on
         self.prof = None
         self.span = None  # the open ProfilerStep#N record_function
@@ -122,8 +122,8 @@ class ProfileWindow:
             acts.append(torch.profiler.ProfilerActivity.CUDA)
         self.prof = torch.profiler.profile(
             activities=acts,
-            record_shapes=self.cfg.observe.profile_shapes,
-            profile_memory=self.cfg.observe.profile_memory,
+            record_shapes=self.observe.profile_shapes,
+            profile_memory=self.observe.profile_memory,
         )
         self.prof.start()
         self.meter.label_fetch(DATA_WAIT)

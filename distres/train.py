@@ -141,13 +141,15 @@ def build_run(cfg: config.TrainConfig, ctx: dist.DistContext) -> Run:
         bundle.image_size,
     )
     ema = EMA(net, cfg.optim.ema_decay, cfg.optim.ema_every) if cfg.optim.ema_decay > 0 else None
-    scheduler = optim.build_scheduler(cfg, parts.optimizer, plan)
+    scheduler = optim.build_scheduler(cfg.optim, parts.optimizer, plan)
     state = checkpoint.TrainingState(
         net, parts.optimizer, scheduler, parts.precision.scaler, bundle.train, meta, ema, plan.clock
     )
     step = ckpt.restore(state)
     _set_backbone_for_epoch(cfg, state)
-    window = profiling.ProfileWindow(cfg, ctx, out, step, plan.total_steps)  # checks --profile-steps against the run
+    window = profiling.ProfileWindow(
+        cfg.observe, ctx, out, step, plan.total_steps
+    )  # checks --profile-steps against the run
     run = Run(cfg, ctx, out, plan, bundle, state, parts.precision, parts.loss_fn, ckpt, step, window)
     _start_outputs(run)
     run.wrap()

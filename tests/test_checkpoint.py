@@ -283,7 +283,7 @@ def test_the_horizon_stays_on_the_schedules_clock_across_a_change_of_global_batc
     first = {"global_batch": 20, "base_step": 0, "base": 0.0}
     for batch, total in ((10, 350), (40, 200), (20, 250)):
         cfg = TrainConfig(epochs=0, max_steps=250, batch_size=batch)
-        plan = optim.plan(cfg, 1000, 1, optim.Resumed(150, 3, 0, 20, first))
+        plan = optim.plan(cfg.optim, 1000, 1, optim.Resumed(150, 3, 0, 20, first))
         assert plan.total_steps == total and plan.schedule_steps == (50, 250)
         assert plan.clock(plan.total_steps) == 250
 

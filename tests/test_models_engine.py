@@ -62,7 +62,7 @@ def test_one_step_path_for_every_precision(amp):
     torch.manual_seed(0)
     m = models.build_model("resnet18", 10, cifar_stem=True)
     cfg = TrainConfig(optimizer="sgd", lr=0.05, clip_grad_norm=1.0)
-    opt = optim.build_optimizer(cfg, m, 0.05)
+    opt = optim.build_optimizer(cfg.optim, m, 0.05)
     prec = engine.Precision(amp, torch.device("cpu"))
     assert prec.scaler.is_enabled() == (amp == "fp16")  # GradScaler only for fp16
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))  # small: CPU fp16 kernels are slow

@@ -107,12 +107,11 @@ class BatchAugment:
         self.epoch, self.seeds, self.boxes = 0, np.zeros(0, dtype=np.uint64), None
 
     @classmethod
-    def from_config(cls, cfg, num_classes: int) -> BatchAugment | None:
-        if cfg.augment.random_erase <= 0 and cfg.augment.mixup_alpha <= 0 and cfg.augment.cutmix_alpha <= 0:
+    def from_config(cls, augment, num_classes: int, seed: int) -> BatchAugment | None:
+        """From the augment section; None when it asks for no batch-level augmentation."""
+        if augment.random_erase <= 0 and augment.mixup_alpha <= 0 and augment.cutmix_alpha <= 0:
             return None
-        return cls(
-            cfg.augment.random_erase, cfg.augment.mixup_alpha, cfg.augment.cutmix_alpha, num_classes, cfg.run.seed
-        )
+        return cls(augment.random_erase, augment.mixup_alpha, augment.cutmix_alpha, num_classes, seed)
 
     def start_epoch(self, epoch: int, seeds: np.ndarray) -> None:
         """``seeds``: the augmentation seeds of this rank's samples of the epoch, in order."""

@@ -93,7 +93,7 @@ def build(
             repeats=cfg.data.repeated_aug,
             accum=cfg.optim.grad_accum,
             policy=Policy(cfg.augment.auto_augment, cfg.augment.ra_magnitude),
-            batch_aug=BatchAugment.from_config(cfg, len(names)),
+            batch_aug=BatchAugment.from_config(cfg.augment, len(names), cfg.run.seed),
             flip=cfg.data.dataset not in known.NO_FLIP,
             resize=0 if is_train else eval_resize,
             sizes=cfg.data.resize_schedule if is_train else None,
