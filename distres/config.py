@@ -376,6 +376,10 @@ class TuneConfig:
         return tuple(names)
 
 
+# Options that belong to one run: a saved config.yaml leaves them out.
+RUN_OWN = ("output_dir", "resume")
+# config.yaml's section of values in force (the lr, image size, ... placeholders stood for).
+RESOLVED = "resolved"
 # Section name -> (its class, its --help heading). The order is --help's and config.yaml's.
 SECTIONS: dict[str, tuple[type, str]] = {
     "model": (ModelConfig, "model"),
@@ -466,8 +470,18 @@ class TrainConfig:
             getattr(self, name).validate()
         return self
 
-    def save(self, path: Path) -> None:
-        path.write_text(yaml.safe_dump(self.sections(), sort_keys=False))
+    def save(self, path: Path, resolved: dict | None = None) -> None:
+        """config.yaml: every option but the run's own folder and --resume (a file reused with
+        --config starts a run of its own), and what the placeholders (0, -1, auto) resolved to
+        in this run, as information."""
+        saved = self.sections()
+        for name in RUN_OWN:
+            section, field_name = WHERE[name]
+            del saved[section][field_name]
+        if resolved:
+            saved[RESOLVED] = resolved
+        header = f"# distres configuration; --config reads it back ('{RESOLVED}' is information only)\n"
+        path.write_text(header + yaml.safe_dump(saved, sort_keys=False))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, TrainConfig) and self.options() == other.options()
@@ -493,6 +507,8 @@ def load_yaml(path: str) -> dict:
     values = {}
     for key, value in raw.items():
         name = str(key).replace("-", "_")
+        if name == RESOLVED:
+            continue
         if name in SECTIONS and isinstance(value, dict):
             for sub, sub_value in value.items():
                 values[_section_key(name, str(sub).replace("-", "_"), path)] = sub_value

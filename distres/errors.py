@@ -27,10 +27,15 @@ EXIT_USER_ERROR = 2
 # EX_TEMPFAIL from sysexits.h: "try again later". A SIGTERM/SIGUSR1 stopped the run after a
 # checkpoint; slurm/train.sbatch turns this status into `scontrol requeue`.
 EXIT_PREEMPTED = 75
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports it (128 + SIGINT)
 
 
 class Preempted(Exception):
     """Raised on every rank once all ranks agreed to stop on a signal and the checkpoint is saved."""
+
+    def __init__(self, signal_name: str, message: str):
+        super().__init__(message)
+        self.signal_name = signal_name
 
 
 def format_error(err: BaseException) -> str:
@@ -125,9 +130,9 @@ def run_cli(
     except Preempted as e:
         if rank() == 0:
             print(e, file=sys.stderr, flush=True)
-        return EXIT_PREEMPTED
+        return EXIT_INTERRUPTED if e.signal_name == "SIGINT" else EXIT_PREEMPTED
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     finally:
         if cleanup is not None:
             cleanup()

@@ -1,5 +1,9 @@
 """Stop cleanly when the scheduler asks: SIGTERM or SIGUSR1 on any rank stops every rank.
 
+Ctrl-C (SIGINT) is the same request from a person: the run stops after the next step with a
+checkpoint and says where to resume. A second Ctrl-C aborts at once (in a single process; under
+torchrun, which passes its own SIGINT on to the workers, torchrun ends them if they take long).
+
 A signal reaches the ranks at different moments (or only one of them: ``kill -USR1 <pid>``), but
 they must all stop after the *same* step, or the checkpoint would mix ranks at different steps
 and a rank would hang in the next all-reduce. So each rank only records the signal in a flag,
@@ -15,18 +19,21 @@ waits 30 s after its SIGTERM before it kills workers).
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
 import torch
 import torch.distributed as dist
 
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+UNDER_TORCHRUN = "TORCHELASTIC_RUN_ID" in os.environ
 
 
 class PreemptionFlag:
-    def __init__(self, distributed: bool):
+    def __init__(self, distributed: bool, announce: bool = True):
         self.signal_name: str | None = None
+        self._announce = announce  # say on Ctrl-C what happens next (rank 0)
         self._previous = {}
         # Python only lets the main thread install handlers (tests may run training elsewhere).
         if threading.current_thread() is threading.main_thread():
@@ -39,8 +46,17 @@ class PreemptionFlag:
         self._pending = None
 
     def _on_signal(self, signum, frame) -> None:
-        # Only set a flag: the handler runs between two bytecodes of the training loop,
-        # where nothing else is safe to do.
+        # Only set a flag (and write a line with os.write, which needs no lock): the handler runs
+        # between two bytecodes of the training loop, where nothing else is safe to do.
+        interrupted = signum == signal.SIGINT
+        if interrupted and self._local.item() > 0:
+            if not UNDER_TORCHRUN:  # (torchrun's own copy of the same Ctrl-C is no second one)
+                raise KeyboardInterrupt
+            return
+        if interrupted and self._announce:
+            os.write(
+                2, b"\ndistres: Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again aborts at once)\n"
+            )
         self.signal_name = signal.Signals(signum).name
         self._local.fill_(1.0)
 

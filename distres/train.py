@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -79,7 +79,8 @@ class Run:
     watch: watchdog.Watchdog = None
     rollbacks: int = 0  # --on-nonfinite rollback: how many so far
     train_size: int = 0  # the crop size the last epoch trained at (--progressive-resize announces changes)
-    last_eval: dict | None = field(default=None)
+    last_eval: dict | None = None
+    first_step: int = 0  # where this process started: a resumed run's step
 
     @property
     def lr(self) -> float:
@@ -146,14 +147,19 @@ def build_run(cfg: config.TrainConfig, ctx: dist.DistContext) -> Run:
         net, parts.optimizer, scheduler, parts.precision.scaler, bundle.train, meta, ema, plan.clock
     )
     step = ckpt.restore(state)
+    if ckpt.found and (step >= plan.total_steps or bundle.train.epoch >= plan.epochs):
+        raise RunComplete(
+            f"distres: the run in {out} is complete (step {step} of {plan.total_steps}); nothing to do. "
+            "Raise --epochs or --max-steps to train on, or pass a new --output-dir for a new run"
+        )
     _set_backbone_for_epoch(cfg, state)
     window = profiling.ProfileWindow(
         cfg.observe, ctx, out, step, plan.total_steps
     )  # checks --profile-steps against the run
-    run = Run(cfg, ctx, out, plan, bundle, state, parts.precision, parts.loss_fn, ckpt, step, window)
+    run = Run(cfg, ctx, out, plan, bundle, state, parts.precision, parts.loss_fn, ckpt, step, window, first_step=step)
     _start_outputs(run)
     run.wrap()
-    run.stop = preempt.PreemptionFlag(ctx.distributed)
+    run.stop = preempt.PreemptionFlag(ctx.distributed, announce=ctx.is_main)
     run.watch = watchdog.Watchdog(ctx, cfg.guard.dist_timeout * 60, dist.job_store())
     ctx.say(
         f"distres: {cfg.model.arch} on {ctx.world_size} x {ctx.device.type} ({ctx.backend or 'single process'}), "
@@ -171,7 +177,7 @@ def _start_outputs(run: Run) -> None:
     if ctx.is_main:
         try:
             run.out.mkdir(parents=True, exist_ok=True)
-            cfg.save(run.out / "config.yaml")
+            cfg.save(run.out / "config.yaml", _resolved(run))
         except OSError as e:
             raise UserError(
                 f"cannot write to --output-dir {run.out} ({e.strerror or e}); choose a writable folder"
@@ -187,6 +193,22 @@ def _start_outputs(run: Run) -> None:
     if cfg.tune.autotune:
         run.meter.refs["autotune table"] = str(run.out / "autotune.json")
     run.telem = telemetry.start(ctx)
+
+
+def _resolved(run: Run) -> dict:
+    """The values in force where the config holds a placeholder (0, -1, auto)."""
+    bundle, ctx = run.bundle, run.ctx
+    return {
+        "lr": max(run.state.scheduler.base_lrs),
+        "image_size": bundle.image_size,
+        "eval_image_size": bundle.eval_image_size,
+        "eval_resize": bundle.eval_resize,
+        "data_backend": bundle.backend,
+        "device": ctx.device.type,
+        "dist_backend": ctx.backend or "none",
+        "world_size": ctx.world_size,
+        "global_batch": run.plan.global_batch,
+    }
 
 
 def fit(run: Run) -> dict:
@@ -212,17 +234,28 @@ def fit(run: Run) -> dict:
         raise
     finally:
         _close(run, completed)
-    ev = run.last_eval
+    ev, now = run.last_eval, run.step - run.first_step
     run.ctx.say(
-        f"distres: done, {run.step} steps in {time.perf_counter() - run.meter.t_run:.0f} s; top1 {ev['top1']:.2f}% "
-        f"top5 {ev['top5']:.2f}%; outputs in {run.out}"
+        f"distres: done at step {run.step}: {now} step{'s' * (now != 1)} in "
+        f"{time.perf_counter() - run.meter.t_run:.0f} s; top1 {ev['top1']:.2f}% top5 {ev['top5']:.2f}%; "
+        f"outputs in {run.out}"
     )
     return ev
 
 
-def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
-    """Build the run and fit it: what ``main`` does once the process group is up."""
-    return fit(build_run(cfg, ctx))
+class RunComplete(Exception):
+    """A resumed run that has nothing left to train (its message says so)."""
+
+
+def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict | None:
+    """Build the run and fit it: what ``main`` does once the process group is up. None when a
+    resumed run was already complete: it writes nothing then, not even a repeated evaluation."""
+    try:
+        built = build_run(cfg, ctx)
+    except RunComplete as e:
+        ctx.say(str(e))
+        return None
+    return fit(built)
 
 
 def _close(run: Run, completed: bool) -> None:
@@ -349,8 +382,9 @@ def _preempted(run: Run, epoch: int, in_epoch: int) -> Preempted:
     run.ckpt.finish()
     why = run.stop.signal_name or "signal on another rank"
     return Preempted(
+        why,
         f"distres: preempted ({why}): stopped after step {run.step} (epoch {epoch + 1}, step {in_epoch} "
-        f"of {run.plan.steps_per_epoch}), checkpoint in {run.ckpt.folder}; --resume continues there"
+        f"of {run.plan.steps_per_epoch}), checkpoint in {run.ckpt.folder}; --resume continues there",
     )
 
 

@@ -15,9 +15,8 @@ import sys
 
 import pytest
 import torch
-import yaml
 
-from distres.config import parse_args
+from distres.config import load_yaml, parse_args
 from distres.errors import UserError
 from tests.helpers import REPO, TINY, cli_env, make_imagefolder, run_train
 
@@ -68,7 +67,7 @@ def runs(module_dir):
     first = run_train(_common(data_dir) + tune + ["--max-steps", "2", "--output-dir", str(tuned)])
     assert first.returncode == 0, first.stderr[-3000:]
     table = json.loads((tuned / "autotune.json").read_text())
-    saved = yaml.safe_load((tuned / "config.yaml").read_text())
+    saved = load_yaml(str(tuned / "config.yaml"))
     resumed = run_train(_common(data_dir) + tune + ["--resume", "--output-dir", str(tuned)])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     untuned = run_train(_common(data_dir) + ["--output-dir", str(plain)])
@@ -106,7 +105,7 @@ def test_resume_reuses_the_choice_without_trials(runs):
     err = runs["resumed"].stderr
     assert "resuming with the settings chosen before" in err
     assert "distres: autotune: start" not in err and "at step 2" in err
-    saved = yaml.safe_load((runs["tuned"] / "config.yaml").read_text())
+    saved = load_yaml(str(runs["tuned"] / "config.yaml"))
     assert {k: saved[k] for k in runs["table"]["config"]} == runs["table"]["config"]
 
 
@@ -160,7 +159,7 @@ def test_standalone_cli_respects_the_budget(tmp_path):
     assert {"channels_last=False", "broadcast_buffers=False"} <= set(table["not_tried"])
     assert r.stderr.count("not tried (budget)") == 1
     assert r.stdout.strip() == "" and table["flags"] == ""
-    assert yaml.safe_load((out / "config.yaml").read_text())["channels_last"] is True
+    assert load_yaml(str(out / "config.yaml"))["channels_last"] is True
 
 
 @pytest.mark.parametrize(

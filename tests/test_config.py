@@ -30,7 +30,9 @@ def test_saved_config_round_trips(tmp_path):
     cfg.save(tmp_path / "config.yaml")
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert list(saved) == list(SECTIONS) and saved["optim"]["epochs"] == 7 and saved["data"]["dataset"] == "cifar10"
-    assert parse_args(["--config", str(tmp_path / "config.yaml")]) == cfg
+    # the run's own folder and --resume stay with it: a reused file starts a run of its own
+    assert "output_dir" not in saved["run"] and "resume" not in saved["checkpoint"]
+    assert parse_args(["--config", str(tmp_path / "config.yaml")]) == cfg.replace(resume=None)
 
 
 def test_yaml_in_sections_and_flat_keys_mix(tmp_path):
