@@ -147,7 +147,7 @@ def build_run(cfg: config.TrainConfig, ctx: dist.DistContext) -> Run:
         net, parts.optimizer, scheduler, parts.precision.scaler, bundle.train, meta, ema, plan.clock
     )
     step = ckpt.restore(state)
-    if ckpt.found and (step >= plan.total_steps or bundle.train.epoch >= plan.epochs):
+    if step > 0 and (step >= plan.total_steps or bundle.train.epoch >= plan.epochs):  # resumed at its end
         raise RunComplete(
             f"distres: the run in {out} is complete (step {step} of {plan.total_steps}); nothing to do. "
             "Raise --epochs or --max-steps to train on, or pass a new --output-dir for a new run"
