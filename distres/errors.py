@@ -43,6 +43,27 @@ def format_error(err: BaseException) -> str:
     return "distres: error: " + " ".join(str(err).split())
 
 
+def print_error(err: BaseException, rank: int = 0) -> None:
+    """``format_error``'s line on stderr, in one write (lines of several ranks never mix).
+
+    It starts a line of its own: rank 0's progress bar is a line without its newline (tqdm ends
+    it only when the bar closes), and another rank's error comes while it is on the console the
+    ranks share (torchrun's, srun's), which would glue it to the bar's end. Rank 0's own bar has
+    closed by the time its error is printed; a bar still open in this process (any rank) counts
+    too. The cost, where no bar was there: one empty line before the error."""
+    line = format_error(err) + "\n"
+    if rank != 0 or _open_bar():
+        line = "\n" + line
+    sys.stderr.write(line)
+    sys.stderr.flush()
+
+
+def _open_bar() -> bool:
+    """Whether a tqdm bar of this process is drawn on the console (enabled and not closed)."""
+    tqdm = sys.modules.get("tqdm")
+    return tqdm is not None and any(not getattr(bar, "disable", True) for bar in list(tqdm.tqdm._instances))
+
+
 def console(msg: str) -> None:
     """A line for the user, on stderr (stdout stays free for what a command outputs)."""
     print(msg, file=sys.stderr, flush=True)
@@ -125,7 +146,7 @@ def run_cli(
             raise died from None
     except UserError as e:
         if rank() == 0 or isinstance(e, RankError):
-            print(format_error(e), file=sys.stderr, flush=True)
+            print_error(e, rank())
         return EXIT_USER_ERROR
     except Preempted as e:
         if rank() == 0:

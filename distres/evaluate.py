@@ -122,7 +122,10 @@ def run(a, ctx) -> dict:
     )
     rows = [row for part in dist.gather_objects(collect.rows) for row in part]
     if ctx.is_main:
-        out = Path(a.output_dir) if a.output_dir else default_output_dir(checkpoint)
+        # Absolute, named or not (the default is found from the checkpoint's real location): the
+        # line must lead to the report from wherever it is read, and under a launcher (torchrun,
+        # srun) the job's working folder need not be the shell's.
+        out = Path(a.output_dir).absolute() if a.output_dir else default_output_dir(checkpoint)
         try:
             summary = report(
                 rows,

@@ -103,7 +103,7 @@ class MatmulConv2d(nn.Conv2d):
             x = x[:, :, ::sh, ::sw] if (sh, sw) != (1, 1) else x
             n, c, h, w = x.shape
             # N x H x W x C rows (a view for channels_last input), one output channel per column.
-            y = nn.functional.linear(x.permute(0, 2, 3, 1).reshape(-1, c), self.weight.flatten(1), self.bias)
+            y = nn.functional.linear(x.permute(0, 2, 3, 1).reshape(-1, c), _as_matrix(self.weight), self.bias)
             return y.view(n, h, w, -1).permute(0, 3, 1, 2)
         return self._tiny_map(x)
 
@@ -126,6 +126,18 @@ class MatmulConv2d(nn.Conv2d):
             x.permute(0, 2, 3, 1).reshape(n, -1), big, None if self.bias is None else self.bias.repeat(ho * wo)
         )
         return y.view(n, ho, wo, cout).permute(0, 3, 1, 2)
+
+
+def _as_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """A 1x1 kernel [cout, cin, 1, 1] as the [cout, cin] matrix, through the view whose backward
+    gives the gradient the weight's own strides. In channels_last and contiguous format such a
+    weight holds the same bytes and differs only in the strides of its size-1 dims, but DDP
+    compares all four with its bucket views (made from the parameter's strides): plain
+    ``flatten(1)`` would give a channels_last weight a contiguous gradient, and DDP would warn
+    "Grad strides do not match bucket view strides" and copy it into the bucket."""
+    if weight.stride(-1) != 1:  # channels_last: [cout, 1, 1, cin] is the contiguous view
+        return weight.permute(0, 2, 3, 1).flatten(1)
+    return weight.flatten(1)
 
 
 _TAPS: dict = {}

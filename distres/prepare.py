@@ -8,7 +8,8 @@ Every command mirrors SRC's folder tree into DST (so SRC may be a class-folder r
 train/ and val/), runs ``--workers`` tasks at a time with a progress bar, and can be run again
 after an interruption: outputs that already exist are skipped, and each output appears only
 when it is complete (written under a temporary name, then renamed). An input that cannot be
-read does not stop the run; such inputs are listed with the reason and counted at the end.
+read does not stop the run; such inputs are listed with the reason and counted at the end
+(except cifar10's files: one download, checked first, and a damaged one stops the command).
 Video decoding uses the ``ffmpeg`` binary (Debian: ``apt-get install ffmpeg``) through the
 ffmpeg-python package.
 """
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distres.data.formats import CIFAR10_CLASSES, IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+from distres.data.formats import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from distres.errors import ArgumentParser, UserError, run_cli
 from distres.files import atomic_write
 from distres.host import available_cpus
@@ -225,7 +226,6 @@ def resize_tasks(src: Path, dst: Path, size: int, quality: int) -> list[Task]:
 
 # --- cifar10 -----------------------------------------------------------------------------------
 
-CIFAR_FILES = {"train": [f"data_batch_{k}" for k in range(1, 6)], "test": ["test_batch"]}
 CIFAR_CHUNK = 1000  # images per task: enough work to amortise the task, small for the progress bar
 
 
@@ -239,13 +239,6 @@ def _cifar_root(src: Path) -> Path:
     )
 
 
-def _load_batch(path: Path) -> tuple[np.ndarray, list[int]]:
-    with open(path, "rb") as f:
-        d = pickle.load(f, encoding="latin1")
-    images = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    return images, list(d["labels"])
-
-
 def _write_pngs(images: np.ndarray, names: list[Path]) -> None:
     from PIL import Image
 
@@ -254,31 +247,23 @@ def _write_pngs(images: np.ndarray, names: list[Path]) -> None:
             atomic_write(name, lambda tmp, img=img: Image.fromarray(img).save(tmp, "PNG"))
 
 
-def _unreadable(name: str, reason: str) -> Task:
-    """A task that only reports its input as unreadable (found while listing the inputs)."""
-
-    def run():
-        raise Unreadable(reason)
-
-    return Task(name, lambda: False, run)
-
-
 def cifar10_tasks(src: Path, dst: Path) -> list[Task]:
-    """PNG (lossless: the exact CIFAR-10 pixels) as DST/train|test/<class>/NNNNN.png."""
+    """PNG (lossless: the exact CIFAR-10 pixels) as DST/train|test/<class>/NNNNN.png.
+
+    The files are checked as training checks them (``known.read_cifar10``): they are one
+    download, and a damaged one stops the command before anything is written, rather than
+    leaving a copy that lacks a file's 10,000 images."""
+    from distres.data.known import CIFAR10_FILES, read_cifar10
+
     root = _cifar_root(src)
-    classes = list(CIFAR10_CLASSES)
-    if (root / "batches.meta").is_file():
-        with open(root / "batches.meta", "rb") as f:
-            classes = list(pickle.load(f, encoding="latin1")["label_names"])
+    classes, batches = read_cifar10(
+        root, "delete it, download CIFAR-10 again (torchvision's cifar-10-python.tar.gz) and run this command again"
+    )
     tasks = []
-    for split, files in CIFAR_FILES.items():
+    for split, files in CIFAR10_FILES.items():
         for k, fname in enumerate(files):
             path = root / fname
-            try:
-                images, labels = _load_batch(path)
-            except (OSError, ValueError, KeyError, pickle.UnpicklingError, EOFError) as e:
-                tasks.append(_unreadable(str(path), " ".join(str(e).split()) or type(e).__name__))
-                continue
+            images, labels = batches[fname]
             for lo in range(0, len(labels), CIFAR_CHUNK):
                 # numbered through the split (each file holds 10,000), whatever else fails
                 names = [

@@ -115,8 +115,11 @@ class ProfileWindow:
                 self._finish()
 
     def _start(self) -> None:
-        # Kineto logs at info level to stderr, including a GPU probe's error on CPU-only machines.
-        os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+        # Kineto logs to stderr at info level, including a GPU probe's error on CPU-only machines,
+        # and its "USDT: ... profiler_start/profiler_stop" trace marks sit at level 5, above its
+        # errors (4): only 6 keeps them all off the console. Kineto reads the variable once, when
+        # the process first profiles, which is here.
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
         acts = [torch.profiler.ProfilerActivity.CPU]
         if self.ctx.device.type == "cuda":
             acts.append(torch.profiler.ProfilerActivity.CUDA)

