@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks import allreduce_model as model
-from benchmarks import scaling
+from benchmarks import scaling, scaling_analyse, scaling_run
+from distres.errors import UserError
 from tests.helpers import REPO, cli_env, count_allreduces
 
 
@@ -101,7 +102,7 @@ def test_analyse_measures_exposed_communication():
         _rec(30, 130.0, 0.1, 0.9, False),
         {"kind": "eval", "step": 30, "epoch": 1},
     ]
-    got = scaling.analyse(recs, window=5, warmup=2)
+    got = scaling_analyse.analyse(recs, window=5, warmup=2)
     assert got["windows"] == 2 and got["nosync_windows"] == 2
     assert got["images_per_sec"] == 105.0 and got["step_ms"] == pytest.approx(1100)
     assert got["data_wait_ms"] == pytest.approx(110)
@@ -119,10 +120,10 @@ def test_analyse_drops_short_windows_and_loader_restarts():
         _rec(14, 2.0, 0.5, 1.0, epoch=1.4),  # first window after an epoch end: loader start-up
         _rec(18, 60.0, 0, 1.0, epoch=1.8),
     ]
-    got = scaling.analyse(recs, window=4, warmup=1)
+    got = scaling_analyse.analyse(recs, window=4, warmup=1)
     assert got["window_images_per_sec"] == [50.0, 60.0] and got["exposed_comm_ms"] == 0.0
-    with pytest.raises(scaling.UserError, match="no steady-state window"):
-        scaling.analyse(recs[:1], window=4, warmup=1)
+    with pytest.raises(UserError, match="no steady-state window"):
+        scaling_analyse.analyse(recs[:1], window=4, warmup=1)
 
 
 def test_efficiency_is_per_unit_of_hardware():
@@ -132,7 +133,7 @@ def test_efficiency_is_per_unit_of_hardware():
         {"name": "gpu1", "device": "cuda", "world": 1, "hardware": 1, "ref": "gpu1", "images_per_sec": 3000.0},
         {"name": "gpuN", "device": "cuda", "world": 8, "hardware": 8, "ref": "gpu1", "images_per_sec": 21000.0},
     ]
-    got = {r["name"]: r for r in scaling.with_efficiency(rows)}
+    got = {r["name"]: r for r in scaling_analyse.with_efficiency(rows)}
     assert got["cpuN"]["efficiency"] == pytest.approx(0.8)
     assert got["gpuN"]["efficiency"] == pytest.approx(0.875)
     assert got["gpu1"]["x_cpu"] == pytest.approx(30.0)
@@ -214,10 +215,10 @@ def test_comm_probe_skips_the_allreduce_every_other_window(tmp_path):
 
 def test_multinode_command_is_one_torchrun_per_node(tmp_path):
     a = scaling.parse_args(["--quick"])
-    slurm = scaling.Slurm(nnodes=2, job_id="42", head="node-a", cpus_per_node=16)
-    [unit] = scaling.plan(["nodes"], cpu_procs=2, gpus=4, slurm=slurm)
+    slurm = scaling_run.Slurm(nnodes=2, job_id="42", head="node-a", cpus_per_node=16)
+    [unit] = scaling_run.plan(["nodes"], cpu_procs=2, gpus=4, slurm=slurm)
     assert (unit.world, unit.hardware, unit.ref) == (8, 8, "gpu1")
-    cmd = scaling.command(a, unit, tmp_path, slurm)
+    cmd = scaling_run.command(a, unit, tmp_path, slurm)
     assert cmd[:5] == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--cpus-per-task=16"]
     assert "--nnodes=2" in cmd and "--nproc_per_node=4" in cmd and "--standalone" not in cmd
     assert "--rdzv-endpoint=node-a:29511" in cmd and "--bench-comm-probe" in cmd
