@@ -83,7 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="cpu1 + cpuN, resnet18, synthetic 32 px, batch 32, 6 windows of 5 steps (~2 min on 2 cores); "
         "flags given beside it override these",
     )
-    p.add_argument("--work-dir", default=None, help="the runs' outputs and the W&B run (default runs/scaling-TIME)")
+    p.add_argument(
+        "--work-dir",
+        default=None,
+        help="the runs' outputs and the W&B run (default: runs/scaling-TIME in the current folder)",
+    )
     p.add_argument("--out", default=None, help="folder for NAME.json/.md/.png (default: --work-dir)")
     p.add_argument("--name", default="scaling", help="file stem of the outputs and W&B run name")
     p.add_argument("--wandb", default="auto", choices=("auto", "online", "offline", "disabled"))
@@ -108,10 +112,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("window", "windows", "batch_size", "cpu_procs"):
         if getattr(a, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+    # Any warm-up count keeps an N > 1 run's measurement balanced: its windows alternate
+    # synced/no_sync, and 2 x --windows of them follow the warm-up, so an odd count only
+    # starts the measured ones on a no_sync window.
     if a.warmup_windows < 0:
         raise UserError("--warmup-windows must be >= 0")
-    # Keep synced/unsynced windows paired after the warm-up ones.
-    a.warmup_windows += a.warmup_windows % 2
     return a
 
 
@@ -131,11 +136,15 @@ def benchmark(a, argv: list[str]) -> int:
 
     gpus = torch.cuda.device_count() if a.gpus < 0 else a.gpus
     slurm = scaling_run.slurm_allocation()
-    names = [u.strip() for u in a.units.split(",") if u.strip()]
-    units = scaling_run.plan(
-        scaling_run.default_units(gpus, slurm) if a.units == "auto" else names, a.cpu_procs, gpus, slurm
-    )
-    work = Path(a.work_dir or REPO / "runs" / time.strftime("scaling-%Y%m%d-%H%M%S"))
+    if a.units == "auto":
+        names = scaling_run.default_units(gpus, slurm)
+    else:
+        names = [u.strip() for u in a.units.split(",") if u.strip()]
+    units = scaling_run.plan(names, a.cpu_procs, gpus, slurm)
+    if not units:
+        raise UserError(f"--units {a.units} leaves no run to measure (gpuN alone is skipped with one GPU)")
+    # Relative to the caller's folder, like every other path given on the command line.
+    work = Path(a.work_dir or Path("runs") / time.strftime("scaling-%Y%m%d-%H%M%S"))
     if a.dry_run:
         for u in units:
             print(f"{u.name}: " + " ".join(scaling_run.command(a, u, work / u.name, slurm)))

@@ -192,11 +192,17 @@ def run_unit(a, unit: Unit, work: Path, slurm: Slurm | None) -> tuple[list[dict]
 
 def _run_logged(cmd: list[str], log: Path, timeout: int, name: str) -> None:
     """Run cmd with its output in log; a failure is a UserError naming its first distres error."""
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # The run starts in the caller's folder, so relative paths (--data-dir, --work-dir, --config
+    # after --) mean the same to it as to this script. PYTHONPATH finds this checkout's distres
+    # from there, installed or not; PYTHONSAFEPATH keeps `-m` from putting the folder first,
+    # where another checkout's distres/ would shadow it.
+    # (An empty PYTHONPATH entry would mean the current folder again: none is added.)
+    path = os.pathsep.join(x for x in (str(REPO), os.environ.get("PYTHONPATH")) if x)
+    env = dict(os.environ, PYTHONPATH=path, PYTHONSAFEPATH="1")
     with open(log, "w") as f:
         # Its own process session: on a timeout the whole group goes (torchrun and its workers),
         # or orphaned workers would hold the GPU through the next run.
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

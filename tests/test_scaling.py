@@ -10,7 +10,7 @@ import pytest
 from benchmarks import allreduce_model as model
 from benchmarks import scaling, scaling_analyse, scaling_run
 from distres.errors import UserError
-from tests.helpers import REPO, cli_env, count_allreduces
+from tests.helpers import REPO, cli_env, count_allreduces, make_imagefolder
 
 
 def test_quick_cpu_run(tmp_path, monkeypatch):
@@ -75,6 +75,68 @@ def test_quick_cpu_run(tmp_path, monkeypatch):
     assert summary["summary"]["scaling/table"]["_type"] == "table-file"
     assert summary["summary"]["scaling/plot"]["_type"] == "image-file"
     assert summary["summary"]["cpuN/efficiency"] == pytest.approx(two["efficiency"])
+
+
+def test_paths_are_relative_to_the_callers_folder(tmp_path):
+    """A relative --data-dir is read, and the default work folder runs/scaling-TIME is written,
+    from the folder the user ran the script in, not from the checkout."""
+    make_imagefolder(tmp_path / "data" / "c10", {"train": {"a": 4, "b": 4}, "val": {"a": 2, "b": 2}})
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "scaling.py"),
+            "--units",
+            "cpu1",
+            "--arch",
+            "resnet18",
+            "--data",
+            "imagefolder",
+            "--data-dir",
+            "data/c10",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "4",
+            "--window",
+            "1",
+            "--warmup-windows",
+            "0",
+            "--windows",
+            "1",
+            "--wandb",
+            "disabled",
+            "--",
+            "--workers",
+            "0",
+        ],
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    [work] = (tmp_path / "runs").glob("scaling-*")
+    assert json.loads((work / "scaling.json").read_text())["measured"][0]["images_per_sec"] > 0
+    assert (work / "cpu1" / "metrics.jsonl").is_file()
+    rel = f"runs/{work.name}"
+    assert (
+        r.stderr.strip().splitlines()[-1] == f"scaling: wrote {rel}/scaling.json, {rel}/scaling.md, {rel}/scaling.png"
+    )
+
+
+def test_odd_warmup_is_honoured(capsys):
+    """--warmup-windows 3 runs 3 warm-up windows: an N > 1 run still measures as many synced as
+    no_sync windows (they alternate, and it runs 2 x --windows after the warm-up)."""
+    args = ["--units", "cpu1,cpuN", "--warmup-windows", "3", "--windows", "2", "--window", "5", "--dry-run"]
+    assert scaling.main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    steps = {ln.split(":")[0]: int(ln.split("--max-steps ")[1].split()[0]) for ln in lines}
+    assert steps == {"cpu1": (3 + 2) * 5, "cpuN": (3 + 2 * 2) * 5}
+    # the cpuN run's windows as the probe tags them: window k skips the all-reduce when k is odd
+    recs = [_rec(5 * (k + 1), 100.0, 0.0, 1.0, synced=k % 2 == 0) for k in range(3 + 2 * 2)]
+    got = scaling_analyse.analyse(recs, window=5, warmup=3)
+    assert (got["windows"], got["nosync_windows"]) == (2, 2)
 
 
 def _rec(step, ips, wait, step_time, synced=None, epoch=0.5):
@@ -176,6 +238,10 @@ def test_bad_input_is_one_line(capsys):
     assert "needs a CUDA GPU" in capsys.readouterr().err
     assert scaling.main(["--windows", "0"]) == 2
     assert capsys.readouterr().err.strip() == "distres: error: --windows must be >= 1"
+    assert scaling.main(["--units", "gpuN", "--gpus", "1", "--dry-run"]) == 2  # skipped: nothing left
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "distres: error: --units gpuN leaves no run to measure (gpuN alone is skipped with one GPU)"
+    )
 
 
 def test_comm_probe_skips_the_allreduce_every_other_window(tmp_path):
