@@ -4,12 +4,14 @@
 #   launch/local.sh --data imagefolder --data-dir /data/imagenet        # every visible GPU
 #   NPROC=2 launch/local.sh --data synthetic --arch resnet18 --max-steps 20   # CPU: 2 gloo ranks
 #
-# Environment (defaults): NPROC (GPUs visible, else 2), PYTHON (python3, or .venv/bin/python
-# when present), OMP_NUM_THREADS (CPU cores / NPROC). Extra arguments go to distres.train.
+# Environment (defaults): NPROC (GPUs visible, else 2), PYTHON (the checkout's .venv/bin/python
+# when present, else python3), OMP_NUM_THREADS (CPU cores / NPROC). Extra arguments go to
+# distres.train; run it from any folder, relative paths are from that folder.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 
-source launch/common.sh
+# No cd: relative paths (--data-dir, --output-dir, --config) are read from the folder
+# the user is in; common.sh finds the checkout and puts it on PYTHONPATH.
+source "$(dirname "$0")/common.sh"
 gpus=$(visible_gpus)
 if [[ -z "${NPROC:-}" ]]; then
   if (( gpus > 0 )); then NPROC=$gpus; else NPROC=2; fi

@@ -8,13 +8,15 @@
 # MASTER_PORT (29500), NNODES (2), NPROC_PER_NODE (GPUs visible, else 1 gloo process),
 # RUN_ID (distres: the same on every node, different for concurrent jobs), MAX_RESTARTS (0:
 # torchrun restarts of a failed worker group; a restarted worker resumes from the newest
-# checkpoint), PYTHON (.venv/bin/python when present, else python3), OMP_NUM_THREADS
-# (CPU cores / NPROC_PER_NODE). Extra arguments go to distres.train.
+# checkpoint), PYTHON (the checkout's .venv/bin/python when present, else python3),
+# OMP_NUM_THREADS (CPU cores / NPROC_PER_NODE). Extra arguments go to distres.train; relative
+# paths in them are from the folder the command runs in.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 
 : "${MASTER_ADDR:?set MASTER_ADDR to a host every node can reach (e.g. the first node)}"
-source launch/common.sh
+# No cd: relative paths (--data-dir, --output-dir, --config) are read from the folder
+# the user is in; common.sh finds the checkout and puts it on PYTHONPATH.
+source "$(dirname "$0")/common.sh"
 if [[ -z "${NPROC_PER_NODE:-}" ]]; then
   gpus=$(visible_gpus)
   if (( gpus > 0 )); then NPROC_PER_NODE=$gpus; else NPROC_PER_NODE=1; fi

@@ -2,26 +2,32 @@ import os
 import subprocess
 import sys
 
-from tests.helpers import REPO, TINY, read_metrics
+from tests.helpers import REPO, TINY, make_imagefolder, read_metrics
 
 
-def test_local_launcher_runs_two_cpu_ranks(tmp_path):
+def test_local_launcher_runs_two_cpu_ranks_from_the_callers_folder(tmp_path):
+    """Relative --data-dir and --output-dir mean what they say from the folder the user is in,
+    not from the checkout the script lives in."""
     env = dict(os.environ, NPROC="2", PYTHON=sys.executable)  # the interpreter running the tests
-    out = tmp_path / "run"
+    make_imagefolder(tmp_path / "data" / "c10", {"train": {"a": 12, "b": 12}, "val": {"a": 2, "b": 2}})
     r = subprocess.run(
         [
             str(REPO / "launch" / "local.sh"),
             *TINY,
+            "--data",
+            "imagefolder",
+            "--data-dir",
+            "data/c10",
+            "--workers",
+            "0",
             "--batch-size",
             "4",
-            "--synthetic-samples",
-            "32",
             "--max-steps",
             "3",
             "--output-dir",
-            str(out),
+            "runs/x",
         ],
-        cwd=REPO,
+        cwd=tmp_path,
         env=env,
         capture_output=True,
         text=True,
@@ -29,7 +35,8 @@ def test_local_launcher_runs_two_cpu_ranks(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 x cpu (gloo)" in r.stderr
-    assert [x["step"] for x in read_metrics(out) if x["kind"] == "train"] == [1, 2, 3]
+    assert r.stderr.strip().splitlines()[-1].endswith("outputs in runs/x")
+    assert [x["step"] for x in read_metrics(tmp_path / "runs" / "x") if x["kind"] == "train"] == [1, 2, 3]
 
 
 def test_multinode_launcher_joins_two_nodes_by_rendezvous(tmp_path):
@@ -50,7 +57,6 @@ def test_multinode_launcher_joins_two_nodes_by_rendezvous(tmp_path):
         PYTHON=sys.executable,
         OMP_NUM_THREADS="1",
     )
-    out = tmp_path / "run"
     cmd = [
         str(REPO / "launch" / "multinode.sh"),
         *TINY,
@@ -61,16 +67,16 @@ def test_multinode_launcher_joins_two_nodes_by_rendezvous(tmp_path):
         "--max-steps",
         "3",
         "--output-dir",
-        str(out),
+        "runs/x",  # relative: from the folder each node's command runs in
     ]
     nodes = [
-        subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for _ in range(2)
     ]
     logs = [p.communicate(timeout=300)[0] for p in nodes]
     assert [p.returncode for p in nodes] == [0, 0], "\n".join(logs)[-3000:]
     assert any("2 x cpu (gloo)" in log for log in logs)
-    assert [x["step"] for x in read_metrics(out) if x["kind"] == "train"] == [1, 2, 3]
+    assert [x["step"] for x in read_metrics(tmp_path / "runs" / "x") if x["kind"] == "train"] == [1, 2, 3]
 
 
 def test_gpu_of_each_process():

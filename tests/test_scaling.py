@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from benchmarks import allreduce_model as model
-from benchmarks import scaling
-from tests.helpers import REPO, cli_env
+from benchmarks import scaling, scaling_analyse, scaling_run
+from distres.errors import UserError
+from tests.helpers import REPO, cli_env, make_imagefolder
 
 
 def test_quick_cpu_run(tmp_path, monkeypatch):
@@ -17,6 +18,7 @@ def test_quick_cpu_run(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     work = tmp_path / "work"
     # The README's --quick with two measured windows instead of six: the same runs, shorter.
+    # fp32: on a CPU without native bf16 (AVX2 only) bf16 autocast is ~20x slower than fp32.
     r = subprocess.run(
         [
             sys.executable,
@@ -24,6 +26,8 @@ def test_quick_cpu_run(tmp_path, monkeypatch):
             "--quick",
             "--windows",
             "2",
+            "--amp",
+            "none",
             "--work-dir",
             str(work),
             "--name",
@@ -76,6 +80,70 @@ def test_quick_cpu_run(tmp_path, monkeypatch):
     assert summary["summary"]["cpuN/efficiency"] == pytest.approx(two["efficiency"])
 
 
+def test_paths_are_relative_to_the_callers_folder(tmp_path):
+    """A relative --data-dir is read, and the default work folder runs/scaling-TIME is written,
+    from the folder the user ran the script in, not from the checkout."""
+    make_imagefolder(tmp_path / "data" / "c10", {"train": {"a": 4, "b": 4}, "val": {"a": 2, "b": 2}})
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "scaling.py"),
+            "--units",
+            "cpu1",
+            "--arch",
+            "resnet18",
+            "--data",
+            "imagefolder",
+            "--data-dir",
+            "data/c10",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "4",
+            "--amp",
+            "none",
+            "--window",
+            "1",
+            "--warmup-windows",
+            "0",
+            "--windows",
+            "1",
+            "--wandb",
+            "disabled",
+            "--",
+            "--workers",
+            "0",
+        ],
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    [work] = (tmp_path / "runs").glob("scaling-*")
+    assert json.loads((work / "scaling.json").read_text())["measured"][0]["images_per_sec"] > 0
+    assert (work / "cpu1" / "metrics.jsonl").is_file()
+    rel = f"runs/{work.name}"
+    assert (
+        r.stderr.strip().splitlines()[-1] == f"scaling: wrote {rel}/scaling.json, {rel}/scaling.md, {rel}/scaling.png"
+    )
+
+
+def test_odd_warmup_is_honoured(capsys):
+    """--warmup-windows 3 runs 3 warm-up windows: an N > 1 run still measures as many synced as
+    no_sync windows (they alternate, and it runs 2 x --windows after the warm-up)."""
+    args = ["--units", "cpu1,cpuN", "--warmup-windows", "3", "--windows", "2", "--window", "5", "--dry-run"]
+    assert scaling.main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    steps = {ln.split(":")[0]: int(ln.split("--max-steps ")[1].split()[0]) for ln in lines}
+    assert steps == {"cpu1": (3 + 2) * 5, "cpuN": (3 + 2 * 2) * 5}
+    # the cpuN run's windows as the probe tags them: window k skips the all-reduce when k is odd
+    recs = [_rec(5 * (k + 1), 100.0, 0.0, 1.0, synced=k % 2 == 0) for k in range(3 + 2 * 2)]
+    got = scaling_analyse.analyse(recs, window=5, warmup=3)
+    assert (got["windows"], got["nosync_windows"]) == (2, 2)
+
+
 def _rec(step, ips, wait, step_time, synced=None, epoch=0.5):
     r = {
         "kind": "train",
@@ -101,7 +169,7 @@ def test_analyse_measures_exposed_communication():
         _rec(30, 130.0, 0.1, 0.9, False),
         {"kind": "eval", "step": 30, "epoch": 1},
     ]
-    got = scaling.analyse(recs, window=5, warmup=2)
+    got = scaling_analyse.analyse(recs, window=5, warmup=2)
     assert got["windows"] == 2 and got["nosync_windows"] == 2
     assert got["images_per_sec"] == 105.0 and got["step_ms"] == pytest.approx(1100)
     assert got["data_wait_ms"] == pytest.approx(110)
@@ -119,10 +187,10 @@ def test_analyse_drops_short_windows_and_loader_restarts():
         _rec(14, 2.0, 0.5, 1.0, epoch=1.4),  # first window after an epoch end: loader start-up
         _rec(18, 60.0, 0, 1.0, epoch=1.8),
     ]
-    got = scaling.analyse(recs, window=4, warmup=1)
+    got = scaling_analyse.analyse(recs, window=4, warmup=1)
     assert got["window_images_per_sec"] == [50.0, 60.0] and got["exposed_comm_ms"] == 0.0
-    with pytest.raises(scaling.UserError, match="no steady-state window"):
-        scaling.analyse(recs[:1], window=4, warmup=1)
+    with pytest.raises(UserError, match="no steady-state window"):
+        scaling_analyse.analyse(recs[:1], window=4, warmup=1)
 
 
 def test_efficiency_is_per_unit_of_hardware():
@@ -132,7 +200,7 @@ def test_efficiency_is_per_unit_of_hardware():
         {"name": "gpu1", "device": "cuda", "world": 1, "hardware": 1, "ref": "gpu1", "images_per_sec": 3000.0},
         {"name": "gpuN", "device": "cuda", "world": 8, "hardware": 8, "ref": "gpu1", "images_per_sec": 21000.0},
     ]
-    got = {r["name"]: r for r in scaling.with_efficiency(rows)}
+    got = {r["name"]: r for r in scaling_analyse.with_efficiency(rows)}
     assert got["cpuN"]["efficiency"] == pytest.approx(0.8)
     assert got["gpuN"]["efficiency"] == pytest.approx(0.875)
     assert got["gpu1"]["x_cpu"] == pytest.approx(30.0)
@@ -175,6 +243,10 @@ def test_bad_input_is_one_line(capsys):
     assert "needs a CUDA GPU" in capsys.readouterr().err
     assert scaling.main(["--windows", "0"]) == 2
     assert capsys.readouterr().err.strip() == "distres: error: --windows must be >= 1"
+    assert scaling.main(["--units", "gpuN", "--gpus", "1", "--dry-run"]) == 2  # skipped: nothing left
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "distres: error: --units gpuN leaves no run to measure (gpuN alone is skipped with one GPU)"
+    )
 
 
 def test_comm_probe_skips_the_allreduce_every_other_window(tmp_path):
@@ -220,10 +292,10 @@ def test_comm_probe_skips_the_allreduce_every_other_window(tmp_path):
 
 def test_multinode_command_is_one_torchrun_per_node(tmp_path):
     a = scaling.parse_args(["--quick"])
-    slurm = scaling.Slurm(nnodes=2, job_id="42", head="node-a", cpus_per_node=16)
-    [unit] = scaling.plan(["nodes"], cpu_procs=2, gpus=4, slurm=slurm)
+    slurm = scaling_run.Slurm(nnodes=2, job_id="42", head="node-a", cpus_per_node=16)
+    [unit] = scaling_run.plan(["nodes"], cpu_procs=2, gpus=4, slurm=slurm)
     assert (unit.world, unit.hardware, unit.ref) == (8, 8, "gpu1")
-    cmd = scaling.command(a, unit, tmp_path, slurm)
+    cmd = scaling_run.command(a, unit, tmp_path, slurm)
     assert cmd[:5] == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--cpus-per-task=16"]
     assert "--nnodes=2" in cmd and "--nproc_per_node=4" in cmd and "--standalone" not in cmd
     assert "--rdzv-endpoint=node-a:29511" in cmd and "--bench-comm-probe" in cmd
