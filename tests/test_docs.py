@@ -291,11 +291,14 @@ def run_command(cmd: Command, extra: list[str], cwd: Path) -> None:
             text=True,
             timeout=240,
         )
-        code, output = proc.returncode, (proc.stdout + proc.stderr)[-3000:]
+        errors = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("distres: error")]
+        code, output = proc.returncode, "\n".join(errors) or (proc.stdout + proc.stderr)[-3000:]
+        ran_as = ["torchrun", *cmd.launcher, "-m", f"distres.{cmd.tool}", *args]
     else:
-        code, output = importlib.import_module(f"distres.{cmd.tool}").main(args), "(output above)"
+        code, output = importlib.import_module(f"distres.{cmd.tool}").main(args), "(its output is above)"
+        ran_as = ["python", "-m", f"distres.{cmd.tool}", *args]
     if code != 0:
-        pytest.fail(f"{cmd.where}\n  ran as: {shlex.join(args)}\n  exit status {code}\n{output}")
+        pytest.fail(f"{cmd.where}\n  ran as: {shlex.join(ran_as)}\n  exit status {code}\n{output}")
 
 
 def test_marked_blocks_run(scratch, monkeypatch):
@@ -310,3 +313,39 @@ def test_marked_blocks_run(scratch, monkeypatch):
             run_command(cmd, block.run_flags, scratch)
             ran += 1
     assert ran >= 4
+
+
+# --- links between the pages ----------------------------------------------------------------
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces as hyphens."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def _anchors(path: Path) -> set[str]:
+    found, fenced = set(), False
+    for line in path.read_text().splitlines():
+        if FENCE.match(line):
+            fenced = not fenced
+        elif not fenced and (m := re.match(r"#{1,6} (.+)", line)):
+            found.add(_anchor(m[1]))
+    return found
+
+
+def test_links_between_pages_resolve():
+    """Every relative link of the docs names a file that exists and, with #, one of its headings."""
+    broken = []
+    for path in DOCS:
+        text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):  # https:, mailto:
+                continue
+            file, _, anchor = target.partition("#")
+            dest = (path.parent / file).resolve() if file else path
+            if not dest.exists():
+                broken.append(f"{path.relative_to(REPO)}: {target} (no such file)")
+            elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+                broken.append(f"{path.relative_to(REPO)}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
