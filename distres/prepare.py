@@ -1,7 +1,7 @@
 """Data set preparation: video frames, smaller copies of image folders, CIFAR-10 as files.
 
-    python -m distres.prepare video SRC DST --fps 2 --size 256     # class folders of videos -> JPEG frames
-    python -m distres.prepare resize SRC DST --size 256            # an ImageFolder with shorter side 256
+    python -m distres.prepare video SRC DST --fps 2                # class folders of videos -> JPEG frames, shorter side 256
+    python -m distres.prepare resize SRC DST --size 160            # an ImageFolder with shorter side 160 (default 256)
     python -m distres.prepare cifar10 SRC DST                      # cifar-10-batches-py -> train/ + test/ PNGs
 
 Every command mirrors SRC's folder tree into DST (so SRC may be a class-folder root or hold
@@ -35,6 +35,9 @@ from distres.files import atomic_write
 from distres.host import available_cpus
 
 JPEG_QUALITY = 90
+# Shorter side written by video and resize unless --size says otherwise: 256 px is what the
+# ImageNet recipes resize to before their 224-px crops, so the outputs train at 224 px as they are.
+DEFAULT_SIZE = 256
 FFMPEG_QSCALE = 2  # ffmpeg's MJPEG scale (2 best .. 31 worst); 2 is close to JPEG quality 90-95
 
 
@@ -311,10 +314,20 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("video", help="class folders of videos -> an ImageFolder of JPEG frames")
     common(v)
     v.add_argument("--fps", type=_positive(float), required=True, help="frames kept per second of video")
-    v.add_argument("--size", type=_positive(int), required=True, help="shorter side of the frames in pixels")
+    v.add_argument(
+        "--size",
+        type=_positive(int),
+        default=DEFAULT_SIZE,
+        help=f"shorter side of the frames in pixels (default: {DEFAULT_SIZE})",
+    )
     r = sub.add_parser("resize", help="a copy of an ImageFolder with the shorter side S (cheaper decoding)")
     common(r)
-    r.add_argument("--size", type=_positive(int), required=True, help="shorter side in pixels (never enlarged)")
+    r.add_argument(
+        "--size",
+        type=_positive(int),
+        default=DEFAULT_SIZE,
+        help=f"shorter side in pixels, never enlarged (default: {DEFAULT_SIZE})",
+    )
     r.add_argument("--quality", type=_positive(int), default=JPEG_QUALITY, help="JPEG quality of resized images")
     c = sub.add_parser("cifar10", help="torchvision's CIFAR-10 files -> train/ and test/ PNG class folders")
     common(c)

@@ -148,3 +148,10 @@ def test_bad_arguments_are_one_line(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "x.jpg")
     assert main(["resize", str(tmp_path / "flat"), str(tmp_path / "o"), "--size", "0"]) == 2
     assert main(["resize", str(tmp_path / "flat"), str(tmp_path / "o"), "--size", "4"]) == 2  # no class folders
+
+
+def test_size_defaults_to_a_shorter_side_of_256():
+    from distres.prepare import build_parser
+
+    for command in (["video", "src", "dst", "--fps", "2"], ["resize", "src", "dst"]):
+        assert build_parser().parse_args(command).size == 256
