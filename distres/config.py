@@ -33,6 +33,7 @@ DATASETS = ("cifar10", "cifar100", "mnist", "imagefolder", "synthetic")
 NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "mnist": 28}
 BACKENDS = ("auto", "torch", "gpu", "dali", "synthetic")
 AUTO_AUGMENT = ("none", "ta_wide", "ra", "augmix")
+AMP = ("auto", "none", "bf16", "fp16")
 # What --autotune may change: settings that leave the batches alone, and the maths up to rounding.
 AUTOTUNE_LEVERS = (
     "data_backend",
@@ -204,9 +205,9 @@ class OptimConfig:
     ema_decay: float = opt(0.0, "EMA of the weights with this decay per update (e.g. 0.9998; 0: off)")
     ema_every: int = opt(1, "update the EMA every N optimizer steps")
     amp: str = opt(
-        "bf16",
-        "mixed precision: bf16 or fp16 autocast (fp16 adds a GradScaler), or none",
-        choices=("none", "bf16", "fp16"),
+        "auto",
+        "mixed precision: bf16 or fp16 autocast (fp16 adds a GradScaler), none, or auto: bf16 where the device has it",
+        choices=AMP,
     )
 
     def validate(self) -> None:

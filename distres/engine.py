@@ -12,14 +12,23 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from distres import dist
+from distres import dist, host
 from distres.models import find_ddp, unwrap
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """--amp auto: bf16 on GPUs and on CPUs with bf16 instructions; fp32 ("none") on a CPU
+    without them, where bf16 autocast is emulated and several times slower than fp32."""
+    if amp != "auto":
+        return amp
+    return "none" if device.type == "cpu" and host.native_bf16() is False else "bf16"
+
+
 class Precision:
     def __init__(self, amp: str, device: torch.device):
+        self.amp = amp = resolve_amp(amp, device)
         self.enabled = amp != "none"
         self.dtype = AMP_DTYPES.get(amp, torch.float32)
         self.device_type = device.type

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from distres import data, dist, engine, inference, models
-from distres.config import BACKENDS, DATASETS
+from distres.config import AMP, BACKENDS, DATASETS
 from distres.errors import ArgumentParser, UserError, run_cli
 
 
@@ -49,9 +49,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument(
         "--workers", type=int, default=None, help="DataLoader workers per process (default: the checkpoint's)"
     )
-    p.add_argument(
-        "--amp", choices=("none", "bf16", "fp16"), default=None, help="autocast precision (default: the checkpoint's)"
-    )
+    p.add_argument("--amp", choices=AMP, default=None, help="autocast precision (default: the checkpoint's)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
     p.add_argument("--top-k", type=int, default=5, help="predictions listed per misclassified image")
     p.add_argument(

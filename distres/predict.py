@@ -18,6 +18,7 @@ import sys
 import torch
 
 from distres import dist, inference
+from distres.config import AMP
 from distres.data.decode import DECODE_ERRORS, describe
 from distres.data.formats import IMAGE_EXTENSIONS
 from distres.engine import Precision
@@ -36,9 +37,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--output", default="predictions.csv", help="the CSV to write ('-': standard output)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes")
-    p.add_argument(
-        "--amp", choices=("none", "bf16", "fp16"), default=None, help="autocast precision (default: the checkpoint's)"
-    )
+    p.add_argument("--amp", choices=AMP, default=None, help="autocast precision (default: the checkpoint's)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
     return p
 

@@ -28,6 +28,7 @@ from distres import (
     dist,
     divergence,
     engine,
+    host,
     models,
     optim,
     perf,
@@ -166,8 +167,13 @@ def build_run(cfg: config.TrainConfig, ctx: dist.DistContext) -> Run:
         f"{cfg.data.dataset} {bundle.image_size}px ({bundle.backend} loader"
         f"{', decoding on the ' + ctx.device.type if cfg.data.decode_on == 'device' else ''}), "
         f"{bundle.num_classes} classes, global batch {plan.global_batch}, lr {max(scheduler.base_lrs):g}, "
-        f"amp {cfg.optim.amp}, {plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps"
+        f"amp {parts.precision.amp}{' (auto)' if cfg.optim.amp == 'auto' else ''}, {plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps"
     )
+    if ctx.device.type == "cpu" and cfg.optim.amp == "bf16" and host.native_bf16() is False:
+        ctx.say(
+            "distres: note: this CPU has no bf16 instructions (AVX512-BF16 or AMX), so --amp bf16 is emulated "
+            "and several times slower than --amp none here"
+        )
     return run
 
 

@@ -87,3 +87,18 @@ def test_help_names_each_default_once(tool):
     text = tool.build_parser().format_help()
     assert "(default: None)" not in text and "the checkpoint's)" in text
     assert all(line.count("(default") <= 1 for line in " ".join(text.split()).split("--")), text
+
+
+def test_amp_auto_is_bf16_only_where_the_device_computes_in_it(monkeypatch):
+    import torch
+
+    from distres import engine, host
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert engine.resolve_amp("fp16", cpu) == "fp16" and engine.resolve_amp("none", gpu) == "none"
+    assert engine.resolve_amp("auto", gpu) == "bf16"
+    for native, want in ((True, "bf16"), (False, "none"), (None, "bf16")):
+        monkeypatch.setattr(host, "native_bf16", lambda native=native: native)
+        assert engine.resolve_amp("auto", cpu) == want
+    monkeypatch.setattr(host, "native_bf16", lambda: False)
+    assert engine.Precision("auto", cpu).dtype == torch.float32 and not engine.Precision("auto", cpu).enabled
