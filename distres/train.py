@@ -212,7 +212,7 @@ def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict:
             last_eval = _evaluate(r, logger, plan.epochs)
         completed = True
         r.watch.enter("a checkpoint", r.step)
-        ckpt.finish()  # the last checkpoint is on disk (or its failure is the run's error)
+        ckpt.wait()  # the last checkpoint is on disk (or its failure is the run's error)
         r.watch.leave()
     except Preempted:
         completed = True  # every rank raised it at the same step
@@ -292,12 +292,11 @@ def _diverged(r: Run, err: divergence.Diverged) -> None:
     if cfg.on_nonfinite != "rollback" or r.rollbacks >= cfg.rollback_tries or r.ckpt.last_saved is None:
         raise divergence.give_up(err, str(r.ckpt.last_saved) if r.ckpt.last_saved else None, r.rollbacks)
     r.rollbacks += 1
-    sched = r.state.scheduler
-    lowered = [lr * cfg.rollback_lr_factor for lr in sched.base_lrs]  # this run's lr, with earlier rollbacks
+    peak = max(r.state.scheduler.base_lrs)  # this run's, with earlier rollbacks
     r.step = r.ckpt.roll_back(r.state)
-    for group, was, now in zip(r.state.optimizer.param_groups, sched.base_lrs, lowered):
-        group["lr"] *= now / was
-    sched.base_lrs = lowered
+    # The checkpoint may predate earlier rollbacks: back to this run's lr, then lower it.
+    back = peak / max(r.state.scheduler.base_lrs)
+    optim.scale_lr(r.state.optimizer, r.state.scheduler, back * cfg.rollback_lr_factor)
     if _match_backbone(cfg, r.state):
         r.model = models.parallelize(r.state.model, cfg, r.ctx)
     r.logger.rewind(r.step)
@@ -333,7 +332,7 @@ def _match_backbone(cfg, state: checkpoint.TrainingState) -> bool:
 
 def _preempted(r: Run, epoch: int, in_epoch: int) -> Preempted:
     """Once the checkpoint just saved is on disk on every rank's word, what they raise to stop."""
-    r.ckpt.finish()
+    r.ckpt.wait()
     why = r.stop.signal_name or "signal on another rank"
     return Preempted(
         f"distres: preempted ({why}): stopped after step {r.step} (epoch {epoch + 1}, step {in_epoch} "
