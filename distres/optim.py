@@ -168,6 +168,15 @@ def init_momentum(optimizer: torch.optim.Optimizer) -> None:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
+def scale_lr(optimizer: torch.optim.Optimizer, scheduler, factor: float) -> None:
+    """Multiply the learning rate by ``factor`` from now on: the schedule's peak (``base_lrs``,
+    which every later step scales) and each group's current lr (which the optimizer's next step
+    uses before the schedule steps again)."""
+    scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
+
+
 def lr_factor(
     step: float,
     total_steps: int,

@@ -234,7 +234,7 @@ def fit(run: Run) -> dict:
             run.last_eval = _evaluate(run, run.plan.epochs)
         completed = True
         with run.watch.phase("a checkpoint", run.step):
-            run.ckpt.finish()  # the last checkpoint is on disk (or its failure is the run's error)
+            run.ckpt.wait()  # the last checkpoint is on disk (or its failure is the run's error)
     except Preempted:
         completed = True  # every rank raised it at the same step
         raise
@@ -345,12 +345,11 @@ def _diverged(run: Run, err: divergence.Diverged) -> None:
     if guard.on_nonfinite != "rollback" or run.rollbacks >= guard.rollback_tries or run.ckpt.last_saved is None:
         raise divergence.give_up(err, str(run.ckpt.last_saved) if run.ckpt.last_saved else None, run.rollbacks)
     run.rollbacks += 1
-    sched = run.state.scheduler
-    lowered = [lr * guard.rollback_lr_factor for lr in sched.base_lrs]  # this run's lr, with earlier rollbacks
+    peak = max(run.state.scheduler.base_lrs)  # this run's, with earlier rollbacks
     run.step = run.ckpt.roll_back(run.state)
-    for group, was, now in zip(run.state.optimizer.param_groups, sched.base_lrs, lowered):
-        group["lr"] *= now / was
-    sched.base_lrs = lowered
+    # The checkpoint may predate earlier rollbacks: back to this run's lr, then lower it.
+    back = peak / max(run.state.scheduler.base_lrs)
+    optim.scale_lr(run.state.optimizer, run.state.scheduler, back * guard.rollback_lr_factor)
     if _set_backbone_for_epoch(run.cfg, run.state):
         run.wrap()
     run.logger.rewind(run.step)
@@ -385,7 +384,7 @@ def _set_backbone_for_epoch(cfg, state: checkpoint.TrainingState) -> bool:
 
 def _preempted(run: Run, epoch: int, in_epoch: int) -> Preempted:
     """Once the checkpoint just saved is on disk on every rank's word, what they raise to stop."""
-    run.ckpt.finish()
+    run.ckpt.wait()
     why = run.stop.signal_name or "signal on another rank"
     return Preempted(
         why,

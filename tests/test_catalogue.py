@@ -209,7 +209,7 @@ CASES = {
         "holds the best weights only",
     ),
     "resume with another arch": (_resume("--arch", "resnet50"), "does not fit this run"),
-    "resume with another amp": (_resume("--amp", "fp16"), "trained with --amp bf16"),
+    "resume with another amp": (_resume("--amp", "fp16"), "trained with --amp auto"),
     "output dir holds another run": (
         lambda p: (train.main, [*TINY, "--max-steps", "1", *RUN, "--output-dir", str(p["run"])]),
         "already holds checkpoints",

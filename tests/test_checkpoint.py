@@ -222,8 +222,10 @@ def test_background_write_holds_the_state_of_its_step(tmp_path, monkeypatch):
     place. The file must hold the state at the save, not what the thread sees later."""
     import threading
 
-    mutated, write = threading.Event(), checkpoint.save
-    monkeypatch.setattr(checkpoint, "save", lambda *a, **k: (mutated.wait(10), write(*a, **k))[1])
+    from distres import ckptio
+
+    mutated, write = threading.Event(), ckptio.save
+    monkeypatch.setattr(ckptio, "save", lambda *a, **k: (mutated.wait(10), write(*a, **k))[1])
     model = torch.nn.Linear(64, 64)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model(torch.randn(2, 64)).sum().backward()
@@ -259,7 +261,7 @@ def test_a_failed_background_write_is_a_user_error_and_keeps_the_previous(tmp_pa
     )
     ck = _checkpointer(tmp_path)
     ck.save(ts, 1)
-    ck.finish()
+    ck.wait()
 
     def full_disk(obj, f):
         f.write(b"partial")
@@ -268,7 +270,7 @@ def test_a_failed_background_write_is_a_user_error_and_keeps_the_previous(tmp_pa
     monkeypatch.setattr(torch, "save", full_disk)
     ck.save(ts, 2)  # returns: the write fails in the background
     with pytest.raises(UserError, match="cannot write a checkpoint to .*No space left on device"):
-        ck.finish()  # the collective wait: every rank raises it, not rank 0 alone
+        ck.wait()  # the collective wait: every rank raises it, not rank 0 alone
     monkeypatch.undo()
     assert checkpoint.load_latest(tmp_path / "checkpoints")[0]["step"] == 1
 
