@@ -127,7 +127,7 @@ class TrainingState:
     loader: object  # data.Loader
     meta: dict | None = None
     ema: object = None  # ema.EMA, or None without --ema-decay
-    axis: object = None  # optim.Axis, the lr schedule's clock
+    clock: object = None  # optim.ScheduleClock, the lr schedule's clock
 
     def parts(self, s: Settings) -> dict[str, Stateful | None]:
         """The named parts, in the order they load: the record first (it refuses a misfit
@@ -143,7 +143,7 @@ class TrainingState:
             "rng": RngState(s.device),
             "meta": Record(self.meta),
             ckptformat.PROGRESS: resume.Progress(
-                self.loader, self.axis, s.order, (self.optimizer, self.scheduler), s.rescale_lr, s.announce
+                self.loader, self.clock, s.order, (self.optimizer, self.scheduler), s.rescale_lr, s.announce
             ),
         }
 

@@ -79,7 +79,7 @@ class Resumed:
     epoch: int
     sample: int  # samples of ``epoch``'s order consumed
     global_batch: int  # the checkpoint's
-    axis: dict | None  # its ScheduleClock.state_dict(); None: saved before there was one
+    clock: dict | None  # its ScheduleClock.state_dict(); None: saved before there was one
 
 
 def _horizon(opt, num_samples: int, global_batch: int) -> tuple[int, int, int]:
@@ -108,7 +108,7 @@ def plan(opt, num_samples: int, world_size: int, resumed: Resumed | None = None)
     global_batch = micro * opt.grad_accum
     clock = ScheduleClock(global_batch)
     if resumed is not None:
-        then = ScheduleClock(**resumed.axis) if resumed.axis else ScheduleClock(resumed.global_batch)
+        then = ScheduleClock(**resumed.clock) if resumed.clock else ScheduleClock(resumed.global_batch)
         then = ScheduleClock(then.global_batch, then.base_step, then.base, resumed.global_batch / then.global_batch)
         clock = (
             then

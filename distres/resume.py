@@ -53,8 +53,8 @@ def _split(order: dict) -> str:
 
 
 class Progress:
-    def __init__(self, loader, axis, order: dict, lr: tuple, rescale_lr: bool, announce: bool):
-        self.loader, self.axis, self.order = loader, axis, order
+    def __init__(self, loader, clock, order: dict, lr: tuple, rescale_lr: bool, announce: bool):
+        self.loader, self.clock, self.order = loader, clock, order
         self.optimizer, self.scheduler = lr  # what --rescale-lr-on-resume scales
         self.rescale_lr, self.announce = rescale_lr, announce
 
@@ -66,7 +66,7 @@ class Progress:
             "step_in_epoch": position["sample"] // global_batch(self.order),  # optimizer steps done in `epoch`
             "world_size": self.order["world_size"],
             "data_order": self.order,
-            "schedule_axis": self.axis.state_dict() if self.axis is not None else None,
+            "schedule_axis": self.clock.state_dict() if self.clock is not None else None,
         }
 
     def load_state_dict(self, progress: dict) -> None:

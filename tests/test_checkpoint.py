@@ -298,7 +298,7 @@ def test_a_checkpoint_of_the_first_format_resumes_with_the_current_split():
     state = {"step": 11, "epoch": 1, "step_in_epoch": 3, "world_size": 2}
     cfg = TrainConfig(batch_size=8, grad_accum=1)
     pos = checkpoint.resumed_position(state, cfg, 2)
-    assert (pos.step, pos.epoch, pos.sample, pos.global_batch, pos.axis) == (11, 1, 3 * 16, 16, None)
+    assert (pos.step, pos.epoch, pos.sample, pos.global_batch, pos.clock) == (11, 1, 3 * 16, 16, None)
     assert (
         checkpoint.resumed_position(
             dict(

@@ -61,7 +61,7 @@ def _training_state(lr=0.1, ema=False, loader=None):
         loader or _Loader(),
         {"arch": "linear"},
         EMA(model, 0.9) if ema else None,
-        optim.Axis(256),
+        optim.ScheduleClock(256),
     )
 
 
@@ -167,7 +167,7 @@ def test_a_checkpoint_of_the_first_format_restores_a_training_state(tmp_path):
     want = torch.rand(2)
     folder = tmp_path / "checkpoints"
     folder.mkdir()
-    config = TrainConfig(batch_size=8).to_dict()
+    config = TrainConfig(batch_size=8).options()
     first = {
         "format": 1,
         "model": old.model.state_dict(),
