@@ -209,6 +209,7 @@ def _resolved(run: Run) -> dict:
         "image_size": bundle.image_size,
         "eval_image_size": bundle.eval_image_size,
         "eval_resize": bundle.eval_resize,
+        "amp": run.precision.amp,
         "data_backend": bundle.backend,
         "device": ctx.device.type,
         "dist_backend": ctx.backend or "none",
