@@ -20,7 +20,7 @@ import torch
 
 from distres import evaluate, export, predict, prepare, train
 from distres.data import known
-from tests.helpers import REPO, TINY, cli_env, make_imagefolder, one_error_line, run_train
+from tests.helpers import REPO, TINY, cli_env, make_imagefolder, one_error_line, run_train, train_here
 
 RUN = ["--device", "cpu", "--no-progress", "--wandb", "disabled"]
 
@@ -54,7 +54,7 @@ def made(module_dir):
         known.write_idx(root / "mnist" / images, np.zeros((n, 28, 28), dtype=np.uint8))
         known.write_idx(root / "mnist" / labels, np.arange(n, dtype=np.uint8) % 2)
     run = root / "run"
-    r = run_train(
+    r = train_here(
         TINY + ["--batch-size", "4", "--synthetic-samples", "16", "--max-steps", "2", "--output-dir", str(run)]
     )
     assert r.returncode == 0, r.stderr[-3000:]
@@ -273,6 +273,7 @@ def test_a_multi_process_launch_without_a_rendezvous_address(made, capsys, monke
     assert "needs MASTER_ADDR and MASTER_PORT" in one_error_line(capsys.readouterr().err)
 
 
+@pytest.mark.slow
 def test_from_the_command_line_and_under_torchrun(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "distres.train", "--batch-size", "0"],
