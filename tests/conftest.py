@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import CIFAR10_TARBALL, FOLDER_RUN, make_imagefolder, process_state, run_train
+from tests.helpers import CIFAR10_TARBALL, FOLDER_RUN, TINY, WANDB_VARS, make_imagefolder, process_state, run_train
 
 DISK_NEEDED_GB = 2  # the most the suite holds at once (its largest test's checkpoints), with room
 
@@ -135,4 +135,39 @@ def folder_run(tmp_path_factory):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     yield data, out, r
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def synthetic_run(tmp_path_factory):
+    """One 2-rank gloo run under torchrun on synthetic data, logging to an offline W&B run,
+    shared by test_ddp (the end-to-end run: one metrics file, every step once, the loss falls)
+    and test_wandb (one offline run per job, read back with wandb's own reader). Batch 8 on 2
+    ranks over 128 samples: 8 steps per epoch, 4 epochs, an evaluation after each. HOME is an
+    empty folder and no W&B variable is set: whatever W&B writes outside the output folder shows
+    up there. Returns (output folder, HOME, the torchrun CompletedProcess)."""
+    root = tmp_path_factory.mktemp("synthetic_run")
+    home, out = root / "home", root / "run"
+    home.mkdir()
+    r = run_train(
+        TINY
+        + [
+            "--wandb",
+            "offline",
+            "--batch-size",
+            "8",
+            "--synthetic-samples",
+            "128",
+            "--epochs",
+            "4",
+            "--lr",
+            "0.02",
+            "--output-dir",
+            str(out),
+        ],
+        nproc=2,
+        env={"HOME": str(home), **dict.fromkeys(WANDB_VARS)},
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    yield out, home, r
     shutil.rmtree(root, ignore_errors=True)

@@ -23,6 +23,10 @@ CIFAR10_TARBALL = Path(
 
 # Small, fast settings shared by the end-to-end tests: ResNet-18 on 32-px synthetic data.
 # No W&B: an offline run costs 1-3 s of CPU per training run (tests/test_wandb.py covers it).
+# fp32 (--amp none): on CPUs without bf16 instructions (AVX2 only, as the 2-core test machines)
+# bf16 autocast is emulated, several times slower per step (9x for this model and batch). The
+# default bf16 path is tested end to end by the runs that keep it: conftest.folder_run (2 ranks),
+# test_bad_data, the catalogue's run, test_checkpoint's amp mismatch, the real-data tests.
 TINY = [
     "--arch",
     "resnet18",
@@ -39,6 +43,8 @@ TINY = [
     "1",
     "--wandb",
     "disabled",
+    "--amp",
+    "none",
 ]
 
 # The shared 2-rank ImageFolder run (conftest.folder_run): its classes, images per class, and
@@ -51,6 +57,18 @@ FOLDER_RUN = {
     "profile_steps": (3, 5),
     "steps": 18,
 }
+
+# What could point W&B elsewhere than the test's own folders (tests/test_wandb.py clears them).
+WANDB_VARS = (
+    "WANDB_API_KEY",
+    "WANDB_MODE",
+    "WANDB_DIR",
+    "WANDB_CACHE_DIR",
+    "WANDB_CONFIG_DIR",
+    "WANDB_DATA_DIR",
+    "WANDB_BASE_URL",
+    "NETRC",
+)
 
 
 def cli_env() -> dict:
@@ -77,12 +95,21 @@ def _train_cmd(args: list[str], nproc: int, extra_torchrun) -> list[str]:
     ]
 
 
-def run_train(args: list[str], nproc: int = 1, timeout: int = 300, extra_torchrun: list[str] = ()):
-    """Run distres.train as a user would; returns CompletedProcess (text)."""
+def run_train(
+    args: list[str], nproc: int = 1, timeout: int = 300, extra_torchrun: list[str] = (), env: dict | None = None
+):
+    """Run distres.train as a user would; returns CompletedProcess (text). ``env``: variables
+    to set on top of ``cli_env()`` (None as a value: unset)."""
+    full = cli_env()
+    for key, value in (env or {}).items():
+        if value is None:
+            full.pop(key, None)
+        else:
+            full[key] = value
     return subprocess.run(
         _train_cmd(args, nproc, extra_torchrun),
         cwd=REPO,
-        env=cli_env(),
+        env=full,
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -54,8 +54,20 @@ def made(module_dir):
         known.write_idx(root / "mnist" / images, np.zeros((n, 28, 28), dtype=np.uint8))
         known.write_idx(root / "mnist" / labels, np.arange(n, dtype=np.uint8) % 2)
     run = root / "run"
-    r = train_here(
-        TINY + ["--batch-size", "4", "--synthetic-samples", "16", "--max-steps", "2", "--output-dir", str(run)]
+    r = train_here(  # bf16, the default, as TINY is not
+        TINY
+        + [
+            "--amp",
+            "bf16",
+            "--batch-size",
+            "4",
+            "--synthetic-samples",
+            "16",
+            "--max-steps",
+            "2",
+            "--output-dir",
+            str(run),
+        ]
     )
     assert r.returncode == 0, r.stderr[-3000:]
     p["run"], p["ckpt"] = run, run / "checkpoints" / "last.pt"
@@ -81,6 +93,8 @@ def _resume(*args):
             "4",
             "--output-dir",
             str(p["run"]),
+            "--amp",
+            "bf16",
             "--resume",
             *args,
         ],

@@ -68,25 +68,9 @@ def _params_at_init() -> dict:
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_end_to_end(tmp_path):
-    out = tmp_path / "run"
-    r = run_train(
-        TINY
-        + [
-            "--batch-size",
-            "8",
-            "--synthetic-samples",
-            "128",
-            "--epochs",
-            "4",
-            "--lr",
-            "0.02",
-            "--output-dir",
-            str(out),
-        ],
-        nproc=2,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+def test_torchrun_two_processes_end_to_end(synthetic_run):
+    """The shared 2-rank run (conftest.synthetic_run): batch 8 x 2 ranks, 4 epochs of 8 steps."""
+    out, _, r = synthetic_run
     # rank 0 alone writes: one metrics file, each step once
     assert [p.name for p in out.rglob("metrics*")] == ["metrics.jsonl"]
     recs = read_metrics(out)
