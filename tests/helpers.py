@@ -189,8 +189,9 @@ def run_here(main, argv: list[str]) -> Ran:
     variables, the repository as the working directory, OMP_NUM_THREADS=1 unless set, no W&B
     key), with its stdout, stderr and warnings captured; the process-wide state it changes is put
     back afterwards (``process_state``). An exception that escapes ``main`` becomes status 1
-    with its traceback in stderr, as for the command. Costs no interpreter and torch start-up:
-    for runs where a separate process adds nothing (no signal, restart, launcher or rlimit)."""
+    with its traceback in stderr, as for the command; a Ctrl-C stops the tests. Costs no
+    interpreter and torch start-up: for runs where a separate process adds nothing (no signal,
+    restart, launcher or rlimit)."""
     out, err = io.StringIO(), io.StringIO()
     with process_state(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
@@ -209,6 +210,8 @@ def run_here(main, argv: list[str]) -> Ran:
                 traceback.print_exc()
                 code = 1
     text = err.getvalue() + "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
+    if code == 130:  # the CLI turned a Ctrl-C into its status: stop the test session, as the user asked
+        raise KeyboardInterrupt
     return Ran(code, out.getvalue(), text)
 
 
