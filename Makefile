@@ -1,6 +1,7 @@
 # Two entry points, each doing all the set-up it needs on a fresh machine:
 #   make test    - install into .venv and run the test suite (CPU only)
 #   make train   - install into .venv and train ResNet-50 on CIFAR-10 on the CPU
+# make test-fast runs the tests not marked slow (a few minutes), for the edit loop.
 # Extra training flags: make train ARGS="--epochs 2"
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,7 +11,7 @@ DATA_DIR ?= .cache/data/cifar10
 RUN_DIR ?= runs/cifar10-cpu-$(shell date +%Y%m%d-%H%M%S)
 ARGS ?=
 
-.PHONY: setup sysdeps lint test train clean
+.PHONY: setup sysdeps lint test test-fast train clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +32,11 @@ lint: setup
 
 test: setup sysdeps lint
 	$(PY) -m pytest -q tests
+
+# The edit loop's tier: every test but those marked slow (real data, launcher restarts, SLURM,
+# long multi-process runs; pyproject.toml lists the marker). make test still runs them all.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" --durations=15 tests
 
 # CIFAR-10 JPEGs unpacked once from the local tarball; without it the run uses synthetic data.
 train: setup

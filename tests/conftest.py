@@ -10,9 +10,22 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import CIFAR10_TARBALL
+from tests.helpers import CIFAR10_TARBALL, FOLDER_RUN, TINY, WANDB_VARS, make_imagefolder, process_state, run_train
 
 DISK_NEEDED_GB = 2  # the most the suite holds at once (its largest test's checkpoints), with room
+
+# The slow tier of tests whose files other changes own: marked here rather than in the file
+# (``make test-fast`` leaves out every test marked slow; ``make test`` runs them all).
+SLOW_ELSEWHERE = {
+    "test_scaling.py::test_quick_cpu_run",
+    "test_launch.py::test_multinode_launcher_joins_two_nodes_by_rendezvous",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid.split("/")[-1] in SLOW_ELSEWHERE:
+            item.add_marker(pytest.mark.slow)
 
 
 def pytest_sessionstart(session):
@@ -26,6 +39,15 @@ def pytest_sessionstart(session):
             "(free some, or point TMPDIR elsewhere)",
             yellow=True,
         )
+
+
+@pytest.fixture(autouse=True)
+def _restores_process_state():
+    """Every test leaves the process as it found it (threads, deterministic algorithms, RNGs,
+    environment, signal handlers, process group): the CLIs run in this process change them, and
+    tests must pass alone and in any order."""
+    with process_state():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +79,95 @@ def cifar10_subset(tmp_path_factory) -> Path:
                 os.link(f, dst / f.name)
     shutil.rmtree(full)
     return subset
+
+
+@pytest.fixture(scope="session")
+def folder_run(tmp_path_factory):
+    """One 2-rank gloo run under torchrun on a small ImageFolder of real JPEGs, shared by the
+    tests that read a finished multi-process run: test_inference (best.pt; evaluate under
+    torchrun, predict and export from its checkpoints), test_sharding (the exact evaluation count
+    over uneven shards) and test_profile (--profile-steps: one trace per rank, the summary).
+    With EMA, the ImageNet stem (so that the stock torchvision model loads its export) and bf16 as
+    training runs by default; 72 training images on 2 ranks x batch 4 are 9 steps per epoch, 2
+    epochs; 21 validation images: neither rank's shard fills its last batch. Returns
+    (data folder, output folder, the torchrun CompletedProcess)."""
+    root = tmp_path_factory.mktemp("folder_run")
+    data = make_imagefolder(
+        root / "data",
+        {"train": {c: FOLDER_RUN["train_per_class"] for c in FOLDER_RUN["classes"]}, "val": FOLDER_RUN["val"]},
+        size=36,
+    )
+    out = root / "run"
+    first, last = FOLDER_RUN["profile_steps"]
+    r = run_train(
+        [
+            "--arch",
+            "resnet18",
+            "--data",
+            "imagefolder",
+            "--data-dir",
+            str(data),
+            "--image-size",
+            "32",
+            "--cifar-stem",
+            "off",
+            "--batch-size",
+            "4",
+            "--epochs",
+            "2",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "--ema-decay",
+            "0.5",
+            "--profile-steps",
+            f"{first}:{last}",
+            "--log-every",
+            "1",
+            "--no-progress",
+            "--wandb",
+            "disabled",
+            "--output-dir",
+            str(out),
+        ],
+        nproc=2,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    yield data, out, r
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def synthetic_run(tmp_path_factory):
+    """One 2-rank gloo run under torchrun on synthetic data, logging to an offline W&B run,
+    shared by test_ddp (the end-to-end run: one metrics file, every step once, the loss falls)
+    and test_wandb (one offline run per job, read back with wandb's own reader). Batch 8 on 2
+    ranks over 128 samples: 8 steps per epoch, 4 epochs, an evaluation after each. HOME is an
+    empty folder and no W&B variable is set: whatever W&B writes outside the output folder shows
+    up there. Returns (output folder, HOME, the torchrun CompletedProcess)."""
+    root = tmp_path_factory.mktemp("synthetic_run")
+    home, out = root / "home", root / "run"
+    home.mkdir()
+    r = run_train(
+        TINY
+        + [
+            "--wandb",
+            "offline",
+            "--batch-size",
+            "8",
+            "--synthetic-samples",
+            "128",
+            "--epochs",
+            "4",
+            "--lr",
+            "0.02",
+            "--output-dir",
+            str(out),
+        ],
+        nproc=2,
+        env={"HOME": str(home), **dict.fromkeys(WANDB_VARS)},
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    yield out, home, r
+    shutil.rmtree(root, ignore_errors=True)

@@ -1,12 +1,17 @@
-"""Helpers shared by the tests: run the real CLI (as a subprocess, or under torchrun), read
-its outputs, and make small real data sets."""
+"""Helpers shared by the tests: run the real CLI (in this process, as a subprocess, or under
+torchrun), read its outputs, and make small real data sets."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
+import traceback
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -18,6 +23,10 @@ CIFAR10_TARBALL = Path(
 
 # Small, fast settings shared by the end-to-end tests: ResNet-18 on 32-px synthetic data.
 # No W&B: an offline run costs 1-3 s of CPU per training run (tests/test_wandb.py covers it).
+# fp32 (--amp none): on CPUs without bf16 instructions (AVX2 only, as the 2-core test machines)
+# bf16 autocast is emulated, several times slower per step (9x for this model and batch). The
+# default bf16 path is tested end to end by the runs that keep it: conftest.folder_run (2 ranks),
+# test_bad_data, the catalogue's run, test_checkpoint's amp mismatch, the real-data tests.
 TINY = [
     "--arch",
     "resnet18",
@@ -34,7 +43,32 @@ TINY = [
     "1",
     "--wandb",
     "disabled",
+    "--amp",
+    "none",
 ]
+
+# The shared 2-rank ImageFolder run (conftest.folder_run): its classes, images per class, and
+# the --profile-steps window. 72 training images / (2 ranks x batch 4) = 9 steps per epoch, 2
+# epochs; the 21 validation images split 11 + 10 over the ranks, batches 4+4+3 and 4+4+2.
+FOLDER_RUN = {
+    "classes": ("cat", "dog", "fox"),
+    "train_per_class": 24,
+    "val": {"cat": 7, "dog": 6, "fox": 8},
+    "profile_steps": (3, 5),
+    "steps": 18,
+}
+
+# What could point W&B elsewhere than the test's own folders (tests/test_wandb.py clears them).
+WANDB_VARS = (
+    "WANDB_API_KEY",
+    "WANDB_MODE",
+    "WANDB_DIR",
+    "WANDB_CACHE_DIR",
+    "WANDB_CONFIG_DIR",
+    "WANDB_DATA_DIR",
+    "WANDB_BASE_URL",
+    "NETRC",
+)
 
 
 def cli_env() -> dict:
@@ -61,16 +95,131 @@ def _train_cmd(args: list[str], nproc: int, extra_torchrun) -> list[str]:
     ]
 
 
-def run_train(args: list[str], nproc: int = 1, timeout: int = 300, extra_torchrun: list[str] = ()):
-    """Run distres.train as a user would; returns CompletedProcess (text)."""
+def run_train(
+    args: list[str], nproc: int = 1, timeout: int = 300, extra_torchrun: list[str] = (), env: dict | None = None
+):
+    """Run distres.train as a user would; returns CompletedProcess (text). ``env``: variables
+    to set on top of ``cli_env()`` (None as a value: unset)."""
+    full = cli_env()
+    for key, value in (env or {}).items():
+        if value is None:
+            full.pop(key, None)
+        else:
+            full[key] = value
     return subprocess.run(
         _train_cmd(args, nproc, extra_torchrun),
         cwd=REPO,
-        env=cli_env(),
+        env=full,
         capture_output=True,
         text=True,
         timeout=timeout,
     )
+
+
+@dataclass
+class Ran:
+    """What a CLI run in this process gave: the fields of subprocess.CompletedProcess the tests read."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+# The process-wide state a CLI's main may change: torch's thread count, deterministic algorithms
+# and cuDNN/TF32 flags (train._set_performance_flags), the RNGs, the environment (dist.init,
+# profiling, tracking), the signal handlers (preempt.py), the process group and its store.
+_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+
+
+@contextlib.contextmanager
+def process_state():
+    """Put back, on leaving, the process-wide state a CLI run in this process may have changed,
+    so that a run here leaves the next test (and the test's own code) the process it found."""
+    import random
+    import signal
+
+    import numpy as np
+    import torch
+    import torch.distributed as td
+
+    from distres import dist
+
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    threads = torch.get_num_threads()
+    det = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    flags = (cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32, matmul.allow_tf32)
+    rng = (torch.get_rng_state(), random.getstate(), np.random.get_state())
+    env, cwd = dict(os.environ), os.getcwd()
+    handlers = {name: signal.getsignal(getattr(signal, name)) for name in _SIGNALS}
+    store = dist._store
+    dynamo_cache = _dynamo_cache_limit()
+    try:
+        yield
+    finally:
+        if td.is_available() and td.is_initialized():
+            td.destroy_process_group()
+        dist._store = store
+        for name, handler in handlers.items():
+            if handler is not None:
+                signal.signal(getattr(signal, name), handler)
+        os.chdir(cwd)
+        for key in set(os.environ) - set(env):
+            del os.environ[key]
+        for key, value in env.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
+        torch.set_rng_state(rng[0])
+        random.setstate(rng[1])
+        np.random.set_state(rng[2])
+        cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32, matmul.allow_tf32 = flags
+        torch.use_deterministic_algorithms(det[0], warn_only=det[1])
+        torch.set_num_threads(threads)
+        if dynamo_cache is not None:
+            torch._dynamo.config.cache_size_limit = dynamo_cache
+
+
+def _dynamo_cache_limit():
+    """torch._dynamo's cache size limit if dynamo is loaded (models.py raises it for --compile)."""
+    dynamo = sys.modules.get("torch._dynamo")
+    return dynamo.config.cache_size_limit if dynamo is not None else None
+
+
+def run_here(main, argv: list[str]) -> Ran:
+    """Run a CLI's ``main(argv)`` in this process, as its command line would (no launcher
+    variables, the repository as the working directory, OMP_NUM_THREADS=1 unless set, no W&B
+    key), with its stdout, stderr and warnings captured; the process-wide state it changes is put
+    back afterwards (``process_state``). An exception that escapes ``main`` becomes status 1
+    with its traceback in stderr, as for the command; a Ctrl-C stops the tests. Costs no
+    interpreter and torch start-up: for runs where a separate process adds nothing (no signal,
+    restart, launcher or rlimit)."""
+    out, err = io.StringIO(), io.StringIO()
+    with process_state(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            os.environ.pop(name, None)
+        os.environ.pop("WANDB_API_KEY", None)
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        os.chdir(REPO)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(argv)
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    text = err.getvalue() + "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
+    if code == 130:  # the CLI turned a Ctrl-C into its status: stop the test session, as the user asked
+        raise KeyboardInterrupt
+    return Ran(code, out.getvalue(), text)
+
+
+def train_here(args: list[str]) -> Ran:
+    """``python -m distres.train *args`` run in this process (``run_here``)."""
+    from distres import train
+
+    return run_here(train.main, list(args))
 
 
 def start_train(args: list[str], nproc: int = 1, extra_torchrun: list[str] = (), log: Path | None = None):

@@ -17,7 +17,7 @@ from distres.data.autoaug import SPACES, Policy, apply_op
 from distres.data.batchaug import batch_rng, erase, erase_boxes, mix, soft_targets
 from distres.dist import DistContext
 from distres.train import main
-from tests.helpers import CIFAR10_TARBALL, read_metrics, run_train
+from tests.helpers import CIFAR10_TARBALL, read_metrics, train_here
 
 PER_CLASS = {"train": 4, "test": 2}
 BATCH = 8
@@ -264,12 +264,12 @@ def test_resume_with_every_augmentation_is_bitwise_equal(cifar, tmp_path):
         "1.0",
     ]
     full, cut = tmp_path / "full", tmp_path / "cut"
-    r = run_train(common + ["--output-dir", str(full)])
+    r = train_here(common + ["--output-dir", str(full)])
     assert r.returncode == 0, r.stderr[-3000:]
-    r = run_train(common + ["--output-dir", str(cut), "--max-steps", "3"])
+    r = train_here(common + ["--output-dir", str(cut), "--max-steps", "3"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert torch.load(cut / "checkpoints/last.pt", weights_only=True)["step_in_epoch"] == 3
-    r = run_train(common + ["--output-dir", str(cut), "--resume"])
+    r = train_here(common + ["--output-dir", str(cut), "--resume"])
     assert r.returncode == 0, r.stderr[-3000:]
     a = torch.load(full / "checkpoints/last.pt", weights_only=True)
     b = torch.load(cut / "checkpoints/last.pt", weights_only=True)

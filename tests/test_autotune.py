@@ -18,7 +18,7 @@ import torch
 
 from distres.config import load_yaml, parse_args
 from distres.errors import UserError
-from tests.helpers import REPO, TINY, cli_env, make_imagefolder, run_train
+from tests.helpers import REPO, TINY, cli_env, make_imagefolder, train_here
 
 STEPS = 4  # 32 images / 8
 
@@ -64,13 +64,13 @@ def runs(module_dir):
     data_dir = make_imagefolder(root / "data", {"train": {"a": 16, "b": 16}, "val": {"a": 4, "b": 4}}, size=1024)
     tune = ["--autotune", "--autotune-levers", "workers,data_backend", "--autotune-steps", "4"]
     tuned, plain = root / "tuned", root / "plain"
-    first = run_train(_common(data_dir) + tune + ["--max-steps", "2", "--output-dir", str(tuned)])
+    first = train_here(_common(data_dir) + tune + ["--max-steps", "2", "--output-dir", str(tuned)])
     assert first.returncode == 0, first.stderr[-3000:]
     table = json.loads((tuned / "autotune.json").read_text())
     saved = load_yaml(str(tuned / "config.yaml"))
-    resumed = run_train(_common(data_dir) + tune + ["--resume", "--output-dir", str(tuned)])
+    resumed = train_here(_common(data_dir) + tune + ["--resume", "--output-dir", str(tuned)])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    untuned = run_train(_common(data_dir) + ["--output-dir", str(plain)])
+    untuned = train_here(_common(data_dir) + ["--output-dir", str(plain)])
     assert untuned.returncode == 0, untuned.stderr[-3000:]
     return {"table": table, "saved": saved, "first": first, "resumed": resumed, "tuned": tuned, "plain": plain}
 
@@ -120,6 +120,7 @@ def test_tuned_run_trains_bit_for_bit_like_an_untuned_one(runs):
         assert torch.equal(a["model"][name], t), name
 
 
+@pytest.mark.slow
 def test_standalone_cli_respects_the_budget(tmp_path):
     """Two ranks and a budget that the first trial already uses up: the rest is listed as not
     tried, and the flags printed (stdout, rank 0) are those of the configuration as given: none."""

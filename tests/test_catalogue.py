@@ -20,7 +20,7 @@ import torch
 
 from distres import evaluate, export, predict, prepare, train
 from distres.data import known
-from tests.helpers import REPO, TINY, cli_env, make_imagefolder, one_error_line, run_train
+from tests.helpers import REPO, TINY, cli_env, make_imagefolder, one_error_line, run_train, train_here
 
 RUN = ["--device", "cpu", "--no-progress", "--wandb", "disabled"]
 
@@ -54,8 +54,20 @@ def made(module_dir):
         known.write_idx(root / "mnist" / images, np.zeros((n, 28, 28), dtype=np.uint8))
         known.write_idx(root / "mnist" / labels, np.arange(n, dtype=np.uint8) % 2)
     run = root / "run"
-    r = run_train(
-        TINY + ["--batch-size", "4", "--synthetic-samples", "16", "--max-steps", "2", "--output-dir", str(run)]
+    r = train_here(  # bf16, the default, as TINY is not
+        TINY
+        + [
+            "--amp",
+            "bf16",
+            "--batch-size",
+            "4",
+            "--synthetic-samples",
+            "16",
+            "--max-steps",
+            "2",
+            "--output-dir",
+            str(run),
+        ]
     )
     assert r.returncode == 0, r.stderr[-3000:]
     p["run"], p["ckpt"] = run, run / "checkpoints" / "last.pt"
@@ -81,6 +93,8 @@ def _resume(*args):
             "4",
             "--output-dir",
             str(p["run"]),
+            "--amp",
+            "bf16",
             "--resume",
             *args,
         ],
@@ -209,7 +223,7 @@ CASES = {
         "holds the best weights only",
     ),
     "resume with another arch": (_resume("--arch", "resnet50"), "does not fit this run"),
-    "resume with another amp": (_resume("--amp", "fp16"), "trained with --amp auto"),
+    "resume with another amp": (_resume("--amp", "fp16"), "trained with --amp bf16"),
     "output dir holds another run": (
         lambda p: (train.main, [*TINY, "--max-steps", "1", *RUN, "--output-dir", str(p["run"])]),
         "already holds checkpoints",
@@ -273,6 +287,7 @@ def test_a_multi_process_launch_without_a_rendezvous_address(made, capsys, monke
     assert "needs MASTER_ADDR and MASTER_PORT" in one_error_line(capsys.readouterr().err)
 
 
+@pytest.mark.slow
 def test_from_the_command_line_and_under_torchrun(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "distres.train", "--batch-size", "0"],

@@ -6,7 +6,7 @@ import torch
 
 from distres import checkpoint
 from distres.errors import UserError
-from tests.helpers import TINY, read_metrics, run_train
+from tests.helpers import TINY, read_metrics, run_train, train_here
 
 
 def test_resume_continues_from_the_latest_checkpoint(tmp_path):
@@ -25,7 +25,7 @@ def test_resume_continues_from_the_latest_checkpoint(tmp_path):
         "--output-dir",
         str(out),
     ]
-    r = run_train(base + ["--max-steps", "11"])
+    r = train_here(base + ["--max-steps", "11"])
     assert r.returncode == 0, r.stderr[-3000:]
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert (state["step"], state["epoch"], state["step_in_epoch"]) == (11, 1, 3)
@@ -36,7 +36,7 @@ def test_resume_continues_from_the_latest_checkpoint(tmp_path):
         "step-00000011.pt",
     ]
 
-    r = run_train(base + ["--resume"])
+    r = train_here(base + ["--resume"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stderr and "at step 11" in r.stderr
     steps = [x["step"] for x in read_metrics(out) if x["kind"] == "train"]
@@ -86,6 +86,7 @@ def test_rng_state_round_trips_through_weights_only_load(tmp_path):
     assert torch.equal(expected[0], got[0]) and expected[1:] == got[1:]
 
 
+@pytest.mark.slow
 def test_mid_epoch_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     """Two gloo ranks; the run stops at step 5 of an 8-step epoch (a constant schedule, so
     stopping early does not change the learning rates), resumes, and must end with exactly the
@@ -163,7 +164,7 @@ def test_mid_epoch_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     # micro-batch the images one rank had (sharding.py), so the same weights bit for bit. (Not
     # the BatchNorm running statistics: under DDP those follow rank 0's batches alone.)
     one = tmp_path / "one"
-    r = run_train(common + ["--output-dir", str(one), "--resume", "--grad-accum", "2"])
+    r = train_here(common + ["--output-dir", str(one), "--resume", "--grad-accum", "2"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert (
         "resumed on 1 x 4 x grad-accum 2 (global batch 8), saved on 2 x 4 x grad-accum 1 (8): "
@@ -177,7 +178,7 @@ def test_mid_epoch_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     # Resumed on 1 process with the same per-process batch: global batch 4, so the 24 samples
     # left in epoch 1 take 6 steps and epoch 2 takes 16; the lr follows the batch on request.
     half = tmp_path / "half"
-    r = run_train(common + ["--output-dir", str(half), "--resume", "--rescale-lr-on-resume"])
+    r = train_here(common + ["--output-dir", str(half), "--resume", "--rescale-lr-on-resume"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert (
         "global batch 4), saved on 2 x 4 x grad-accum 1 (8): epoch 1 continues at sample 40; "
@@ -194,9 +195,9 @@ def test_mid_epoch_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
 def test_resume_with_another_amp_is_a_one_line_error(tmp_path):
     out = tmp_path / "run"
     base = TINY + ["--batch-size", "4", "--synthetic-samples", "16", "--max-steps", "2", "--output-dir", str(out)]
-    assert run_train(base + ["--amp", "bf16"]).returncode == 0
+    assert train_here(base + ["--amp", "bf16"]).returncode == 0
     before = (out / "checkpoints" / checkpoint.LAST).read_bytes()
-    r = run_train(base + ["--amp", "fp16", "--resume"])
+    r = train_here(base + ["--amp", "fp16", "--resume"])
     assert r.returncode == 2, r.stderr[-3000:]
     assert r.stderr.strip().splitlines()[-1].startswith("distres: error: checkpoint ")
     assert "trained with --amp bf16; resume with --amp bf16" in r.stderr and "Traceback" not in r.stderr

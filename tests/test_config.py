@@ -1,12 +1,10 @@
-import subprocess
-import sys
-
 import pytest
 import yaml
 
+from distres import train
 from distres.config import SECTIONS, TrainConfig, parse_args
 from distres.errors import UserError
-from tests.helpers import REPO
+from tests.helpers import run_here
 
 
 def test_defaults_and_flags():
@@ -74,9 +72,7 @@ def test_bad_config_files(tmp_path, text, needle):
 
 
 def test_help_lists_every_flag_with_defaults():
-    out = subprocess.run(
-        [sys.executable, "-m", "distres.train", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
-    )
+    out = run_here(train.main, ["--help"])
     assert out.returncode == 0
     for flag in (
         "--arch",

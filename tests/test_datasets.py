@@ -13,7 +13,7 @@ from distres.data import build, known
 from distres.data.decode import decode_pil, decode_torchvision
 from distres.dist import DistContext
 from distres.errors import UserError
-from tests.helpers import REPO, read_metrics, run_train
+from tests.helpers import REPO, read_metrics, train_here
 
 MNIST_T10K = REPO.parent / "shared" / "data" / "mnist-t10k"
 CPU = DistContext(0, 0, 1, 1, torch.device("cpu"), None)
@@ -32,6 +32,7 @@ def _write_mnist_split(src: Path, dst: Path, n_train: int) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_resnet18_learns_real_mnist(tmp_path):
     if not (MNIST_T10K / "t10k-images-idx3-ubyte.gz").is_file():
         pytest.skip(f"real-data test: {MNIST_T10K} not present")
@@ -39,7 +40,7 @@ def test_resnet18_learns_real_mnist(tmp_path):
     out = tmp_path / "run"
     # configs/mnist.yaml: ResNet-18 with the ImageNet stem, 3 epochs of 125 steps. One thread: a
     # busy machine's other processes then slow it down in proportion, not by thread contention.
-    r = run_train(
+    r = train_here(
         [
             "--config",
             str(REPO / "configs" / "mnist.yaml"),
@@ -57,7 +58,6 @@ def test_resnet18_learns_real_mnist(tmp_path):
             "--output-dir",
             str(out),
         ],
-        timeout=900,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "mnist 28px" in r.stdout + r.stderr

@@ -2,9 +2,10 @@
 
 import math
 
+import pytest
 import torch
 
-from tests.helpers import TINY, read_metrics, run_train, train_losses
+from tests.helpers import TINY, read_metrics, run_train, train_here, train_losses
 
 
 def _params(ckpt) -> dict:
@@ -42,7 +43,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     ]
     two = run_train(common + ["--output-dir", str(tmp_path / "two")], nproc=2)
     assert two.returncode == 0, two.stderr[-3000:]
-    one = run_train(common + ["--grad-accum", "2", "--output-dir", str(tmp_path / "one")])
+    one = train_here(common + ["--grad-accum", "2", "--output-dir", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr[-3000:]
 
     p2, p1 = _params(tmp_path / "two/checkpoints/last.pt"), _params(tmp_path / "one/checkpoints/last.pt")
@@ -66,25 +67,10 @@ def _params_at_init() -> dict:
     return {k: v for k, v in m.state_dict().items() if "running_" not in k and "num_batches" not in k}
 
 
-def test_torchrun_two_processes_end_to_end(tmp_path):
-    out = tmp_path / "run"
-    r = run_train(
-        TINY
-        + [
-            "--batch-size",
-            "8",
-            "--synthetic-samples",
-            "128",
-            "--epochs",
-            "4",
-            "--lr",
-            "0.02",
-            "--output-dir",
-            str(out),
-        ],
-        nproc=2,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+@pytest.mark.slow
+def test_torchrun_two_processes_end_to_end(synthetic_run):
+    """The shared 2-rank run (conftest.synthetic_run): batch 8 x 2 ranks, 4 epochs of 8 steps."""
+    out, _, r = synthetic_run
     # rank 0 alone writes: one metrics file, each step once
     assert [p.name for p in out.rglob("metrics*")] == ["metrics.jsonl"]
     recs = read_metrics(out)
@@ -120,10 +106,10 @@ def test_a_named_backend_gives_one_process_a_group_of_one(tmp_path):
         "0",
         "--deterministic",
     ]
-    ddp = run_train(common + ["--dist-backend", "gloo", "--output-dir", str(tmp_path / "ddp")])
+    ddp = train_here(common + ["--dist-backend", "gloo", "--output-dir", str(tmp_path / "ddp")])
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "on 1 x cpu (gloo)" in ddp.stderr
-    plain = run_train(common + ["--output-dir", str(tmp_path / "plain")])
+    plain = train_here(common + ["--output-dir", str(tmp_path / "plain")])
     assert plain.returncode == 0 and "(single process)" in plain.stderr
     assert train_losses(tmp_path / "ddp") == train_losses(tmp_path / "plain")
     a, b = _params(tmp_path / "ddp/checkpoints/last.pt"), _params(tmp_path / "plain/checkpoints/last.pt")

@@ -1,4 +1,4 @@
-from tests.helpers import TINY, run_train, train_losses
+from tests.helpers import TINY, train_here, train_losses
 
 
 def test_same_seed_same_losses_and_other_seed_differs(tmp_path):
@@ -16,7 +16,7 @@ def test_same_seed_same_losses_and_other_seed_differs(tmp_path):
     ]
     runs = {}
     for name, seed in (("a", "3"), ("b", "3"), ("c", "4")):
-        r = run_train(args + ["--seed", seed, "--output-dir", str(tmp_path / name)])
+        r = train_here(args + ["--seed", seed, "--output-dir", str(tmp_path / name)])
         assert r.returncode == 0, r.stderr[-3000:]
         runs[name] = train_losses(tmp_path / name)
     assert len(runs["a"]) == 6

@@ -3,7 +3,11 @@ five (a new head), beats the same number of steps from scratch."""
 
 import os
 
-from tests.helpers import read_metrics, run_train
+import pytest
+
+from tests.helpers import read_metrics, train_here
+
+pytestmark = pytest.mark.slow  # three runs on real images
 
 FIRST, SECOND = ("airplane", "automobile", "bird", "cat", "deer"), ("dog", "frog", "horse", "ship", "truck")
 # ResNet-18 with the ImageNet stem at 32 px: the fast CPU shape (a few seconds an epoch here).
@@ -51,16 +55,16 @@ def _top1(out):
 def test_finetuning_a_distres_model_beats_training_from_scratch(cifar10_subset, tmp_path):
     first = _classes(cifar10_subset, FIRST, tmp_path / "first")
     second = _classes(cifar10_subset, SECOND, tmp_path / "second")
-    r = run_train(ARGS + ["--data-dir", str(first), "--epochs", "2", "--output-dir", str(tmp_path / "pre")])
+    r = train_here(ARGS + ["--data-dir", str(first), "--epochs", "2", "--output-dir", str(tmp_path / "pre")])
     assert r.returncode == 0, r.stderr[-3000:]
     best = tmp_path / "pre" / "checkpoints" / "best.pt"
-    tuned = run_train(
+    tuned = train_here(
         ARGS
         + ["--data-dir", str(second), "--epochs", "1", "--weights", str(best), "--output-dir", str(tmp_path / "tuned")]
     )
     assert tuned.returncode == 0, tuned.stderr[-3000:]
     assert "new classifier head" in tuned.stderr and "other classes" in tuned.stderr
-    scratch = run_train(ARGS + ["--data-dir", str(second), "--epochs", "1", "--output-dir", str(tmp_path / "scratch")])
+    scratch = train_here(ARGS + ["--data-dir", str(second), "--epochs", "1", "--output-dir", str(tmp_path / "scratch")])
     assert scratch.returncode == 0, scratch.stderr[-3000:]
     a, b = _top1(tmp_path / "tuned"), _top1(tmp_path / "scratch")
     print(f"fine-tuned {a:.2f}% vs scratch {b:.2f}% top-1 after one epoch")

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from tests.helpers import TINY, one_error_line, read_metrics, run_train, start_train, wait_for
+from tests.helpers import TINY, one_error_line, read_metrics, start_train, train_here, wait_for
 
 # Epoch 1 trains at lr 0.003125 (global batch 8); the step schedule then multiplies the lr by
 # 1e5, and epoch 2's loss turns non-finite within a few steps. Epoch 1's checkpoint is good.
@@ -49,7 +49,7 @@ def _finite_checkpoints(out) -> list[str]:
 
 def test_a_diverging_run_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path):
     out = tmp_path / "stop"
-    r = run_train(BLOWS_UP + ["--output-dir", str(out)])
+    r = train_here(BLOWS_UP + ["--output-dir", str(out)])
     assert r.returncode == 2, r.stderr[-3000:]
     line = one_error_line(r.stderr)
     step = int(line.split(" at step ")[1].split()[0])
@@ -63,7 +63,7 @@ def test_rollback_reloads_the_last_good_checkpoint_with_a_lower_lr(tmp_path):
     out = tmp_path / "rollback"
     # Epoch 1 trains the head alone: the rollback goes back to a checkpoint without the
     # backbone's momentum buffers, into the epoch where the backbone trains.
-    r = run_train(
+    r = train_here(
         BLOWS_UP
         + [
             "--output-dir",
@@ -87,7 +87,7 @@ def test_rollback_reloads_the_last_good_checkpoint_with_a_lower_lr(tmp_path):
     assert _finite_checkpoints(out) == ["step-00000008.pt", "step-00000016.pt"]
 
     out = tmp_path / "give-up"  # lr x 0.5 is not enough: gives up after one rollback
-    r = run_train(BLOWS_UP + ["--output-dir", str(out), "--on-nonfinite", "rollback", "--rollback-tries", "1"])
+    r = train_here(BLOWS_UP + ["--output-dir", str(out), "--on-nonfinite", "rollback", "--rollback-tries", "1"])
     assert r.returncode == 2, r.stderr[-3000:]
     assert "after 1 rollback; the last good checkpoint is" in one_error_line(r.stderr)
     assert _finite_checkpoints(out) == ["step-00000008.pt"]
@@ -107,6 +107,7 @@ def _pid_of_rank(root_pid: int, rank: int) -> int | None:
     return None
 
 
+@pytest.mark.slow
 def test_a_frozen_rank_is_named_by_the_others_after_dist_timeout(tmp_path):
     out, log = tmp_path / "run", tmp_path / "log.txt"
     proc = start_train(

@@ -11,51 +11,18 @@ import torch
 import torchvision
 
 from distres import evaluate, export, predict
-from tests.helpers import REPO, break_jpeg, cli_env, make_imagefolder, read_metrics, run_train
+from tests.helpers import FOLDER_RUN, REPO, break_jpeg, cli_env, read_metrics
 
-CLASSES = ("cat", "dog", "fox")
+CLASSES = FOLDER_RUN["classes"]
 # 21 validation images over 2 ranks x batch 4: neither rank's shard fills its last batch.
-VAL = {"cat": 7, "dog": 6, "fox": 8}
+VAL = FOLDER_RUN["val"]
 
 
 @pytest.fixture(scope="module")
-def trained(module_dir):
-    """A 2-rank gloo run on a small ImageFolder of real JPEGs, with EMA, the ImageNet stem (so
-    that the stock torchvision model loads its export) and bf16 as training runs by default."""
-    root = module_dir
-    data = make_imagefolder(root / "data", {"train": {c: 24 for c in CLASSES}, "val": VAL}, size=36)
-    out = root / "run"
-    r = run_train(
-        [
-            "--arch",
-            "resnet18",
-            "--data",
-            "imagefolder",
-            "--data-dir",
-            str(data),
-            "--image-size",
-            "32",
-            "--cifar-stem",
-            "off",
-            "--batch-size",
-            "4",
-            "--epochs",
-            "2",
-            "--device",
-            "cpu",
-            "--workers",
-            "0",
-            "--ema-decay",
-            "0.5",
-            "--no-progress",
-            "--wandb",
-            "disabled",
-            "--output-dir",
-            str(out),
-        ],
-        nproc=2,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+def trained(folder_run):
+    """The shared 2-rank gloo run on a small ImageFolder of real JPEGs (conftest.folder_run):
+    EMA, the ImageNet stem (so that the stock torchvision model loads its export) and bf16."""
+    data, out, _ = folder_run
     return data, out
 
 
@@ -87,6 +54,7 @@ def test_best_checkpoint_holds_the_better_weights_of_the_best_evaluation(trained
     assert (record["top1"], record["step"], record["weights"]) == (top1, -minus_step, "raw" if raw else "ema")
 
 
+@pytest.mark.slow
 def test_evaluate_under_torchrun_reproduces_the_runs_last_evaluation(trained, tmp_path):
     _, out = trained
     last = [m for m in read_metrics(out) if m["kind"] == "eval"][-1]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from distres import checkpoint
-from tests.helpers import REPO, TINY, read_metrics, run_train, start_train, wait_for
+from tests.helpers import REPO, TINY, read_metrics, run_train, start_train, train_here, wait_for
 
 # 2 gloo ranks x batch 4 over 256 samples: 32 steps per epoch, 64 in all; deterministic kernels
 # and fp32 so that "the same computation" means bitwise equal results.
@@ -75,6 +75,7 @@ def _assert_same_final_state(out, expected):
     assert [x["step"] for x in read_metrics(out) if x["kind"] == "train"] == list(range(1, STEPS + 1))
 
 
+@pytest.mark.slow
 def test_signal_to_one_rank_stops_all_at_one_step_and_resume_is_bitwise_exact(tmp_path, uninterrupted):
     out = tmp_path / "run"
     proc = start_train(ARGS + ["--output-dir", str(out)], nproc=2, log=tmp_path / "log")
@@ -94,6 +95,7 @@ def test_signal_to_one_rank_stops_all_at_one_step_and_resume_is_bitwise_exact(tm
     _assert_same_final_state(out, uninterrupted)
 
 
+@pytest.mark.slow
 def test_killed_worker_is_restarted_by_torchrun_and_resumes_from_the_newest_checkpoint(tmp_path, uninterrupted):
     out = tmp_path / "run"
     log = tmp_path / "log"
@@ -139,9 +141,9 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_pat
 def test_incompatible_checkpoint_is_a_one_line_error_and_stays_intact(tmp_path):
     out = tmp_path / "run"
     base = TINY + ["--batch-size", "4", "--synthetic-samples", "16", "--max-steps", "2", "--output-dir", str(out)]
-    assert run_train(base).returncode == 0
+    assert train_here(base).returncode == 0
     before = (out / "checkpoints" / checkpoint.LAST).read_bytes()
-    r = run_train(base + ["--arch", "resnet50", "--resume"])
+    r = train_here(base + ["--arch", "resnet50", "--resume"])
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("distres: error: checkpoint ")
     assert "does not fit this run (saved with --arch resnet18" in r.stderr
@@ -154,6 +156,7 @@ def _starts(log) -> list[int]:
     return [int(step) if step else 0 for step, _ in found]
 
 
+@pytest.mark.slow
 def test_chaos_soak(tmp_path, uninterrupted):
     """Three faults from a seeded driver, each a random signal (SIGKILL, SIGTERM or SIGUSR1) to a
     random rank: at a random step, during a checkpoint write, and at the end of epoch 1 (its

@@ -5,7 +5,6 @@ what exists; the outputs load as an ImageFolder."""
 import pickle
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ import pytest
 from PIL import Image
 
 from distres.prepare import main
-from tests.helpers import REPO, break_jpeg, make_imagefolder
+from tests.helpers import break_jpeg, make_imagefolder, run_here
 
 needs_ffmpeg = pytest.mark.skipif(
     shutil.which("ffmpeg") is None, reason="the ffmpeg program is not installed (apt-get install ffmpeg)"
@@ -125,21 +124,7 @@ def test_cifar10_pickles_to_png_folders(tmp_path, capsys):
 
 
 def test_bad_arguments_are_one_line(tmp_path):
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "distres.prepare",
-            "resize",
-            str(tmp_path / "nope"),
-            str(tmp_path / "o"),
-            "--size",
-            "32",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
+    r = run_here(main, ["resize", str(tmp_path / "nope"), str(tmp_path / "o"), "--size", "32"])
     assert r.returncode == 2
     assert r.stderr.strip() == (
         f"distres: error: {tmp_path / 'nope'} is not a folder; pass SRC as a folder of class folders"

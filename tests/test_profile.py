@@ -8,34 +8,17 @@ import pytest
 from distres import profiling
 from distres.config import parse_args
 from distres.errors import UserError
-from tests.helpers import TINY, read_metrics, run_train
+from tests.helpers import FOLDER_RUN, TINY, read_metrics, train_here
 
-FIRST, LAST, STEPS = 3, 5, 8
+FIRST, LAST = FOLDER_RUN["profile_steps"]
+STEPS = FOLDER_RUN["steps"]
 
 
 @pytest.fixture(scope="module")
-def profiled(module_dir):
-    out = module_dir
-    # 128 samples / (2 ranks x 8) = 8 steps; the window sits inside the one epoch
-    r = run_train(
-        TINY
-        + [
-            "--batch-size",
-            "8",
-            "--synthetic-samples",
-            "128",
-            "--epochs",
-            "1",
-            "--eval-every",
-            "0",
-            "--profile-steps",
-            f"{FIRST}:{LAST}",
-            "--output-dir",
-            str(out),
-        ],
-        nproc=2,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+def profiled(folder_run):
+    """The shared 2-rank run (conftest.folder_run): --profile-steps 3:5 inside the first of its
+    two 9-step epochs."""
+    _, out, r = folder_run
     return out, r
 
 
@@ -82,9 +65,8 @@ def test_run_continues_after_the_window_and_the_verdict_names_the_trace(profiled
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics if m["kind"] == "train"] == list(range(1, STEPS + 1))
     epoch = [m for m in metrics if m["kind"] == "epoch"]
-    assert (
-        len(epoch) == 1 and "trace: " in epoch[0]["verdict_detail"] and "profile/rank0." in epoch[0]["verdict_detail"]
-    )
+    assert len(epoch) == 2  # the window lies in the first epoch; its verdict (and the later ones) name the trace
+    assert "trace: " in epoch[0]["verdict_detail"] and "profile/rank0." in epoch[0]["verdict_detail"]
     assert (out / "checkpoints" / "last.pt").exists()
 
 
@@ -97,7 +79,7 @@ def test_bad_windows_are_user_errors(text, needle):
 
 
 def test_window_beyond_the_run_is_one_line(tmp_path):
-    r = run_train(
+    r = train_here(
         TINY
         + [
             "--batch-size",

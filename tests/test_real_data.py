@@ -1,12 +1,16 @@
 """Real CIFAR-10 JPEGs (the shared tarball; skipped when absent)."""
 
-from tests.helpers import read_metrics, run_train
+import pytest
+
+from tests.helpers import read_metrics, train_here
+
+pytestmark = pytest.mark.slow  # an epoch of 4,000 real images
 
 
 def test_resnet18_cifar_stem_learns_real_cifar10(cifar10_subset, tmp_path):
     # 4,000 training images (400 per class), one epoch, then the 1,000-image test subset.
     out = tmp_path / "run"
-    r = run_train(
+    r = train_here(
         [
             "--arch",
             "resnet18",
@@ -34,7 +38,6 @@ def test_resnet18_cifar_stem_learns_real_cifar10(cifar10_subset, tmp_path):
             "--output-dir",
             str(out),
         ],
-        timeout=600,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     ev = [x for x in read_metrics(out) if x["kind"] == "eval"][-1]

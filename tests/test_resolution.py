@@ -13,7 +13,7 @@ from distres.config import parse_args
 from distres.data import build
 from distres.dist import DistContext
 from distres.errors import UserError
-from tests.helpers import TINY, make_imagefolder, read_metrics, run_train
+from tests.helpers import TINY, make_imagefolder, read_metrics, train_here
 
 CPU = DistContext(0, 0, 1, 1, torch.device("cpu"), None)
 
@@ -98,10 +98,10 @@ def test_progressive_run_resumes_at_the_scheduled_size_and_evaluates_at_the_eval
             str(out),
         ]
     )
-    r = run_train(base + ["--max-steps", "3"])  # stops in epoch 2, at 64 px
+    r = train_here(base + ["--max-steps", "3"])  # stops in epoch 2, at 64 px
     assert r.returncode == 0, r.stderr[-3000:]
     assert "epoch 1: training at 32 px" in r.stderr and "epoch 2: training at 64 px" in r.stderr
-    r = run_train(base + ["--resume"])
+    r = train_here(base + ["--resume"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "epoch 2: training at 64 px" in r.stderr and "epoch 3: training at 96 px" in r.stderr
     sizes = {x["step"]: x["image_size"] for x in read_metrics(out) if x["kind"] == "train"}

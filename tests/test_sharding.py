@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from distres.data.sharding import ShardSampler, epoch_order
-from tests.helpers import make_imagefolder, read_metrics, run_train
+from tests.helpers import FOLDER_RUN, read_metrics
 
 
 def shard(n: int, rank: int, world: int, seed: int = 0, epoch: int = 0, shuffle: bool = True) -> list[int]:
@@ -134,37 +134,13 @@ def test_augmentation_seed_is_per_sample_not_per_worker():
     assert len(set(seeds)) == len(seeds)
 
 
-def test_eval_count_exact_with_two_processes(tmp_path):
-    """13 validation images on 2 ranks with batch 4: the shards are 7 + 6, batches 4+3 and 4+2,
-    and the reduced count is exactly 13 (a padding sampler would report 14 or 16)."""
-    data = make_imagefolder(tmp_path / "data", {"train": {"a": 12, "b": 12}, "val": {"a": 6, "b": 7}})
-    out = tmp_path / "run"
-    r = run_train(
-        [
-            "--arch",
-            "resnet18",
-            "--data",
-            "imagefolder",
-            "--data-dir",
-            str(data),
-            "--image-size",
-            "32",
-            "--batch-size",
-            "4",
-            "--epochs",
-            "1",
-            "--device",
-            "cpu",
-            "--no-progress",
-            "--workers",
-            "0",
-            "--output-dir",
-            str(out),
-        ],
-        nproc=2,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+def test_eval_count_exact_with_two_processes(folder_run):
+    """21 validation images on 2 ranks with batch 4 (the shared 2-rank run, conftest.folder_run):
+    the shards are 11 + 10, batches 4+4+3 and 4+4+2, and the reduced count is exactly 21 at every
+    evaluation (a padding sampler would report 22 or 24)."""
+    _, out, _ = folder_run
     evals = [x for x in read_metrics(out) if x["kind"] == "eval"]
-    assert [e["eval_samples"] for e in evals] == [13]
-    # train: 24 samples / 2 ranks = 12 each -> 3 steps of 4
-    assert [x["step"] for x in read_metrics(out) if x["kind"] == "train"][-1] == 3
+    assert sum(FOLDER_RUN["val"].values()) == 21
+    assert [e["eval_samples"] for e in evals] == [21, 21]
+    # train: 72 samples / 2 ranks = 36 each -> 9 steps of 4 per epoch, 2 epochs
+    assert [x["step"] for x in read_metrics(out) if x["kind"] == "train"][-1] == 18

@@ -1,6 +1,7 @@
 """slurm/train-cpu.sbatch on a real one-node SLURM cluster (slurm/local-cluster.sh): a 2-task job
-runs the multi-node path (two torchrun agents meeting in a c10d rendezvous), and a job signalled
-like a preemption checkpoints, requeues itself and finishes with the same steps."""
+runs the multi-node path (two torchrun agents meeting in a c10d rendezvous) and, signalled like
+a preemption, checkpoints, requeues itself and finishes with the same steps (one job for both:
+each costs SLURM's start-up and requeue delays)."""
 
 import os
 import re
@@ -13,6 +14,8 @@ import pytest
 from tests.helpers import REPO, TINY, read_metrics, wait_for
 
 CLUSTER = REPO / "slurm" / "local-cluster.sh"
+
+pytestmark = pytest.mark.slow  # a real SLURM job, requeued: minutes
 
 
 @pytest.fixture(scope="module")
@@ -77,17 +80,10 @@ def _last_step(out) -> int:
 JOB_ARGS = TINY + ["--batch-size", "4", "--eval-every", "0"]
 
 
-def test_two_task_job_trains_across_the_rendezvous(slurm, tmp_path):
-    out, log = tmp_path / "run", tmp_path / "job.log"
-    job = _submit(slurm, out, log, JOB_ARGS + ["--synthetic-samples", "64", "--epochs", "1"])
-    state = wait_for(lambda: _finished(slurm, job), 300, f"job {job}", poll=1)
-    text = log.read_text()
-    assert state == "COMPLETED", text[-3000:]
-    assert "2 x cpu (gloo)" in text  # one process from each of the two torchrun agents
-    assert [x["step"] for x in read_metrics(out) if x["kind"] == "train"] == list(range(1, 9))
-
-
-def test_preempted_job_checkpoints_requeues_and_finishes_the_same_steps(slurm, tmp_path):
+def test_preempted_two_task_job_checkpoints_requeues_and_finishes_the_same_steps(slurm, tmp_path):
+    """A 2-task job (two torchrun agents meeting in the c10d rendezvous: the multi-node path)
+    trains across the rendezvous, is signalled like a preemption, checkpoints, requeues itself
+    and finishes with every step once."""
     out, log = tmp_path / "run", tmp_path / "job.log"
     steps = 96  # 384 samples / (2 ranks x 4) per epoch, 2 epochs
     job = _submit(slurm, out, log, JOB_ARGS + ["--synthetic-samples", "384", "--epochs", "2"])
@@ -97,6 +93,7 @@ def test_preempted_job_checkpoints_requeues_and_finishes_the_same_steps(slurm, t
     state = wait_for(lambda: _finished(slurm, job), 400, f"job {job} to finish after its requeue", poll=1)
     text = log.read_text()
     assert state == "COMPLETED", text[-3000:]
+    assert "2 x cpu (gloo)" in text  # one process from each of the two torchrun agents
     assert _job(slurm, job)["Restarts"] == "1"
     assert "requeueing" in text
     # torchrun itself took the signal and passed it on (rather than dying of it)

@@ -7,7 +7,7 @@ import pytest
 
 from distres.config import parse_args
 from distres.errors import UserError, format_error
-from tests.helpers import TINY, read_metrics, run_train
+from tests.helpers import TINY, read_metrics, train_here
 
 pytest.importorskip("tensorboard", reason="the [tensorboard] extra: pip install -e '.[tensorboard]'")
 from tensorboard.backend.event_processing import event_file_loader  # noqa: E402
@@ -47,12 +47,12 @@ def resumed(module_dir):
         "--output-dir",
         str(out),
     ]
-    first = run_train(common + ["--max-steps", "5"])
+    first = train_here(common + ["--max-steps", "5"])
     assert first.returncode == 0, first.stderr[-3000:]
     first_time = {m["step"]: m["time"] for m in read_metrics(out) if m["kind"] == "train"}
     for name in ("step-00000005.pt", "last.pt"):
         (out / "checkpoints" / name).unlink()
-    second = run_train(common + ["--resume"])
+    second = train_here(common + ["--resume"])
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stderr and "at step 3" in second.stderr
     return out, first_time

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from distres import tracking
-from tests.helpers import TINY, read_metrics, run_train
+from tests.helpers import TINY, WANDB_VARS, read_metrics, run_train
 
 WANDB_CLI = Path(sys.executable).with_name("wandb")
 
@@ -21,16 +21,7 @@ def clean_home(tmp_path, monkeypatch):
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))
-    for var in (
-        "WANDB_API_KEY",
-        "WANDB_MODE",
-        "WANDB_DIR",
-        "WANDB_CACHE_DIR",
-        "WANDB_CONFIG_DIR",
-        "WANDB_DATA_DIR",
-        "WANDB_BASE_URL",
-        "NETRC",
-    ):
+    for var in WANDB_VARS:
         monkeypatch.delenv(var, raising=False)
     return home
 
@@ -56,27 +47,11 @@ def _runs(out: Path) -> list[Path]:
     return sorted((out / "wandb").glob("offline-run-*"))
 
 
-def test_two_process_job_writes_one_offline_run(tmp_path, clean_home):
-    out = tmp_path / "run"
-    r = run_train(
-        TINY
-        + [
-            "--wandb",
-            "offline",
-            "--batch-size",
-            "4",
-            "--synthetic-samples",
-            "32",
-            "--epochs",
-            "1",
-            "--log-every",
-            "2",
-            "--output-dir",
-            str(out),
-        ],
-        nproc=2,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+@pytest.mark.slow
+def test_two_process_job_writes_one_offline_run(synthetic_run):
+    """The shared 2-rank run (conftest.synthetic_run, --wandb offline, an empty HOME): batch 8 x
+    2 ranks, 4 epochs of 8 steps, every step logged."""
+    out, home, r = synthetic_run
     runs = _runs(out)
     assert len(runs) == 1, runs  # rank 0 only: one run per job, never one per process
 
@@ -84,14 +59,14 @@ def test_two_process_job_writes_one_offline_run(tmp_path, clean_home):
     train = [m for m in metrics if m["kind"] == "train"]
     final_eval = [m for m in metrics if m["kind"] == "eval"][-1]
     epoch = [m for m in metrics if m["kind"] == "epoch"]
-    assert len(epoch) == 1 and epoch[0]["verdict"] == "compute-bound"
+    assert len(epoch) == 4 and all(e["verdict"] == "compute-bound" for e in epoch)
     assert "distres: epoch 1: compute-bound:" in r.stderr
 
     got = _inspect(runs[0], "--summary")
     assert got["state"] == "finished" and got["run_id"] == (out / "wandb" / "run-id").read_text().strip()
     cfg = got["config"]
-    assert cfg["arch"] == "resnet18" and cfg["batch_size"] == 4 and cfg["world_size"] == 2
-    assert cfg["global_batch"] == 8 and cfg["wandb"] == "offline"
+    assert cfg["arch"] == "resnet18" and cfg["batch_size"] == 8 and cfg["world_size"] == 2
+    assert cfg["global_batch"] == 16 and cfg["wandb"] == "offline"
     summary = got["summary"]
     assert summary["train/loss"] == pytest.approx(train[-1]["loss"])
     assert summary["eval/top1"] == pytest.approx(final_eval["top1"])
@@ -102,7 +77,7 @@ def test_two_process_job_writes_one_offline_run(tmp_path, clean_home):
     assert [h["train/loss"] for h in hist] == pytest.approx([m["loss"] for m in train])
     assert all(0 <= h["train/data_wait_frac"] < 1 and h["train/images_per_sec"] > 0 for h in hist)
     # every W&B file under the output dir: nothing in HOME
-    assert not [p for p in clean_home.rglob("*") if "wandb" in p.name.lower()]
+    assert not [p for p in home.rglob("*") if "wandb" in p.name.lower()]
 
 
 def test_resumed_run_continues_the_same_wandb_run(tmp_path, clean_home):

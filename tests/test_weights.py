@@ -1,9 +1,6 @@
 """Starting weights (--weights): torchvision's ImageNet files from the hub cache, state dicts,
 distres checkpoints and safetensors files; the head, the stem and keys that do not fit."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
 import torchvision
@@ -12,7 +9,7 @@ from distres import models, weights
 from distres.config import TrainConfig
 from distres.dist import DistContext
 from distres.errors import UserError
-from tests.helpers import REPO, TINY, cli_env
+from tests.helpers import TINY, train_here
 
 CPU = DistContext(0, 0, 1, 1, torch.device("cpu"), None)
 
@@ -52,28 +49,9 @@ def test_imagenet_weights_load_from_the_hub_cache_with_a_new_head(tmp_path, monk
     assert not isinstance(net.maxpool, torch.nn.Identity)  # the ImageNet stem, as the weights have
 
 
-def test_offline_without_the_file_is_one_line_naming_it(tmp_path):
-    env = cli_env()
-    env["TORCH_HOME"] = str(tmp_path / "empty")
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "distres.train",
-            *TINY,
-            "--weights",
-            "imagenet",
-            "--max-steps",
-            "1",
-            "--output-dir",
-            str(tmp_path / "out"),
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def test_offline_without_the_file_is_one_line_naming_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    r = train_here([*TINY, "--weights", "imagenet", "--max-steps", "1", "--output-dir", str(tmp_path / "out")])
     assert r.returncode == 2
     [line] = [x for x in r.stderr.splitlines() if x.startswith("distres: error:")]
     assert "resnet18-f37072fd.pth" in line and str(tmp_path / "empty" / "hub" / "checkpoints") in line
