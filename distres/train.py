@@ -158,23 +158,34 @@ def build_run(cfg: config.TrainConfig, ctx: dist.DistContext) -> Run:
         cfg.observe, ctx, out, step, plan.total_steps
     )  # checks --profile-steps against the run
     run = Run(cfg, ctx, out, plan, bundle, state, parts.precision, parts.loss_fn, ckpt, step, window, first_step=step)
-    _start_outputs(run)
-    run.wrap()
-    run.stop = preempt.PreemptionFlag(ctx.distributed, announce=ctx.is_main)
-    run.watch = watchdog.Watchdog(ctx, cfg.guard.dist_timeout * 60, dist.job_store())
+    try:
+        _start_outputs(run)
+        run.wrap()
+        run.stop = preempt.PreemptionFlag(ctx.distributed, announce=ctx.is_main)
+        run.watch = watchdog.Watchdog(ctx, cfg.guard.dist_timeout * 60, dist.job_store())
+    except BaseException:
+        _close(run, completed=False)  # what was started (the loggers, a W&B run, telemetry) ends here
+        raise
+    _announce(run)
+    return run
+
+
+def _announce(run: Run) -> None:
+    """The start-up line: what trains, where, on what, for how long."""
+    cfg, ctx, bundle, plan = run.cfg, run.ctx, run.bundle, run.plan
+    decoding = f", decoding on the {ctx.device.type}" if cfg.data.decode_on == "device" else ""
+    amp = run.precision.amp + (" (auto)" if cfg.optim.amp == "auto" else "")
     ctx.say(
         f"distres: {cfg.model.arch} on {ctx.world_size} x {ctx.device.type} ({ctx.backend or 'single process'}), "
-        f"{cfg.data.dataset} {bundle.image_size}px ({bundle.backend} loader"
-        f"{', decoding on the ' + ctx.device.type if cfg.data.decode_on == 'device' else ''}), "
-        f"{bundle.num_classes} classes, global batch {plan.global_batch}, lr {max(scheduler.base_lrs):g}, "
-        f"amp {parts.precision.amp}{' (auto)' if cfg.optim.amp == 'auto' else ''}, {plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps"
+        f"{cfg.data.dataset} {bundle.image_size}px ({bundle.backend} loader{decoding}), "
+        f"{bundle.num_classes} classes, global batch {plan.global_batch}, lr {max(run.state.scheduler.base_lrs):g}, "
+        f"amp {amp}, {plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps"
     )
     if ctx.device.type == "cpu" and cfg.optim.amp == "bf16" and host.native_bf16() is False:
         ctx.say(
             "distres: note: this CPU has no bf16 instructions (AVX512-BF16 or AMX), so --amp bf16 is emulated "
             "and several times slower than --amp none here"
         )
-    return run
 
 
 def _start_outputs(run: Run) -> None:
@@ -266,12 +277,12 @@ def run(cfg: config.TrainConfig, ctx: dist.DistContext) -> dict | None:
 
 
 def _close(run: Run, completed: bool) -> None:
-    run.watch.close()
-    run.stop.close(wait=completed)
-    run.prof.close()
-    run.ckpt.close()
-    run.telem.close()
-    run.logger.close()
+    """End every component that was started (all of them, unless the build failed half-way)."""
+    if run.stop is not None:
+        run.stop.close(wait=completed)
+    for part in (run.watch, run.prof, run.ckpt, run.telem, run.logger):
+        if part is not None:
+            part.close()
 
 
 def _start_epoch(run: Run) -> int:
