@@ -221,8 +221,12 @@ def test_a_worker_killed_while_the_loader_waits_is_named_by_its_signal():
     # data queue, and torch's own message there only says the worker "exited unexpectedly".
     from distres.errors import process_death
 
+    def children() -> set[int]:
+        return {int(p) for p in open(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read().split()}
+
+    before = children()  # (earlier in-process tests may have left processes of their own)
     it = iter(torch.utils.data.DataLoader(_SlowItems(), num_workers=1))
-    kids = [int(p) for p in open(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read().split()]
+    kids = sorted(children() - before)
     assert len(kids) == 1, kids
     timer = threading.Timer(1.0, os.kill, (kids[0], signal.SIGKILL))
     timer.start()

@@ -28,7 +28,7 @@ def test_recipe_settings():
     assert (classic.epochs, classic.schedule, classic.optim.lr_step_epochs, classic.weight_decay) == (
         90,
         "step",
-        [30, 60],
+        (30, 60),
         1e-4,
     )
     mnist = parse_args(["--config", str(CONFIGS[0].parent / "mnist.yaml")])
