@@ -107,7 +107,7 @@ def test_levers_follow_the_config():
     data, compute = perf.levers(cfg, "cuda", "torch")
     assert compute == "--compile"
     assert data.startswith("--data-backend dali")
-    cfg.compile = True
+    cfg.model.compile = True
     assert perf.levers(cfg, "cuda", "torch")[1].startswith("more GPUs")
 
 
