@@ -14,11 +14,15 @@ from tests.helpers import CIFAR10_TARBALL, FOLDER_RUN, TINY, WANDB_VARS, make_im
 
 DISK_NEEDED_GB = 2  # the most the suite holds at once (its largest test's checkpoints), with room
 
-# The slow tier of tests whose files other changes own: marked here rather than in the file
-# (``make test-fast`` leaves out every test marked slow; ``make test`` runs them all).
+# The slow tier of tests whose files other changes own, and single cases of parametrized tests:
+# marked here rather than in the file (``make test-fast`` leaves out every test marked slow;
+# ``make test`` runs them all).
 SLOW_ELSEWHERE = {
     "test_scaling.py::test_quick_cpu_run",
     "test_launch.py::test_multinode_launcher_joins_two_nodes_by_rendezvous",
+    # emulated on CPUs without bf16/fp16 units: tens of seconds for one step (fp32 stays fast)
+    "test_models_engine.py::test_one_step_path_for_every_precision[fp16]",
+    "test_models_engine.py::test_one_step_path_for_every_precision[bf16]",
 }
 
 

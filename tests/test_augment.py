@@ -214,6 +214,7 @@ def test_soft_targets_through_the_smoothed_loss():
         torch.testing.assert_close(kept[i], t[i, labels[i]])
 
 
+@pytest.mark.slow
 def test_resume_with_every_augmentation_is_bitwise_equal(cifar, tmp_path):
     """TrivialAugment, random erasing, mixup and cutmix on, a DataLoader worker: stopped at step 3
     of the 5 and resumed, the run ends with the uninterrupted run's weights and losses."""

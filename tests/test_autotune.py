@@ -75,6 +75,7 @@ def runs(module_dir):
     return {"table": table, "saved": saved, "first": first, "resumed": resumed, "tuned": tuned, "plain": plain}
 
 
+@pytest.mark.slow
 def test_finds_a_faster_input_pipeline(runs):
     table, err = runs["table"], runs["first"].stderr
     start, *tried = table["trials"]
@@ -101,6 +102,7 @@ def test_finds_a_faster_input_pipeline(runs):
     assert "autotune table: " in err
 
 
+@pytest.mark.slow
 def test_resume_reuses_the_choice_without_trials(runs):
     err = runs["resumed"].stderr
     assert "resuming with the settings chosen before" in err
@@ -109,6 +111,7 @@ def test_resume_reuses_the_choice_without_trials(runs):
     assert {k: saved[k] for k in runs["table"]["config"]} == runs["table"]["config"]
 
 
+@pytest.mark.slow
 def test_tuned_run_trains_bit_for_bit_like_an_untuned_one(runs):
     a = torch.load(runs["tuned"] / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(runs["plain"] / "checkpoints" / "last.pt", weights_only=True)

@@ -45,6 +45,7 @@ def damaged(module_dir):
     return root, bad
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "gpu", "dali"])
 def test_bad_images_are_skipped_named_once_and_counted(damaged, backend, tmp_path, capsys):
     if backend == "dali":

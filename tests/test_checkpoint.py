@@ -9,6 +9,7 @@ from distres.errors import UserError
 from tests.helpers import TINY, read_metrics, run_train, train_here
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_latest_checkpoint(tmp_path):
     out = tmp_path / "run"
     base = TINY + [

@@ -14,6 +14,7 @@ def _params(ckpt) -> dict:
     return {k: v for k, v in state.items() if "running_" not in k and "num_batches" not in k}
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process(tmp_path):
     """The proof that DDP is wired right: 2 ranks x 1 sample vs 1 rank x 2 accumulated samples.
 
@@ -86,6 +87,7 @@ def test_torchrun_two_processes_end_to_end(synthetic_run):
     assert "2 x cpu (gloo)" in r.stderr
 
 
+@pytest.mark.slow
 def test_a_named_backend_gives_one_process_a_group_of_one(tmp_path):
     """--dist-backend gloo on a single process: DDP at world size 1 through the real loop
     (how the cost of DDP itself is measured on one GPU), with the same result as no DDP."""

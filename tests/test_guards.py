@@ -59,6 +59,7 @@ def test_a_diverging_run_stops_naming_the_step_and_the_last_good_checkpoint(tmp_
     assert _finite_checkpoints(out) == ["step-00000008.pt"]  # nothing non-finite was saved
 
 
+@pytest.mark.slow
 def test_rollback_reloads_the_last_good_checkpoint_with_a_lower_lr(tmp_path):
     out = tmp_path / "rollback"
     # Epoch 1 trains the head alone: the rollback goes back to a checkpoint without the

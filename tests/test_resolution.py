@@ -69,6 +69,7 @@ def test_schedule_examples_and_errors():
         parse_args(["--eval-image-size", "224", "--eval-resize", "200"])
 
 
+@pytest.mark.slow
 def test_progressive_run_resumes_at_the_scheduled_size_and_evaluates_at_the_eval_size(tmp_path, monkeypatch):
     # 2 steps per epoch; sizes by epoch 32, 64, 96, 96 (the ImageNet stem keeps 96 px cheap).
     out = tmp_path / "run"

@@ -58,6 +58,7 @@ def resumed(module_dir):
     return out, first_time
 
 
+@pytest.mark.slow
 def test_events_match_metrics_once_each_across_a_resume(resumed):
     out, first_time = resumed
     tb = out / "tensorboard"

@@ -80,6 +80,7 @@ def test_two_process_job_writes_one_offline_run(synthetic_run):
     assert not [p for p in home.rglob("*") if "wandb" in p.name.lower()]
 
 
+@pytest.mark.slow
 def test_resumed_run_continues_the_same_wandb_run(tmp_path, clean_home):
     out = tmp_path / "run"
     common = TINY + [
