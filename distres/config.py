@@ -444,6 +444,14 @@ class TrainConfig:
         for section, (cls, _) in SECTIONS.items():
             setattr(self, section, cls(**parts[section]))
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A field set through the whole config would become a stray attribute the components
+        # never read (they read their section): say where it lives instead.
+        if name not in SECTIONS:
+            where = f"; set cfg.{_SECTION_OF[name]}.{name}" if name in _SECTION_OF else ""
+            raise AttributeError(f"TrainConfig holds only its sections{where}")
+        super().__setattr__(name, value)
+
     def __getattr__(self, name: str) -> Any:
         # Only called for names that are not sections: a field read through the whole config.
         section = _SECTION_OF.get(name)

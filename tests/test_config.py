@@ -49,6 +49,8 @@ def test_each_section_validates_itself():
     with pytest.raises(UserError, match="--rollback-lr-factor must be in"):
         TrainConfig(rollback_lr_factor=2.0).guard.validate()
     assert TrainConfig(lr_steps="5, 9").optim.lr_step_epochs == (5, 9)
+    with pytest.raises(AttributeError, match=r"set cfg\.model\.compile"):
+        TrainConfig().compile = True  # would be a stray attribute that no component reads
     assert TrainConfig(profile_steps="3:4").observe.profile_window == (3, 4)
     assert TrainConfig(autotune_levers="workers,threads").tune.levers == ("workers", "threads")
 
