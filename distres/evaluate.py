@@ -106,6 +106,7 @@ def run(a, ctx) -> dict:
     if cfg.data.dataset == "imagefolder" and not cfg.data.data_dir:
         raise UserError("--data imagefolder needs --data-dir PATH")
     cfg.validate()
+    engine.set_numerics(cfg.run.deterministic, training=False)
     bundle = data.build(
         cfg,
         ctx,

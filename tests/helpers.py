@@ -126,7 +126,7 @@ class Ran:
 
 
 # The process-wide state a CLI's main may change: torch's thread count, deterministic algorithms
-# and cuDNN/TF32 flags (train._set_performance_flags), the RNGs, the environment (dist.init,
+# and cuDNN/TF32 flags (engine.set_numerics), the RNGs, the environment (dist.init,
 # profiling, tracking), the signal handlers (preempt.py), the process group and its store.
 _SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 
