@@ -32,7 +32,7 @@ TARBALL=${TARBALL:-.gpu/cifar10-jpeg.tar.gz}
 DEADLINE_S=${DISTRES_GPU_DEADLINE_S:-360}
 MIN_STEP_S=${DISTRES_GPU_MIN_STEP_S:-20}
 DRY=${DISTRES_GPU_DRY:-0}
-GRACE_S=15 # between SIGINT and SIGKILL; also kept free at the end for the last pack
+GRACE_S=${DISTRES_GPU_GRACE_S:-15} # between SIGINT and SIGKILL; also kept free at the end for the last pack
 
 # part: minutes: what
 PARTS=(
@@ -90,6 +90,7 @@ finish() {
   rm -rf "${work:?}"
 }
 trap finish EXIT
+pack
 trap 'say "gpu.sh: interrupted at $((SECONDS - T0)) s"; exit 130' INT TERM
 
 left() { echo $((DEADLINE_S - (SECONDS - T0) - GRACE_S)); }
@@ -270,9 +271,9 @@ fi
 
 case $part in
   first)
-    step probe 30 probe
     # a step that outlasts any deadline, for tests/test_gpu_paths.py
     [[ ${DISTRES_GPU_FAKE_SLOW:-0} == 1 ]] && step "slow (test)" 600 cmd sleep 600
+    step probe 30 probe
     # Without and with DDP, alternating, so a drift of clocks or temperature falls on both.
     step "headline A1: no DDP" 120 train r50-1 "${headline[@]}" -- --channels-last
     step "headline B1: DDP, world size 1" 120 train r50-ddp1-1 "${headline[@]}" -- --channels-last "${ddp1[@]}"

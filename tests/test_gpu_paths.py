@@ -4,6 +4,8 @@ trials, and benchmarks/gpu.sh's deadline and packing."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from distres import autotune, perf, profiling
@@ -123,3 +125,64 @@ def test_compile_trials_are_estimated_apart_from_eager_ones():
     assert costs.estimate(cfg("reduce-overhead")) == 70.0
     assert costs.estimate(cfg("max-autotune-no-cudagraphs")) == 8.0 + autotune.COMPILE_S["max-autotune-no-cudagraphs"]
     assert costs.estimate(cfg()) == 8.0  # a compiled trial does not make eager ones look longer
+
+
+def _gpu_sh(tmp_path, **env):
+    import os
+    import subprocess
+
+    from tests.helpers import REPO
+
+    out = tmp_path / "out"
+    full = dict(os.environ, OUT=str(out), TMPDIR=str(tmp_path), DISTRES_GPU_DRY="1", PYTHON=sys.executable, **env)
+    cmd = ["bash", str(REPO / "benchmarks/gpu.sh"), "first"]
+    return out, subprocess.Popen(
+        cmd, env=full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+
+
+def test_gpu_sh_keeps_its_deadline_and_packs_what_it_has(tmp_path):
+    """A step that would outlast the deadline is interrupted at it, the steps after it are
+    skipped and listed, and $OUT holds the three files of the part, the summary in the pack."""
+    import tarfile
+    import time
+
+    out, proc = _gpu_sh(
+        tmp_path,
+        DISTRES_GPU_DEADLINE_S="12",
+        DISTRES_GPU_GRACE_S="2",
+        DISTRES_GPU_MIN_STEP_S="3",
+        DISTRES_GPU_FAKE_SLOW="1",
+    )
+    t0 = time.perf_counter()
+    console, _ = proc.communicate(timeout=120)
+    took = time.perf_counter() - t0
+    assert proc.returncode == 0, console
+    assert took < 12 + 8, console  # the deadline, and a few seconds for the table and the pack
+    assert sorted(p.name for p in out.iterdir()) == ["first.log", "first.md", "first.tgz"]
+    summary = (out / "first.md").read_text()
+    assert "- slow (test): exit 124" in summary  # timeout's status: interrupted at the deadline
+    assert "- probe: skipped" in summary and "- pytest -m gpu: skipped" in summary
+    with tarfile.open(out / "first.tgz") as tar:
+        assert "first/summary.md" in tar.getnames()
+    assert not list(tmp_path.glob("distres-gpu-first.*"))  # its working folder is gone
+
+
+def test_a_killed_gpu_sh_still_leaves_its_pack(tmp_path):
+    import os
+    import signal
+    import tarfile
+    import time
+
+    out, proc = _gpu_sh(tmp_path, DISTRES_GPU_FAKE_SLOW="1")
+    try:
+        log = out / "first.log"
+        deadline = time.time() + 60
+        while time.time() < deadline and not (log.exists() and "== slow" in log.read_text()):
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # as a device's command limit would
+        proc.communicate()
+    with tarfile.open(out / "first.tgz") as tar:
+        names = tar.getnames()
+    assert "first/summary.md" in names and len(list(out.iterdir())) <= 8
