@@ -186,3 +186,53 @@ def test_a_killed_gpu_sh_still_leaves_its_pack(tmp_path):
     with tarfile.open(out / "first.tgz") as tar:
         names = tar.getnames()
     assert "first/summary.md" in names and len(list(out.iterdir())) <= 8
+
+
+def smoke_run(tmp_path, device: str, compiled: bool, run=None, levers: str = "all") -> None:
+    """One short ResNet-18 run through the paths that only meet on a GPU: --profile-steps,
+    --autotune with a small budget, TrivialAugment, mixup/cutmix and random erasing on the gpu
+    backend, EMA, TensorBoard (and with ``compiled`` --compile --compile-mode reduce-overhead);
+    stopped at step 6 and resumed to its end (12 steps). ``run``: how to run distres.train
+    (default: its command line)."""
+    import json
+
+    from tests.helpers import make_imagefolder, read_metrics, run_train
+
+    run = run or (lambda argv: run_train(argv, timeout=600))
+
+    data = make_imagefolder(tmp_path / "data", {"train": {"a": 48, "b": 48}, "val": {"a": 8, "b": 8}}, size=40)
+    out = tmp_path / "run"
+    args = ["--arch", "resnet18", "--data", "imagefolder", "--data-dir", str(data), "--image-size", "32"]
+    args += ["--data-backend", "gpu", "--device", device, "--batch-size", "16", "--epochs", "2", "--log-every", "2"]
+    args += ["--auto-augment", "ta_wide", "--mixup-alpha", "0.2", "--cutmix-alpha", "1.0", "--random-erase", "0.25"]
+    args += ["--ema-decay", "0.9", "--tensorboard", "--checkpoint-every", "0", "--no-progress", "--wandb", "disabled"]
+    args += ["--autotune", "--autotune-budget", "20", "--autotune-steps", "2", "--autotune-levers", levers]
+    args += ["--output-dir", str(out)]
+    if compiled:
+        args += ["--compile", "--compile-mode", "reduce-overhead"]
+    r = run(args + ["--profile-steps", "3:4", "--max-steps", "6"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert list((out / "profile").glob("rank0.*.pt.trace.json")), r.stderr[-2000:]
+    shares = json.loads((out / "profile/summary-rank0.json").read_text())["shares"]
+    assert sum(shares.values()) == pytest.approx(1.0, abs=0.02)
+    table = json.loads((out / "autotune.json").read_text())
+    assert table["trials"][0]["lever"] == "start" and table["trials"][0]["images_per_sec"] > 0
+    r = run(args + ["--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stderr and "at step 6" in r.stderr
+    assert "autotune: resuming with the settings chosen before" in r.stderr
+    records = read_metrics(out)
+    assert [x["step"] for x in records if x["kind"] == "train"] == [2, 4, 6, 8, 10, 12]
+    evals = [x for x in records if x["kind"] == "eval"]
+    assert [x["epoch"] for x in evals] == [1, 2] and all("ema_top1" in x for x in evals)
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_smoke_run_of_the_gpu_paths_on_the_cpu(tmp_path):
+    """The GPU smoke run's flags together, on the CPU (without torch.compile, whose compilation
+    on a CPU outlasts the rest): tests/test_gpu.py runs the same on CUDA, compiled."""
+    pytest.importorskip("tensorboard")
+    from tests.helpers import train_here
+
+    smoke_run(tmp_path, "cpu", compiled=False, run=train_here, levers="channels_last")
