@@ -140,6 +140,38 @@ need_cifar10() {
   }
 }
 
+# The packages a part needs beyond torch, torchvision and numpy (PyYAML for distres.config,
+# pytest and its own for the tests): those missing here are unpacked from the wheels in
+# .gpu/wheels (`make gpu-prep` fills it; the device has no network) into the part's folder and
+# put on PYTHONPATH. A wheel needs no pip to be unpacked, and PyYAML's pure-Python part works
+# on any Python version (its C extension is optional).
+deps() {
+  local site="$work/site" missing
+  missing=$("$PY" - <<'PY'
+import importlib.util
+wheels = {"yaml": "pyyaml", "pytest": "pytest", "pluggy": "pluggy", "iniconfig": "iniconfig", "packaging": "packaging",
+          "pygments": "pygments", "pytest_timeout": "pytest_timeout", "exceptiongroup": "exceptiongroup", "tomli": "tomli"}
+print(" ".join(w for m, w in wheels.items() if importlib.util.find_spec(m) is None))
+PY
+)
+  [[ -z $missing ]] && return 0
+  if [[ -d .gpu/wheels ]]; then
+    "$PY" - "$site" .gpu/wheels $missing <<'PY'
+import pathlib, sys, zipfile
+site, folder, names = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3:]
+for name in names:
+    for whl in folder.glob("*.whl"):
+        if whl.name.lower().startswith(name + "-"):
+            zipfile.ZipFile(whl).extractall(site)
+            break
+PY
+    export PYTHONPATH="$PYTHONPATH:$site"
+    say "- missing here, unpacked from .gpu/wheels: $missing"
+  else
+    say "- missing here and no .gpu/wheels to unpack them from: $missing"
+  fi
+}
+
 probe() {
   bounded "$LIMIT" "$PY" benchmarks/gpu_probe.py >"$dir/probe.jsonl"
   local rc=$?
@@ -269,6 +301,7 @@ else
   bare_cfg=eager:cl:256
 fi
 
+deps
 case $part in
   first)
     # a step that outlasts any deadline, for tests/test_gpu_paths.py
