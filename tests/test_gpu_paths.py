@@ -240,3 +240,22 @@ def test_smoke_run_of_the_gpu_paths_on_the_cpu(tmp_path):
     from tests.helpers import train_here
 
     smoke_run(tmp_path, "cpu", compiled=False, run=train_here, levers="channels_last")
+
+
+def test_a_loader_case_over_its_timeout_is_reported_and_ends(tmp_path):
+    from benchmarks import loaders
+
+    res = loaders.run_case("torch", tmp_path, 32, 8, 0, "cpu", 2, 1, timeout=0.5)
+    assert "timed out after 0.5 s" in res["error"]
+
+
+def test_a_set_too_small_for_its_workers_is_noted(tmp_path, capsys):
+    from benchmarks import loaders
+    from tests.helpers import make_imagefolder
+
+    root = make_imagefolder(tmp_path / "d", {"train": {"a": 10, "b": 10}})
+    runs = [{"backend": "torch"}]
+    loaders._check_sizes(runs, root, batch=8, workers=4, per_repeat=5)  # 2 batches an epoch
+    assert len(runs[0]["size_notes"]) == 2 and "only 2 ever decode" in capsys.readouterr().err
+    loaders._check_sizes(runs, root, batch=2, workers=4, per_repeat=5)  # 10 batches an epoch
+    assert runs[0]["size_notes"] == []
