@@ -202,6 +202,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--timeout", type=int, default=300, help="seconds per config")
     p.add_argument("--budget", type=int, default=540, help="seconds for all configs (a device command gets 600)")
+    p.add_argument("--min-left", type=int, default=60, help="seconds of --budget a config needs to start")
     p.add_argument("--profile", default="", help="comma-separated configs to profile (kernel table)")
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/bare-step"))
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a check of the script only")
@@ -219,8 +220,9 @@ def main() -> None:
     t_all = time.perf_counter()
     for cfg in [c for c in a.configs.split(",") if c]:
         left = a.budget - (time.perf_counter() - t_all)
-        if left < 60:
+        if left < a.min_left:
             rows.append({"config": cfg, "error": f"skipped: {left:.0f} s left of --budget {a.budget}"})
+            (out / "bare_step.json").write_text(json.dumps(rows, indent=1) + "\n")
             continue
         cmd = [
             sys.executable,

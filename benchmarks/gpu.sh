@@ -282,7 +282,7 @@ gpu_tests() { # [pytest selection]: the GPU-only tests within the step's limit, 
 
 bare() { # CONFIGS: benchmarks/bare_step.py within the step's limit
   bounded "$LIMIT" "$PY" benchmarks/bare_step.py --out "$dir" --configs "$1" --timeout $((LIMIT - 5)) \
-    --budget "$LIMIT" "${bare_dry[@]}" 2>"$dir/bare-stderr.txt" | tail -n 4
+    --budget "$LIMIT" --min-left 15 "${bare_dry[@]}" 2>"$dir/bare-stderr.txt" | tail -n 4
 }
 
 # One GPU, 224-px synthetic images, the same windows for every throughput run. The dry run: the
