@@ -43,7 +43,7 @@ test-fast: setup
 gpu-prep:
 	mkdir -p .gpu/wheels
 	[ -f .gpu/cifar10-jpeg.tar.gz ] || [ ! -f $(CIFAR10_TARBALL) ] || cp $(CIFAR10_TARBALL) .gpu/
-	$(PYTHON) -m pip download -q --no-deps -d .gpu/wheels pyyaml pytest pluggy iniconfig packaging pygments pytest-timeout
+	$(PYTHON) -m pip download -q --no-deps -d .gpu/wheels pyyaml tqdm pytest pluggy iniconfig packaging pygments pytest-timeout
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --platform any -d .gpu/wheels exceptiongroup tomli
 
 # The GPU machine's torch/torchvision pair on this CPU, before a GPU visit (not part of make test:

@@ -141,7 +141,7 @@ need_cifar10() {
 }
 
 # The packages a part needs beyond torch, torchvision and numpy (PyYAML for distres.config,
-# pytest and its own for the tests): those missing here are unpacked from the wheels in
+# tqdm for distres.train, pytest and its own for the tests): those missing here are unpacked from the wheels in
 # .gpu/wheels (`make gpu-prep` fills it; the device has no network) into the part's folder and
 # put on PYTHONPATH. A wheel needs no pip to be unpacked, and PyYAML's pure-Python part works
 # on any Python version (its C extension is optional).
@@ -150,7 +150,8 @@ deps() {
   missing=$("$PY" - <<'PY'
 import importlib.util
 wheels = {"yaml": "pyyaml", "pytest": "pytest", "pluggy": "pluggy", "iniconfig": "iniconfig", "packaging": "packaging",
-          "pygments": "pygments", "pytest_timeout": "pytest_timeout", "exceptiongroup": "exceptiongroup", "tomli": "tomli"}
+          "pygments": "pygments", "pytest_timeout": "pytest_timeout", "exceptiongroup": "exceptiongroup", "tomli": "tomli",
+          "tqdm": "tqdm"}
 print(" ".join(w for m, w in wheels.items() if importlib.util.find_spec(m) is None))
 PY
 )

@@ -198,7 +198,10 @@ def report(rows: list[tuple], classes: list[str], result: dict, out: Path, about
 
 
 def _plot_confusion(confusion: torch.Tensor, classes: list[str], path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # (an environment without it, e.g. a bare GPU image: confusion.csv holds the numbers)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
