@@ -152,7 +152,12 @@ import importlib.util
 wheels = {"yaml": "pyyaml", "pytest": "pytest", "pluggy": "pluggy", "iniconfig": "iniconfig", "packaging": "packaging",
           "pygments": "pygments", "pytest_timeout": "pytest_timeout", "exceptiongroup": "exceptiongroup", "tomli": "tomli",
           "tqdm": "tqdm"}
-print(" ".join(w for m, w in wheels.items() if importlib.util.find_spec(m) is None))
+def found(module):
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+print(" ".join(w for m, w in wheels.items() if not found(m)))
 PY
 )
   [[ -z $missing ]] && return 0
@@ -210,14 +215,14 @@ train() {
   # scaling.py's own timeout ends torchrun's process group (its own session) before ours ends
   # scaling.py; the step's timeout is the backstop.
   clocks "$name" bounded "$LIMIT" "$PY" benchmarks/scaling.py --work-dir "$runs" --out "$dir" --name "$name" \
-    --wandb disabled --timeout $((LIMIT - 10)) "$@" | tail -n 12
-  local rc=${PIPESTATUS[0]}
+    --wandb disabled --timeout $((LIMIT - 10)) "$@" 2>&1 | tee "$dir/$name.scaling.txt" | tail -n 12
+  local rc=${PIPESTATUS[0]} tail="$dir/$name.scaling.txt"
   for f in "$runs"/*/train.log; do
-    [[ -f $f ]] && tail -n 60 "$f" >"$dir/$name.train-tail.txt"
+    [[ -f $f ]] && tail -n 60 "$f" >"$dir/$name.train-tail.txt" && tail="$dir/$name.train-tail.txt"
   done
   if ((rc != 0)); then
-    say "  - $name failed (exit $rc); its log's last lines:"
-    tail -n 8 "$dir/$name.train-tail.txt" 2>/dev/null | sed 's/^/        /' | tee -a "$summary"
+    say "  - $name failed (exit $rc); the last lines of $(basename "$tail"):"
+    tail -n 8 "$tail" | sed 's/^/        /' | tee -a "$summary"
   fi
   return "$rc"
 }
