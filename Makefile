@@ -11,7 +11,7 @@ DATA_DIR ?= .cache/data/cifar10
 RUN_DIR ?= runs/cifar10-cpu-$(shell date +%Y%m%d-%H%M%S)
 ARGS ?=
 
-.PHONY: setup sysdeps lint test test-fast train clean
+.PHONY: setup sysdeps lint test test-fast compat-check gpu-prep train clean
 
 setup: $(VENV)/.installed
 
@@ -38,6 +38,30 @@ test: setup sysdeps lint
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" --durations=15 tests
 
+# What a GPU visit carries (benchmarks/README.md): the CIFAR-10 JPEGs and the wheels of the few
+# packages beyond torch, torchvision and numpy that benchmarks/gpu.sh needs, as the device has no network.
+gpu-prep:
+	mkdir -p .gpu/wheels
+	[ -f .gpu/cifar10-jpeg.tar.gz ] || [ ! -f $(CIFAR10_TARBALL) ] || cp $(CIFAR10_TARBALL) .gpu/
+	$(PYTHON) -m pip download -q --no-deps -d .gpu/wheels pyyaml tqdm pytest pluggy iniconfig packaging pygments pytest-timeout
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --platform any -d .gpu/wheels exceptiongroup tomli
+
+# The GPU machine's torch/torchvision pair on this CPU, before a GPU visit (not part of make test:
+# a 540 MB download once, then a few minutes; benchmarks/README.md). Its environment holds only
+# the two wheels; a .pth file puts $(VENV)'s packages (the CUDA 13 libraries, pytest, ...) behind
+# them. COMPAT_DRY=1 also runs benchmarks/gpu.sh first as a dry run.
+COMPAT ?= .venv-compat
+COMPAT_PAIR ?= torch==2.11.0 torchvision==0.26.0
+$(COMPAT)/.installed: $(VENV)/.installed
+	$(PYTHON) -m venv $(COMPAT)
+	$(COMPAT)/bin/python -m pip install -q --no-deps $(COMPAT_PAIR)
+	$(PY) -c "import sysconfig; print('import site; site.addsitedir(%r)' % sysconfig.get_paths()['purelib'])" \
+		>"$$($(COMPAT)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz-main-venv.pth"
+	touch $@
+
+compat-check: $(COMPAT)/.installed
+	bash tools/compat-check.sh $(COMPAT)/bin/python
+
 # CIFAR-10 JPEGs unpacked once from the local tarball; without it the run uses synthetic data.
 train: setup
 	@if [ ! -d $(DATA_DIR)/train ] && [ -f $(CIFAR10_TARBALL) ]; then \
@@ -52,4 +76,4 @@ train: setup
 	fi
 
 clean:
-	rm -rf $(VENV) .cache runs
+	rm -rf $(VENV) $(COMPAT) .cache runs

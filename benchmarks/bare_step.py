@@ -14,6 +14,8 @@ broadcast_buffers=False). Each config runs in its own process (a crash or a hang
 Timing: CUDA events around N steps after warm-up (compilation and cuDNN autotuning excluded),
 median of R repeats; "host ms/step" is how long Python needs to enqueue a step when the GPU
 is idle (if it approaches the GPU step time the run is host-bound: CUDA graphs help).
+``--device cpu`` (tiny sizes: ``--arch resnet18 --image-size 32``) only checks the script end to
+end on a machine without a GPU (benchmarks/gpu.sh's dry run); its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ DEFAULT = (
 )
 
 
-def child(cfg: str, steps: int, repeats: int, warmup: int, arch: str, profile_dir: str | None) -> dict:
+def child(
+    cfg: str, steps: int, repeats: int, warmup: int, arch: str, profile_dir: str | None, device: str, size: int
+) -> dict:
     import torch
     import torch.nn as nn
     import torchvision
@@ -51,7 +55,9 @@ def child(cfg: str, steps: int, repeats: int, warmup: int, arch: str, profile_di
         ic.conv_1x1_as_mm = "c1x1" in knobs
         ic.coordinate_descent_tuning = "cdt" in knobs
     fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
-    dev = torch.device("cuda", 0)
+    cuda = device == "cuda"
+    dev = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     model = getattr(torchvision.models, arch)(num_classes=1000, zero_init_residual=True)
     model = model.to(dev, memory_format=fmt)
     decay = [p for p in model.parameters() if p.ndim > 1]
@@ -60,22 +66,24 @@ def child(cfg: str, steps: int, repeats: int, warmup: int, arch: str, profile_di
         [{"params": decay, "weight_decay": 5e-5}, {"params": no_decay, "weight_decay": 0.0}],
         lr=0.1,
         momentum=0.9,
-        fused=True,
+        fused=cuda,
     )
     crit = nn.CrossEntropyLoss(label_smoothing=0.1)
     set_to_none = True
     if "ddp" in knobs:
         import torch.distributed as td
 
-        td.init_process_group("nccl", store=td.HashStore(), rank=0, world_size=1, device_id=dev)
+        td.init_process_group(
+            "nccl" if cuda else "gloo", store=td.HashStore(), rank=0, world_size=1, device_id=dev if cuda else None
+        )
         model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[0], gradient_as_bucket_view=True, broadcast_buffers="nobb" not in knobs
+            model, device_ids=[0] if cuda else None, gradient_as_bucket_view=True, broadcast_buffers="nobb" not in knobs
         )
         set_to_none = "none" in knobs
     fwd = model if mode == "eager" else torch.compile(model, mode=None if mode == "default" else mode)
     cudagraphs = mode in ("reduce-overhead", "max-autotune")
     g = torch.Generator(device=dev).manual_seed(0)
-    xs = [torch.randn(batch, 3, 224, 224, device=dev, generator=g).contiguous(memory_format=fmt) for _ in range(2)]
+    xs = [torch.randn(batch, 3, size, size, device=dev, generator=g).contiguous(memory_format=fmt) for _ in range(2)]
     if "bfin" in knobs:
         xs = [x.to(torch.bfloat16) for x in xs]
     ys = [torch.randint(0, 1000, (batch,), device=dev, generator=g) for _ in range(2)]
@@ -83,41 +91,43 @@ def child(cfg: str, steps: int, repeats: int, warmup: int, arch: str, profile_di
     def step(i: int) -> torch.Tensor:
         if cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):  # (CPU: a check, fp32)
             loss = crit(fwd(xs[i % 2]), ys[i % 2])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=set_to_none)
         return loss.detach()
 
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     first = step(0)
-    torch.cuda.synchronize()
+    sync()
     first_s = time.perf_counter() - t0
     for i in range(warmup):
         step(i)
-    torch.cuda.synchronize()
+    sync()
     # host enqueue time of one step with an idle GPU queue
     host = []
     for i in range(3):
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         step(i)
         host.append(time.perf_counter() - t0)
-    torch.cuda.synchronize()
+    sync()
     rates, wall = [], []
     for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
-        start.record()
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
         for i in range(steps):
             loss = step(i)
-        end.record()
-        end.synchronize()
+        if cuda:
+            end.record()
+            end.synchronize()
         wall.append(time.perf_counter() - t0)
-        rates.append(batch * steps / (start.elapsed_time(end) / 1e3))
+        rates.append(batch * steps / (start.elapsed_time(end) / 1e3 if cuda else wall[-1]))
     assert torch.isfinite(loss).item(), "non-finite loss"
     res = {
         "config": cfg,
@@ -129,9 +139,9 @@ def child(cfg: str, steps: int, repeats: int, warmup: int, arch: str, profile_di
         "host_ms_per_step_idle_gpu": round(1e3 * min(host), 2),
         "first_step_s": round(first_s, 1),
         "first_loss": float(first),
-        "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1),
+        "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else 0.0,
         "torch": torch.__version__,
-        "gpu": torch.cuda.get_device_name(0),
+        "gpu": torch.cuda.get_device_name(0) if cuda else "cpu (a check of the script, not a figure)",
     }
     if profile_dir:
         from torch.profiler import ProfilerActivity, profile
@@ -139,7 +149,7 @@ def child(cfg: str, steps: int, repeats: int, warmup: int, arch: str, profile_di
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for i in range(3):
                 step(i)
-            torch.cuda.synchronize()
+            sync()
         avg = prof.key_averages()
         key = "self_device_time_total"
         try:
@@ -192,12 +202,16 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--timeout", type=int, default=300, help="seconds per config")
     p.add_argument("--budget", type=int, default=540, help="seconds for all configs (a device command gets 600)")
+    p.add_argument("--min-left", type=int, default=60, help="seconds of --budget a config needs to start")
     p.add_argument("--profile", default="", help="comma-separated configs to profile (kernel table)")
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/bare-step"))
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a check of the script only")
+    p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        res = child(a.child, a.steps, a.repeats, a.warmup, a.arch, a.out if a.child in a.profile.split(",") else None)
+        prof = a.out if a.child in a.profile.split(",") else None
+        res = child(a.child, a.steps, a.repeats, a.warmup, a.arch, prof, a.device, a.image_size)
         print("RESULT " + json.dumps(res), flush=True)
         return
     out = Path(a.out)
@@ -206,8 +220,9 @@ def main() -> None:
     t_all = time.perf_counter()
     for cfg in [c for c in a.configs.split(",") if c]:
         left = a.budget - (time.perf_counter() - t_all)
-        if left < 60:
+        if left < a.min_left:
             rows.append({"config": cfg, "error": f"skipped: {left:.0f} s left of --budget {a.budget}"})
+            (out / "bare_step.json").write_text(json.dumps(rows, indent=1) + "\n")
             continue
         cmd = [
             sys.executable,
@@ -226,6 +241,10 @@ def main() -> None:
             a.profile,
             "--out",
             str(out),
+            "--device",
+            a.device,
+            "--image-size",
+            str(a.image_size),
         ]
         t0 = time.perf_counter()
         print(f"bench: {cfg} ...", file=sys.stderr, flush=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -273,10 +274,12 @@ def run_case(
     batches: int,
     warmup: int,
     decoder: str = "torchvision",
+    timeout: float = 600.0,
 ) -> dict:
     """One measurement, in a fresh process: no worker pool, DALI thread pool or page-cache
     warm-up of one backend is left for the next (forked DataLoader workers must not inherit
-    DALI's threads either)."""
+    DALI's threads either). A case over ``timeout`` seconds is ended and reported, and the
+    others go on."""
     cmd = [
         sys.executable,
         __file__,
@@ -291,8 +294,21 @@ def run_case(
         str(warmup),
         decoder,
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:  # e.g. DALI not installed: say so and go on with the other cases
+    # Its own session, so that a timeout also ends the case's DataLoader workers.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        stderr += f"\ntimed out after {timeout:g} s (--case-timeout)"
+    except KeyboardInterrupt:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    proc = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    if (
+        proc.returncode != 0 or "timed out after" in stderr
+    ):  # e.g. DALI not installed: say so and go on with the other cases
         why = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
         print(f"  {backend:28s} {data_dir.name:16s} {size:4d}px: skipped: {why}", file=sys.stderr, flush=True)
         return {
@@ -351,14 +367,14 @@ def _case(
     }
 
 
-def interleaved(cases: list[tuple], rounds: int) -> list[dict]:
+def interleaved(cases: list[tuple], rounds: int, timeout: float = 600.0) -> list[dict]:
     """Every case once per round, the cases taking turns: on a shared machine, load from other
     work then falls on all of them alike. The figure is the median over the rounds."""
     runs = [[] for _ in cases]
     for _ in range(rounds):
         for k, case in enumerate(cases):
             if not (runs[k] and "error" in runs[k][0]):  # a case that failed once is not retried
-                runs[k].append(run_case(*case))
+                runs[k].append(run_case(*case, timeout=timeout))
     merged = []
     for rs in runs:
         m = dict(rs[0])
@@ -371,6 +387,24 @@ def interleaved(cases: list[tuple], rounds: int) -> list[dict]:
         m["setup_s"] = max(r["setup_s"] for r in rs)
         merged.append(m)
     return merged
+
+
+def _check_sizes(runs: list[dict], data_dir: Path, batch: int, workers: int, per_repeat: int) -> None:
+    """Say when the set is too small for the measurement to be the loader's steady state: fewer
+    batches an epoch than workers (some never decode) or than a repeat takes (it restarts the
+    epoch, its worker start-up timed). Written into each row, and to stderr."""
+    from distres.data.sources import FolderSource
+
+    per_epoch = len(FolderSource(data_dir / "train").paths) // batch
+    notes = []
+    if per_epoch < workers:
+        notes.append(f"{per_epoch} batches an epoch for {workers} workers: only {per_epoch} ever decode")
+    if per_epoch < per_repeat:
+        notes.append(f"{per_epoch} batches an epoch, {per_repeat} per repeat: epoch restarts are timed")
+    for note in notes:
+        print(f"loaders: note: {note}; use more images or a smaller --batch-size", file=sys.stderr)
+    for r in runs:
+        r["size_notes"] = notes
 
 
 # --- the machine and the report ----------------------------------------------------------------
@@ -533,6 +567,7 @@ def main() -> None:
         s.add_argument("--workers", type=int, default=cpus, help="DataLoader processes / DALI threads")
         s.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
         s.add_argument("--out", type=Path, default=None, help="folder for the JSON and Markdown results")
+        s.add_argument("--case-timeout", type=float, default=600.0, help="seconds per case and round")
     run = sub.choices["run"]
     run.add_argument("--data-dir", type=Path, required=True, help="an ImageFolder with train/")
     run.add_argument(
@@ -590,7 +625,9 @@ def main() -> None:
                 for b in a.backends.split(",")
             ],
             a.repeats,
+            a.case_timeout,
         )
+        _check_sizes(result["runs"], a.data_dir, a.batch_size, a.workers, a.warmup + a.batches)
         write(result, a.out, a.name)
         return
 
@@ -608,6 +645,7 @@ def main() -> None:
             ("torchvision-stock", *common),
         ],
         a.repeats,
+        a.case_timeout,
     )
     result["decoders"] = [
         {"data": big.name, "decoder": d, "images_per_sec": round(decoder_rate(big, d, 300), 1)}
@@ -623,6 +661,7 @@ def main() -> None:
                 ("dali", *small, a.batches, a.warmup),
             ],
             a.repeats,
+            a.case_timeout,
         )
         result["decoders"] += [
             {"data": a.cifar10.name, "decoder": d, "images_per_sec": round(decoder_rate(a.cifar10, d, 3000), 1)}

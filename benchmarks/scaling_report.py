@@ -176,7 +176,11 @@ def write_outputs(result: dict, out: Path, name: str) -> dict:
     paths = {"json": out / f"{name}.json", "md": out / f"{name}.md", "png": out / f"{name}.png"}
     paths["json"].write_text(json.dumps(result, indent=2) + "\n")
     paths["md"].write_text(render_markdown(result))
-    scaling_plot.render_plot(result, paths["png"])
+    try:
+        scaling_plot.render_plot(result, paths["png"])
+    except ImportError as e:  # matplotlib: the figures are in the JSON and Markdown already
+        print(f"scaling: no plot ({e})", file=sys.stderr)
+        del paths["png"]
     return paths
 
 

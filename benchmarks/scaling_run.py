@@ -208,6 +208,9 @@ def _run_logged(cmd: list[str], log: Path, timeout: int, name: str) -> None:
         except subprocess.TimeoutExpired:
             kill_group(proc)
             raise UserError(f"the {name} run took longer than --timeout {timeout} s; log: {log}") from None
+        except KeyboardInterrupt:  # (the run has its own session: Ctrl-C or timeout -s INT reach only us)
+            kill_group(proc)
+            raise
     if proc.returncode != 0:
         errors = [x for x in log.read_text().splitlines() if x.startswith("distres: error:")]
         why = errors[0].removeprefix("distres: error: ") if errors else f"exit status {proc.returncode}"

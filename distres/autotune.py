@@ -22,8 +22,10 @@ tried one at a time from the best setting so far, and a setting replaces it only
 ``MARGIN`` faster: closer than that is the noise of a shared machine. At the end the start and
 the choice are timed again back to back (``confirm``), and the choice must still be faster.
 Before each trial rank 0
-checks that the longest trial so far still fits in what is left of ``--autotune-budget``, and
-stops otherwise; what was not tried is listed.
+checks that the trial's estimated time still fits in what is left of ``--autotune-budget``, and
+skips it otherwise; what was not tried is listed. A trial is estimated by the longest trial so
+far of its kind (``Costs``): eager, or each torch.compile mode apart, since a compiled trial
+pays its compilation, many times an eager trial's steps.
 
 Rank 0 decides every next trial and the final choice and broadcasts them, so every rank builds
 and times the same thing and applies the same settings. The trials leave no trace in the run:
@@ -54,6 +56,11 @@ from distres.data.transforms import SMALL_IMAGES
 from distres.errors import UserError, console, run_cli
 
 WARMUP_STEPS = 2
+# A compile mode's first trial, before any of that mode was timed here: its eager steps plus
+# Inductor's compilation of a ResNet's training step, about a minute and more on a GPU host,
+# several times that where it benchmarks kernel choices (max-autotune). Generous on purpose:
+# too high skips a trial (listed as not tried), too low overruns the budget.
+COMPILE_S = {"default": 90.0, "reduce-overhead": 120.0, "max-autotune-no-cudagraphs": 400.0, "max-autotune": 450.0}
 MARGIN = 0.05  # a setting must be this much faster than the best so far to replace it
 DATA_LEVERS = ("data_backend", "workers")
 COMPUTE_LEVERS = ("channels_last", "compile", "threads", "bucket_cap_mb", "broadcast_buffers")
@@ -167,16 +174,41 @@ def trial(cfg, ctx, steps: int, warmup: int = WARMUP_STEPS) -> dict | None:
     batches.close()  # ends the loader's epoch (its worker processes with the loader below)
     del model, parts, batches, meter
     _release()
-    per_rank = dist.gather_objects((rec["images_per_sec"], rec["data_wait_frac"]))
+    per_rank = dist.gather_objects((rec["images_per_sec"], rec["data_wait_frac"], rec.get("gpu_idle_frac")))
     # Ranks run in lock-step: the slowest one's rate is the job's.
-    return {"images_per_sec": min(r[0] for r in per_rank), "data_wait_frac": max(r[1] for r in per_rank)}
+    res = {"images_per_sec": min(r[0] for r in per_rank), "data_wait_frac": max(r[1] for r in per_rank)}
+    if per_rank[0][2] is not None:
+        res["gpu_idle_frac"] = max(r[2] for r in per_rank)
+    return res
+
+
+class Costs:
+    """How long a trial is expected to take, from the trials so far of the same kind."""
+
+    def __init__(self):
+        self.longest: dict[str, float] = {}
+
+    @staticmethod
+    def kind(cfg) -> str:
+        return cfg.model.compile_mode if cfg.model.compile else "eager"
+
+    def add(self, cfg, seconds: float) -> None:
+        k = self.kind(cfg)
+        self.longest[k] = max(self.longest.get(k, 0.0), seconds)
+
+    def estimate(self, cfg) -> float:
+        k = self.kind(cfg)
+        if k in self.longest:
+            return self.longest[k]
+        eager = self.longest.get("eager", max(self.longest.values(), default=0.0))
+        return eager + COMPILE_S.get(k, max(COMPILE_S.values())) if k != "eager" else eager
 
 
 def order(cfg, ctx, start: dict, levers: list[str]) -> list[str]:
     """The levers in the order the starting point's verdict suggests."""
     backend = effective(cfg, ctx)["data_backend"]
     data_hint, compute_hint = perf.levers(cfg, ctx.device.type, backend)
-    input_bound = start["data_wait_frac"] >= perf.INPUT_BOUND_FRAC
+    input_bound = perf.input_bound(start["data_wait_frac"], start.get("gpu_idle_frac"))
 
     def named_first(group, hint):
         hinted = [lv for lv in group if f"--{config.flag(lv)}" in hint]
@@ -191,13 +223,12 @@ def tune(cfg, ctx) -> tuple[config.TrainConfig, dict]:
     t0 = time.perf_counter()
     saved_rng, saved_threads = checkpoint.rng_state(ctx.device), torch.get_num_threads()
     budget, steps = cfg.tune.autotune_budget, cfg.tune.autotune_steps
-    rows, longest = [], 0.0
+    rows, costs = [], Costs()
 
     def run_trial(lever, value, trial_cfg, warmup=WARMUP_STEPS):
-        nonlocal longest
         t = time.perf_counter()
         res = trial(trial_cfg, ctx, steps, warmup)
-        longest = max(longest, time.perf_counter() - t)
+        costs.add(trial_cfg, time.perf_counter() - t)
         row = {
             "lever": lever,
             "setting": value,
@@ -219,17 +250,20 @@ def tune(cfg, ctx) -> tuple[config.TrainConfig, dict]:
     for lever in plan:
         for value in dist.broadcast_object(candidates(lever, best_cfg, ctx)):
             left = budget - (time.perf_counter() - t0)
-            if not dist.broadcast_object(left >= longest):
+            trial_cfg = best_cfg.replace(**changes_for(lever, value))
+            if not dist.broadcast_object(left >= costs.estimate(trial_cfg)):
                 skipped.append(f"{lever}={value}")
                 continue
-            trial_cfg = best_cfg.replace(**changes_for(lever, value))
             row = run_trial(lever, value, trial_cfg)
             faster = row["images_per_sec"] is not None and row["images_per_sec"] > best["images_per_sec"] * (1 + MARGIN)
             if dist.broadcast_object(faster):
                 best["kept"], row["kept"] = False, True
                 best_cfg, best = trial_cfg, row
     if best_cfg is not cfg:
-        best_cfg = confirm(cfg, best_cfg, best, run_trial, budget - (time.perf_counter() - t0) >= 2 * longest, skipped)
+        left = budget - (time.perf_counter() - t0)
+        best_cfg = confirm(
+            cfg, best_cfg, best, run_trial, left >= costs.estimate(cfg) + costs.estimate(best_cfg), skipped
+        )
     checkpoint.set_rng_state(saved_rng, ctx.device)
     torch.set_num_threads(saved_threads)
     chosen = {f: getattr(best_cfg, f) for lever in config.AUTOTUNE_LEVERS for f in FIELDS[lever]}

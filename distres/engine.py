@@ -26,6 +26,24 @@ def resolve_amp(amp: str, device: torch.device) -> str:
     return "none" if device.type == "cpu" and host.native_bf16() is False else "bf16"
 
 
+def set_numerics(deterministic: bool, training: bool = True) -> None:
+    """The cuDNN and TF32 flags of training, and of evaluate, so that evaluating a checkpoint
+    picks the kernels training did and reproduces its figures (on a GPU, another convolution
+    algorithm or matmul precision can flip a near-tie between two classes). Only deterministic
+    runs pick their kernels reproducibly: cudnn.benchmark times the candidates, so two processes
+    may pick differently. A forward pass alone (``training=False``) gets cuDNN's deterministic
+    choice without the global checks, which would also need dist.init's cuBLAS workspace."""
+    if deterministic:
+        if training:
+            torch.use_deterministic_algorithms(True)  # (dist.init set CUBLAS_WORKSPACE_CONFIG for it)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: autotune convolutions once
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 class Precision:
     def __init__(self, amp: str, device: torch.device):
         self.amp = amp = resolve_amp(amp, device)

@@ -106,6 +106,7 @@ def run(a, ctx) -> dict:
     if cfg.data.dataset == "imagefolder" and not cfg.data.data_dir:
         raise UserError("--data imagefolder needs --data-dir PATH")
     cfg.validate()
+    engine.set_numerics(cfg.run.deterministic, training=False)
     bundle = data.build(
         cfg,
         ctx,
@@ -197,7 +198,10 @@ def report(rows: list[tuple], classes: list[str], result: dict, out: Path, about
 
 
 def _plot_confusion(confusion: torch.Tensor, classes: list[str], path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # (an environment without it, e.g. a bare GPU image: confusion.csv holds the numbers)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

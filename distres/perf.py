@@ -8,6 +8,12 @@ epoch, and at each epoch end logs a ``kind: epoch`` record with the epoch's data
 fraction, the GPU telemetry summary and the verdict: input-bound or compute-bound, with the
 lever to try for the backend the run actually uses.
 
+On CUDA the host's wait is not the GPU's: the host runs ahead, so while it waits for a batch
+(or for a side stream's nvJPEG decode to finish) the GPU may still be running the steps queued
+before. So the meter also records a CUDA event pair around each fetch on the compute stream:
+the time between the GPU reaching the first and the second is how long the GPU sat idle for
+that fetch (``gpu_idle_frac``), and only a run whose GPU idled for its data is input-bound.
+
 The comm probe is how benchmarks/scaling.py measures the *exposed* communication time: with
 ``--bench-comm-probe`` the meter tells DDP's comm hook (``models.CommProbe``) to skip the
 gradient all-reduce in every other log window, so neighbouring windows differ only in the
@@ -65,11 +71,30 @@ def levers(cfg, device_type: str, backend: str) -> tuple[str, str]:
     return data, compute
 
 
-def verdict(data_wait_frac: float, gpu_util: float | None, data_lever: str, compute_lever: str) -> tuple[str, str]:
-    """('input-bound' | 'compute-bound', one-line explanation with the suggested lever)."""
+def input_bound(data_wait_frac: float, gpu_idle_frac: float | None = None) -> bool:
+    """Whether the step waited for data: the host did, and (where measured: CUDA) so did the GPU."""
+    idle = data_wait_frac if gpu_idle_frac is None else gpu_idle_frac
+    return data_wait_frac >= INPUT_BOUND_FRAC and idle >= INPUT_BOUND_FRAC
+
+
+def verdict(
+    data_wait_frac: float,
+    gpu_util: float | None,
+    data_lever: str,
+    compute_lever: str,
+    gpu_idle_frac: float | None = None,
+) -> tuple[str, str]:
+    """('input-bound' | 'compute-bound', one-line explanation with the suggested lever).
+    ``gpu_idle_frac``: the share of step time the GPU sat idle around the fetches (CUDA)."""
     pct = f"{100 * data_wait_frac:.0f}% of step time waiting for data"
+    if input_bound(data_wait_frac, gpu_idle_frac):
+        idle = "" if gpu_idle_frac is None else f" (the GPU idle {100 * gpu_idle_frac:.0f}%)"
+        return "input-bound", f"input-bound: {pct}{idle} — try {data_lever}"
     if data_wait_frac >= INPUT_BOUND_FRAC:
-        return "input-bound", f"input-bound: {pct} — try {data_lever}"
+        return "compute-bound", (
+            f"compute-bound: the host spent {pct}, but the GPU ran queued steps meanwhile "
+            f"(idle {100 * gpu_idle_frac:.0f}%) — try {compute_lever}"
+        )
     if gpu_util is not None and gpu_util < HOST_BOUND_UTIL:
         return "compute-bound", (
             f"compute-bound on the host: {pct}, yet the GPU is only {gpu_util:.0f}% "
@@ -77,6 +102,33 @@ def verdict(data_wait_frac: float, gpu_util: float | None, data_lever: str, comp
         )
     util = f", GPU {gpu_util:.0f}% busy" if gpu_util is not None else ""
     return "compute-bound", f"compute-bound: {pct}{util} — try {compute_lever}"
+
+
+class IdleGaps:
+    """CUDA event pairs around a log window's fetches, on the compute stream, reused from
+    window to window. Recording an event does not wait; the times are read at the window's
+    flush, after its one synchronisation."""
+
+    def __init__(self, event=None):
+        self._event = event or (lambda: torch.cuda.Event(enable_timing=True))
+        self._pairs: list[tuple] = []
+        self._used = 0
+
+    def reset(self) -> None:
+        self._used = 0
+
+    def before(self) -> None:
+        if self._used == len(self._pairs):
+            self._pairs.append((self._event(), self._event()))
+        self._pairs[self._used][0].record()
+
+    def after(self) -> None:
+        self._pairs[self._used][1].record()
+        self._used += 1
+
+    def seconds(self) -> float:
+        """The GPU's idle time over the window's fetches (events already completed)."""
+        return sum(a.elapsed_time(b) for a, b in self._pairs[: self._used]) / 1e3
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -104,17 +156,20 @@ class StepMeter:
         self.levers = levers(cfg, ctx.device.type, backend)
         self.t_run = time.perf_counter()  # the run's clock: records' "time", the final summary
         self._loss = torch.zeros((), device=ctx.device)  # summed on the device: no host sync per step
+        self.gaps = IdleGaps() if ctx.device.type == "cuda" else None
         self.refs: dict[str, str] = {}  # outputs the epoch verdict points at (a trace, the autotune table)
         self.fields: dict = {}  # added to every train record (--progressive-resize: the epoch's image_size)
         self._reset_epoch()
         self.start_window()
 
     def _reset_epoch(self) -> None:
-        self.steps, self.elapsed, self.wait = 0, 0.0, 0.0
+        self.steps, self.elapsed, self.wait, self.idle = 0, 0.0, 0.0, 0.0
 
     def start_window(self, step: int = 0) -> None:
         """A log window from optimizer step ``step`` (steps done) on."""
         self._n, self._wait, self._t0 = 0, 0.0, time.perf_counter()
+        if self.gaps is not None:
+            self.gaps.reset()
         self._loss.zero_()
         if self.probe is not None:
             self.probe.skip = self._probing(step)
@@ -122,7 +177,11 @@ class StepMeter:
     def fetch(self, batches) -> list:
         """The next optimizer step's micro-batches; the time spent waiting for them is data wait."""
         t0 = time.perf_counter()
+        if self.gaps is not None:
+            self.gaps.before()
         micro = [next(batches) for _ in range(self.grad_accum)]
+        if self.gaps is not None:
+            self.gaps.after()
         self._wait += time.perf_counter() - t0
         return micro
 
@@ -183,6 +242,7 @@ class StepMeter:
             "lr": lr,
             "images_per_sec": self._n * self.global_batch / elapsed,
             "data_wait_frac": self._wait / elapsed,
+            **({} if self.gaps is None else {"gpu_idle_frac": self.gaps.seconds() / elapsed}),
             "time": time.perf_counter() - self.t_run,
             "bad_samples": int(red[2].item()),  # undecodable images skipped so far, all ranks
             **self.window(self._n, elapsed, self._wait, step),
@@ -196,6 +256,8 @@ class StepMeter:
         """Step-time fields for a window of ``steps`` steps ending at optimizer step ``step``;
         adds it to the epoch's totals."""
         self.steps, self.elapsed, self.wait = self.steps + steps, self.elapsed + elapsed, self.wait + wait
+        if self.gaps is not None:
+            self.idle += self.gaps.seconds()
         rec = {"step_time": elapsed / steps, "peak_mem_mb": peak_memory_mb(self.ctx.device)}
         if self.probe is not None:
             rec["synced"] = not self._probing(step - 1)
@@ -208,14 +270,18 @@ class StepMeter:
         if self.steps == 0:  # e.g. resumed exactly at the epoch's end
             return None
         frac = self.wait / self.elapsed if self.elapsed > 0 else 0.0
-        label, detail = verdict(frac, gpu.get("gpu_util_mean"), *self.levers)
+        idle = None if self.gaps is None else (self.idle / self.elapsed if self.elapsed > 0 else 0.0)
+        label, detail = verdict(frac, gpu.get("gpu_util_mean"), *self.levers, gpu_idle_frac=idle)
         detail += "".join(f"; {what}: {where}" for what, where in self.refs.items())
         rec = {
             "kind": "epoch",
             "step": step,
             "epoch": epoch,
             "data_wait_frac": frac,
+            **({} if idle is None else {"gpu_idle_frac": idle}),
             "step_time": self.elapsed / self.steps,
+            # the epoch's mean, its first (warm-up) windows included: benchmarks take the
+            # median of the steady-state train windows instead
             "images_per_sec": self.steps * self.global_batch / self.elapsed if self.elapsed > 0 else 0.0,
             "peak_mem_mb": peak_memory_mb(self.ctx.device),
             "verdict": label,

@@ -32,7 +32,53 @@ STEP_PREFIX = "ProfilerStep#"
 NEVER = -1
 CATEGORIES = ("convolution/matmul", "normalisation/elementwise", "communication", "data wait", "host overhead")
 
-_CONV = ("conv", "mm", "matmul", "linear", "gemm", "cudnn", "fprop", "dgrad", "wgrad", "xmma", "cutlass")
+# Host ops (aten::...) by name. Normalisation first: aten::cudnn_batch_norm is not a convolution.
+_NORM_OPS = ("norm",)
+_CONV_OPS = ("conv", "mm", "matmul", "linear", "gemm")
+# GPU kernels by family (names as CUDA traces give them; cuDNN, cuBLAS(Lt) and Inductor name
+# their kernels by what they compute, not by the library, which makes both kinds of kernel):
+# normalisation, layout transposes and elementwise/reduction kernels first, as some of their
+# names also hold "conv" or "cudnn" (Inductor's triton_poi_fused_convolution_backward_...,
+# cuDNN's bn_fw_tr_1C11_kernel_NCHW and nchwToNhwcKernel) ...
+_ELEMENTWISE_KERNELS = (
+    "bn_fw",
+    "bn_bw",
+    "batch_norm",
+    "batchnorm",
+    "welford",
+    "layer_norm",
+    "tonhwc",
+    "tonchw",
+    "elementwise",
+    "reduce_kernel",
+    "multi_tensor_apply",
+    "softmax",
+    "pool",
+    "triton_poi",
+    "triton_red",
+    "triton_per",
+)
+# ... then the convolution and matmul families: cuDNN's implicit-GEMM convolutions
+# (sm90_xmma_fprop_implicit_gemm_..., dgrad, wgrad), cuBLAS/CUTLASS GEMMs (sm90_xmma_gemm_...,
+# cutlass3x_sm90_tensorop_..., ampere_bf16_s16816gemm_...), Hopper's cuBLASLt nvjet_* kernels
+# and Inductor's templated ones (triton_tem_fused_mm_..., triton_tem_fused_convolution_...).
+_CONV_KERNELS = (
+    "conv",
+    "gemm",
+    "xmma",
+    "cutlass",
+    "nvjet",
+    "fprop",
+    "dgrad",
+    "wgrad",
+    "implicit",
+    "s16816",
+    "s1688",
+    "hmma",
+    "triton_tem",
+    "cublas",
+    "matmul",
+)
 _COMM = (
     "allreduce",
     "all_reduce",
@@ -53,7 +99,9 @@ def category(name: str) -> str:
     """Where a host op's self time goes, by its name."""
     low = name.lower()
     if low.startswith("aten::"):
-        return "convolution/matmul" if any(k in low[6:] for k in _CONV) else "normalisation/elementwise"
+        op = low[6:]
+        conv = not any(k in op for k in _NORM_OPS) and any(k in op for k in _CONV_OPS)
+        return "convolution/matmul" if conv else "normalisation/elementwise"
     if any(k in low for k in _COMM):  # c10d::allreduce_, gloo:all_reduce, nccl:..., record_param_comms
         return "communication"
     return "host overhead"  # the step span itself, Python annotations, autograd's own frames
@@ -311,10 +359,14 @@ def _gpu_times(events: list[dict], spans, fetch) -> tuple[dict, dict]:
 
 
 def category_kernel(name: str) -> str:
+    """Where a GPU kernel's time goes, by its family; copies and unknown kernels count as
+    normalisation/elementwise (memory-bound work)."""
     low = name.lower()
     if "nccl" in low:
         return "communication"
-    if any(k in low for k in _CONV):
+    if any(k in low for k in _ELEMENTWISE_KERNELS):
+        return "normalisation/elementwise"
+    if any(k in low for k in _CONV_KERNELS):
         return "convolution/matmul"
     return "normalisation/elementwise"
 

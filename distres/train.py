@@ -48,13 +48,7 @@ def _set_performance_flags(cfg, ctx) -> None:
     if ctx.device.type == "cpu":
         # N ranks on one CPU node would otherwise each start one thread per core and thrash.
         torch.set_num_threads(cfg.dist.threads or ctx.cpus_per_rank)
-    if cfg.run.deterministic:
-        torch.use_deterministic_algorithms(True)  # (dist.init set CUBLAS_WORKSPACE_CONFIG for it)
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: autotune convolutions once
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    engine.set_numerics(cfg.run.deterministic)
 
 
 @dataclass

@@ -126,7 +126,7 @@ class Ran:
 
 
 # The process-wide state a CLI's main may change: torch's thread count, deterministic algorithms
-# and cuDNN/TF32 flags (train._set_performance_flags), the RNGs, the environment (dist.init,
+# and cuDNN/TF32 flags (engine.set_numerics), the RNGs, the environment (dist.init,
 # profiling, tracking), the signal handlers (preempt.py), the process group and its store.
 _SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 
@@ -264,9 +264,14 @@ def train_losses(out_dir: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(out_dir) if r["kind"] == "train"]
 
 
-def make_imagefolder(root: Path, counts: dict[str, dict[str, int]], size: int = 32, seed: int = 0) -> Path:
-    """Write a tiny ImageFolder of real JPEG files: counts[split][class] = number of images."""
+def make_imagefolder(
+    root: Path, counts: dict[str, dict[str, int]], size: int = 32, seed: int = 0, chroma_444: bool = False
+) -> Path:
+    """Write a tiny ImageFolder of real JPEG files: counts[split][class] = number of images.
+    ``chroma_444``: without chroma subsampling (PIL, quality 90) instead of torchvision's 4:2:0,
+    where decoders that upsample chroma differently (nvJPEG, libjpeg-turbo) give other pixels."""
     import torch
+    from PIL import Image
     from torchvision.io import encode_jpeg
 
     g = torch.Generator().manual_seed(seed)
@@ -276,7 +281,12 @@ def make_imagefolder(root: Path, counts: dict[str, dict[str, int]], size: int = 
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(n):
                 img = torch.randint(0, 256, (3, size, size), generator=g, dtype=torch.uint8)
-                (folder / f"{i:04d}.jpg").write_bytes(encode_jpeg(img).numpy().tobytes())
+                if chroma_444:
+                    Image.fromarray(img.permute(1, 2, 0).numpy()).save(
+                        folder / f"{i:04d}.jpg", quality=90, subsampling=0
+                    )
+                else:
+                    (folder / f"{i:04d}.jpg").write_bytes(encode_jpeg(img).numpy().tobytes())
     return root
 
 

@@ -8,7 +8,10 @@ picks the epoch and where in its global order to start; ``state_dict()`` is that
 the samples all ranks have been handed so far, which the trainer checkpoints: the loader is the
 one record of where training stands within an epoch, in units that do not depend on how the
 global batch is split (``sharding`` says why). Every backend takes its order from the same
-``ShardSampler`` and its random crops from ``transforms``, so backends differ only in speed.
+``ShardSampler`` and its random crops from ``transforms``, so backends hand out the same samples,
+crops and labels. The pixels can differ by their decoder: nvJPEG (``--decode-on device``, DALI)
+upsamples subsampled (4:2:0) chroma by replication where the workers' libjpeg-turbo
+interpolates, a few grey levels on average; DALI also normalises in its own float kernel.
 """
 
 from __future__ import annotations
