@@ -120,13 +120,17 @@ class DataConfig:
     on_bad_sample: str = opt(
         "skip", "an undecodable image: skip it (named, counted) or fail (stop, naming it)", choices=("skip", "fail")
     )
+    max_image_pixels: int = opt(
+        89_478_485, "an image whose header declares more pixels is skipped, not decoded (PIL's limit); 0: no limit"
+    )
+    exclude_files: str | None = opt(None, "a file listing image paths to leave out, one per line (bad_samples.txt)")
     synthetic_classes: int = opt(1000, "number of classes of --data synthetic")
     synthetic_samples: int = opt(4096, "samples per epoch of --data synthetic (train)")
     repeated_aug: int = opt(1, "repeated augmentation: each training image N times per epoch, on different processes")
 
     def validate(self) -> None:
         _at_least(self, 0, "synthetic_classes", "synthetic_samples", "repeated_aug", strict=True)
-        _at_least(self, 0, "image_size", "eval_image_size", "eval_resize")
+        _at_least(self, 0, "image_size", "eval_image_size", "eval_resize", "max_image_pixels")
         if self.dataset == "imagefolder" and not self.data_dir:
             raise UserError("--data imagefolder needs --data-dir PATH (a folder with train/ and val/)")
         schedule = self.resize_schedule

@@ -5,7 +5,8 @@
 INPUTs are image files or folders (searched recursively). Videos: extract their frames first
 (``python -m distres.prepare video SRC DST --fps 2``) and pass the frame folder. Images are
 decoded by DataLoader workers and scored in batches, on the GPU when there is one, with the
-validation preprocessing of the model's training run. A file that cannot be read is listed
+validation preprocessing of the model's training run. A file that cannot be read, that declares
+more than --max-image-pixels pixels or that crashes the decoder (``data/isolate.py``) is listed
 and counted, and the rest go on.
 """
 
@@ -19,6 +20,7 @@ import torch
 
 from distres import dist, inference
 from distres.config import AMP
+from distres.data import decode, isolate
 from distres.data.decode import DECODE_ERRORS, describe
 from distres.data.formats import IMAGE_EXTENSIONS
 from distres.engine import Precision
@@ -39,17 +41,26 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes")
     p.add_argument("--amp", choices=AMP, default=None, help="autocast precision (default: the checkpoint's)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=decode.DEFAULT_MAX_PIXELS,
+        help="an image whose header declares more pixels is skipped, not decoded (PIL's limit); 0: no limit",
+    )
     return p
 
 
 class Images(torch.utils.data.Dataset):
-    def __init__(self, files: list[str], meta: dict):
-        self.files, self.meta = files, meta
+    """files[start:], each as (its index in files, the image or None, why not)."""
+
+    def __init__(self, files: list[str], meta: dict, start: int = 0):
+        self.files, self.meta, self.start = files, meta, start
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.files) - self.start
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, j: int):
+        i = self.start + j
         try:
             return i, inference.read_image(self.files[i], self.meta), None
         except DECODE_ERRORS as e:
@@ -74,12 +85,20 @@ def predict(a) -> tuple[int, int]:
     k = min(a.top_k, len(classes))
     norm = inference.normalizer(meta, device, trained.config.channels_last)
     precision = Precision(a.amp or trained.config.amp, device)
-    loader = torch.utils.data.DataLoader(
-        Images(files, meta),
-        batch_size=a.batch_size,
-        num_workers=a.workers,
-        collate_fn=_batch,
-        pin_memory=device.type == "cuda",
+    decode.configure(a.max_image_pixels)
+
+    def make(k: int) -> torch.utils.data.DataLoader:  # the batches from batch k on
+        return torch.utils.data.DataLoader(
+            Images(files, meta, k * a.batch_size),
+            batch_size=a.batch_size,
+            num_workers=a.workers,
+            collate_fn=_batch,
+            pin_memory=device.type == "cuda",
+            prefetch_factor=isolate.PREFETCH if a.workers else None,
+        )
+
+    loader = isolate.guarded(
+        make, lambda k: files[k * a.batch_size : (k + 1) * a.batch_size], decode.decode_torchvision
     )
     try:
         out = sys.stdout if a.output == "-" else open(a.output, "w", newline="")
@@ -120,8 +139,8 @@ def predict(a) -> tuple[int, int]:
 def main(argv: list[str] | None = None) -> int:
     def body():
         a = build_parser().parse_args(argv)
-        if a.top_k < 1 or a.batch_size < 1 or a.workers < 0:
-            raise UserError("--top-k and --batch-size must be >= 1, --workers >= 0")
+        if a.top_k < 1 or a.batch_size < 1 or a.workers < 0 or a.max_image_pixels < 0:
+            raise UserError("--top-k and --batch-size must be >= 1, --workers and --max-image-pixels >= 0")
         predict(a)
 
     return run_cli(body)
