@@ -9,7 +9,7 @@ import torch
 
 from distres.data import decode, isolate
 from tests.damaged import huge_png, short_png, write
-from tests.helpers import make_imagefolder, read_metrics, train_here
+from tests.helpers import make_imagefolder, read_metrics, run_here, train_here
 
 ARGS = [
     "--arch", "resnet18", "--data", "imagefolder", "--image-size", "32", "--batch-size", "4",
@@ -44,7 +44,7 @@ def _bad(out):
 @pytest.mark.parametrize("decode_on", ["workers", "device"])
 def test_a_crash_costs_one_sample_and_equals_excluding_the_file(crashing, decode_on, tmp_path):
     root, bad = crashing
-    args = ARGS + ["--data-dir", str(root), "--epochs", "2", "--decode-on", decode_on]
+    args = ARGS + ["--data-dir", str(root), "--epochs", "1", "--decode-on", decode_on]
     hit = train_here(args + ["--output-dir", str(tmp_path / "hit")])
     assert hit.returncode == 0, hit.stderr[-3000:]
     assert hit.stderr.count(f"{bad} {isolate.CRASHED} (SIGSEGV)") == 1, hit.stderr[-3000:]
@@ -58,7 +58,7 @@ def test_a_crash_costs_one_sample_and_equals_excluding_the_file(crashing, decode
     a, b = _weights(tmp_path / "hit"), _weights(tmp_path / "told")
     for name, t in a["model"].items():
         assert torch.equal(t, b["model"][name]), name
-    assert _bad(tmp_path / "hit") == _bad(tmp_path / "told") and _bad(tmp_path / "hit")[-1] == 2
+    assert _bad(tmp_path / "hit") == _bad(tmp_path / "told") and _bad(tmp_path / "hit")[-1] == 1
     assert a["excluded"][0] == {str(bad.resolve()): f"{decode.EXCLUDED}: {isolate.CRASHED} (SIGSEGV)"}
 
 
@@ -70,7 +70,7 @@ def test_a_resumed_run_leaves_the_file_out(crashing, tmp_path):
     assert first.returncode == 0 and isolate.CRASHED in first.stderr, first.stderr[-3000:]
     resumed = train_here(args + ["--epochs", "2", "--resume", "latest"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert isolate.CRASHED not in resumed.stderr  # no worker died: the file was excluded from the start
+    assert f"{bad} {isolate.CRASHED}" not in resumed.stderr  # no worker died: the file was excluded from the start
     assert f"skipping unreadable image {bad} ({decode.EXCLUDED}" in resumed.stderr
 
 
@@ -81,3 +81,25 @@ def test_images_over_the_pixel_limit_are_skipped_undecoded(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert f"skipping unreadable image {big} (30000x30000 pixels, over --max-image-pixels 89478485)" in run.stderr
     assert _bad(tmp_path / "o")[-1] == 1
+
+
+def test_predict_lists_the_crashing_file_and_classifies_the_rest(crashing, tmp_path):
+    from distres.predict import main as predict
+
+    root, bad = crashing
+    out = tmp_path / "run"
+    assert (
+        train_here(
+            ARGS + ["--data-dir", str(root), "--epochs", "1", "--max-steps", "1", "--output-dir", str(out)]
+        ).returncode
+        == 0
+    )
+    pred = run_here(
+        predict,
+        ["--checkpoint", str(out / "checkpoints" / "last.pt"), str(root / "train"), "--output", str(tmp_path / "p.csv"),
+         "--workers", "1", "--batch-size", "4", "--device", "cpu"],
+    )  # fmt: skip
+    assert pred.returncode == 0, pred.stderr[-3000:]
+    assert f"unreadable: {bad}: {decode.EXCLUDED}: {isolate.CRASHED} (SIGSEGV)" in pred.stderr
+    rows = (tmp_path / "p.csv").read_text().splitlines()
+    assert len(rows) == 1 + 23 and str(bad) not in "".join(rows)

@@ -125,8 +125,7 @@ def header_size(data: bytes) -> tuple[int, int] | None:
             w, h = struct.unpack(">II", data[16:24])
             return h, w
         if data[:6] in (b"GIF87a", b"GIF89a"):
-            w, h = struct.unpack("<HH", data[6:10])
-            return h, w
+            return _gif_size(data)
         if data[:2] == b"BM":
             w, h = struct.unpack("<ii", data[18:26])
             return abs(h), abs(w)
@@ -157,6 +156,22 @@ def to_uint8(img: torch.Tensor) -> torch.Tensor:
     if img.dtype == torch.uint8:
         return img
     return ((img.to(torch.int32) * 255 + 32767) // 65535).to(torch.uint8)
+
+
+def _gif_size(data: bytes) -> tuple[int, int]:
+    """The logical screen, or the first frame's extent where it reaches beyond it (decoders
+    allocate for the frame)."""
+    w, h = struct.unpack("<HH", data[6:10])
+    i = 13 + (3 << ((data[10] & 7) + 1) if data[10] & 0x80 else 0)
+    while i < len(data) and data[i] == 0x21:  # extension blocks: label, then sub-blocks
+        i += 2
+        while i < len(data) and data[i]:
+            i += data[i] + 1
+        i += 1
+    if i + 9 <= len(data) and data[i] == 0x2C:
+        left, top, fw, fh = struct.unpack("<HHHH", data[i + 1 : i + 9])
+        w, h = max(w, left + fw), max(h, top + fh)
+    return h, w
 
 
 def _webp_size(data: bytes) -> tuple[int, int] | None:
