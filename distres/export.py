@@ -48,7 +48,7 @@ def build_parser() -> ArgumentParser:
         metavar="PATH",
         help="image files or folders for the parity check (default: the model's validation images)",
     )
-    p.add_argument("--atol", type=float, default=1e-3, help="largest logit difference the parity check accepts")
+    p.add_number("--atol", float, 1e-3, "largest logit difference the parity check accepts", at_least=0)
     return p
 
 

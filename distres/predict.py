@@ -35,17 +35,18 @@ def build_parser() -> ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of them")
     p.add_argument("--checkpoint", required=True, help="a distres checkpoint or .safetensors export")
     p.add_argument("--weights", choices=inference.WEIGHT_CHOICES, default="auto", help=inference.WEIGHTS_HELP)
-    p.add_argument("--top-k", type=int, default=5, help="classes listed per image (at most the class count)")
+    p.add_number("--top-k", int, 5, "classes listed per image (at most the class count)", at_least=1)
     p.add_argument("--output", default="predictions.csv", help="the CSV to write ('-': standard output)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes")
+    p.add_number("--batch-size", int, 64, "images per forward pass", at_least=1)
+    p.add_number("--workers", int, min(4, os.cpu_count() or 1), "decoding processes", at_least=0)
     p.add_argument("--amp", choices=AMP, default=None, help="autocast precision (default: the checkpoint's)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
-    p.add_argument(
+    p.add_number(
         "--max-image-pixels",
-        type=int,
-        default=decode.DEFAULT_MAX_PIXELS,
-        help="an image whose header declares more pixels is skipped, not decoded (PIL's limit); 0: no limit",
+        int,
+        decode.DEFAULT_MAX_PIXELS,
+        "an image whose header declares more pixels is skipped, not decoded (PIL's limit); 0: no limit",
+        at_least=0,
     )
     return p
 
@@ -138,10 +139,7 @@ def predict(a) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     def body():
-        a = build_parser().parse_args(argv)
-        if a.top_k < 1 or a.batch_size < 1 or a.workers < 0 or a.max_image_pixels < 0:
-            raise UserError("--top-k and --batch-size must be >= 1, --workers and --max-image-pixels >= 0")
-        predict(a)
+        predict(build_parser().parse_args(argv))
 
     return run_cli(body)
 
