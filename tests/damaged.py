@@ -38,9 +38,10 @@ def write(path: Path, data: bytes) -> Path:
 # --- seeded damage --------------------------------------------------------------------------
 
 
-def base_images(size: int = 24, seed: int = 0) -> dict[str, bytes]:
+def base_images(size: int = 24, seed: int = 0, image=None, prefix: str = "") -> dict[str, bytes]:
     """Small good images in every format and mode the decoders meet: baseline and progressive
-    JPEG, 8-bit RGB, 16-bit, gray, RGBA and palette PNG, lossy and lossless WebP, GIF, BMP."""
+    JPEG, 8-bit RGB, 16-bit, gray, RGBA and palette PNG, lossy and lossless WebP, GIF, BMP; of
+    ``image`` (a PIL image, e.g. a real photo) when given, else of a gradient with noise."""
     import io
 
     import numpy as np
@@ -49,25 +50,25 @@ def base_images(size: int = 24, seed: int = 0) -> dict[str, bytes]:
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:size, 0:size]
     rgb = np.stack([x * 255 // size, y * 255 // size, rng.integers(0, 255, (size, size))], -1).astype(np.uint8)
-    im = Image.fromarray(rgb)
+    im = Image.fromarray(rgb) if image is None else image.convert("RGB").resize((size, size))
     forms = {
-        "jpg": (im, "JPEG", {"quality": 90}),
+        "baseline.jpg": (im, "JPEG", {"quality": 90}),
         "progressive.jpg": (im, "JPEG", {"progressive": True}),
-        "png": (im, "PNG", {}),
+        "rgb.png": (im, "PNG", {}),
         "16bit.png": (Image.fromarray((x * 2000 + y).astype(np.uint16)), "PNG", {}),
         "gray.png": (im.convert("L"), "PNG", {}),
         "rgba.png": (im.convert("RGBA"), "PNG", {}),
         "palette.png": (im.convert("P"), "PNG", {}),
-        "webp": (im, "WEBP", {"quality": 80}),
+        "lossy.webp": (im, "WEBP", {"quality": 80}),
         "lossless.webp": (im, "WEBP", {"lossless": True}),
-        "gif": (im.convert("P"), "GIF", {}),
-        "bmp": (im, "BMP", {}),
+        "palette.gif": (im.convert("P"), "GIF", {}),
+        "rgb.bmp": (im, "BMP", {}),
     }
     out = {}
     for name, (img, fmt, kw) in forms.items():
         buf = io.BytesIO()
         img.save(buf, fmt, **kw)
-        out[name] = buf.getvalue()
+        out[prefix + name] = buf.getvalue()
     return out
 
 
@@ -166,6 +167,6 @@ def fuzz(folder: Path, count: int, seed: int = 0, bases: dict[str, bytes] | None
     for k in range(count):
         name = names[k % len(names)]
         data, kind = damage(bases[name], rng)
-        stem, ext = name.rsplit(".", 1) if "." in name else (name, name)
+        stem, ext = name.rsplit(".", 1)
         paths.append(write(folder / f"{k:05d}-{kind}-{stem.replace('.', '-')}.{ext}", data))
     return paths

@@ -96,6 +96,7 @@ class _Feed:
     def _prepare(self, k: int, ids, epoch: int):
         ld = self.loader
         datas, kept, sizes, bad = [], [], [], []  # kept: draw ids
+        ld.vet([ld.source.paths[d % ld.num_samples] for d in ids.tolist()])
         for d in ids.tolist():
             path = ld.source.paths[d % ld.num_samples]
             reason = ld.known_bad.get(path)
@@ -149,6 +150,7 @@ class DaliLoader(Loader):
         self.hwc = spec.norm.memory_format == torch.channels_last
         self.random_resized_crop = self.train and self.size > transforms.SMALL_IMAGES
         self.known_bad: dict[str, str] = {}  # files DALI failed on, found by re-decoding them
+        self.vetted: set[str] = set()  # files other than JPEGs decoded once in a throw-away process (``vet``)
         self.feed = _Feed(self)
         self._pipe, self._pass_done = None, False
 
@@ -252,6 +254,24 @@ class DaliLoader(Loader):
             return None
         return self.device.index if self.device.index is not None else torch.cuda.current_device()
 
+    def vet(self, paths: list[str]) -> None:
+        """Decode the files other than JPEGs once, in a throw-away process, before DALI meets
+        them: its PNG decoder (libpng) dies on some damaged files instead of failing, and a crash
+        in DALI's threads would end the run. (JPEGs are left to DALI's own error handling:
+        ``_find_bad``.) Called by the feed's thread."""
+        new = [p for p in paths if not p.lower().endswith((".jpg", ".jpeg")) and p not in self.vetted]
+        new = [p for p in new if p not in self.known_bad and not decode.is_excluded(p)]
+        if new:
+            self._found(isolate.probe(new, decode_torchvision))
+            self.vetted.update(new)
+
+    def _found(self, found: dict[str, str]) -> None:
+        for path, why in found.items():
+            if why.startswith(isolate.CRASHED):
+                self.bad.crashed(path, why)
+                decode.exclude(path, f"{decode.EXCLUDED}: {why}")
+            self.known_bad[path] = why
+
     def _find_bad(self, paths: list[str]) -> bool:
         """The files of a failed batch that torchvision's decoder rejects, each decoded in a
         throw-away process (``isolate.probe``: such a file may crash it); when it reads them all,
@@ -259,11 +279,7 @@ class DaliLoader(Loader):
         found = isolate.probe(paths, decode_torchvision)
         if not found:
             found = {path: why for path in paths if (why := self._rejects(path)) is not None}
-        for path, why in found.items():
-            if why.startswith(isolate.CRASHED):
-                self.bad.crashed(path, why)
-                decode.exclude(path, f"{decode.EXCLUDED}: {why}")
-            self.known_bad[path] = why
+        self._found(found)
         return bool(found)
 
     def _rejects(self, path: str) -> str | None:

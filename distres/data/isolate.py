@@ -20,6 +20,7 @@ import faulthandler
 import multiprocessing
 import os
 import signal
+import time
 
 from distres import dist
 from distres.data import decode
@@ -30,11 +31,19 @@ PREFETCH = 4  # batches each worker has in flight (the DataLoaders' prefetch_fac
 CRASHED = "crashed the image decoder"
 
 
-def worker_died(err: BaseException) -> bool:
+def worker_died(err: BaseException, it) -> bool:
+    """Whether ``err``, raised by the DataLoader iterator ``it``, means one of its workers died:
+    torch's message, or (when the worker died handing a batch over) the broken connection to it."""
     text = str(err)
-    return (
-        isinstance(err, RuntimeError) and "DataLoader worker" in text and ("unexpectedly" in text or "signal" in text)
-    )
+    if isinstance(err, RuntimeError):
+        return "DataLoader worker" in text and ("unexpectedly" in text or "signal" in text)
+    workers = getattr(it, "_workers", ())
+    deadline = time.monotonic() + 2.0  # (the connection can break a moment before the worker is gone)
+    while workers and time.monotonic() < deadline:
+        if any(not w.is_alive() for w in workers):
+            return True
+        time.sleep(0.02)
+    return False
 
 
 def _unwatch(it) -> None:
@@ -65,8 +74,8 @@ def guarded(make, files_of, decode_file, bad=None):
             batch = next(it)
         except StopIteration:
             return
-        except RuntimeError as err:
-            if not worker_died(err):
+        except (RuntimeError, OSError, EOFError) as err:
+            if not worker_died(err, it):
                 raise
             _close(it)
             _isolate(k, max(1, loader.num_workers) * PREFETCH, files_of, decode_file, bad)
@@ -91,7 +100,7 @@ def _isolate(k: int, ahead: int, files_of, decode_file, bad) -> None:
             if bad is not None:
                 bad.crashed(path, why)
             decode.exclude(path, f"{decode.EXCLUDED}: {why}")
-            console(f"distres: {path} {why}; it is left out from now on (counted in bad_samples)")
+            console(f"distres: {path} {why}; it is left out from now on, as an unreadable file")
         if crashed:
             return
     raise RankError(
