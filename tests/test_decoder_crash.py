@@ -41,6 +41,7 @@ def _bad(out):
     return [x["bad_samples"] for x in read_metrics(out) if x["kind"] == "train"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decode_on", ["workers", "device"])
 def test_a_crash_costs_one_sample_and_equals_excluding_the_file(crashing, decode_on, tmp_path):
     root, bad = crashing
@@ -62,6 +63,7 @@ def test_a_crash_costs_one_sample_and_equals_excluding_the_file(crashing, decode
     assert a["excluded"][0] == {str(bad.resolve()): f"{decode.EXCLUDED}: {isolate.CRASHED} (SIGSEGV)"}
 
 
+@pytest.mark.slow
 def test_a_resumed_run_leaves_the_file_out(crashing, tmp_path):
     root, bad = crashing
     out = tmp_path / "run"
@@ -103,3 +105,11 @@ def test_predict_lists_the_crashing_file_and_classifies_the_rest(crashing, tmp_p
     assert f"unreadable: {bad}: {decode.EXCLUDED}: {isolate.CRASHED} (SIGSEGV)" in pred.stderr
     rows = (tmp_path / "p.csv").read_text().splitlines()
     assert len(rows) == 1 + 23 and str(bad) not in "".join(rows)
+
+
+def test_prepare_skips_images_over_the_pixel_limit(tmp_path):
+    from distres.prepare import Unreadable, resize_image
+
+    big = write(tmp_path / "big.png", huge_png())
+    with pytest.raises(Unreadable, match="30000x30000 pixels, over --max-image-pixels"):
+        resize_image(big, tmp_path / "out.jpg", 64, 90)
