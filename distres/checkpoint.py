@@ -22,6 +22,7 @@ import torch.nn as nn
 from distres import ckptformat, ckptio, dist, resume
 from distres.ckptio import BEST, LAST, atomic_save, load, load_latest, save, step_checkpoints
 from distres.ckptwriter import BackgroundWriter
+from distres.data.isolate import Excluded
 from distres.errors import UserError, console
 from distres.optim import Resumed
 from distres.rng import RngState, rng_state, set_rng_state
@@ -142,6 +143,7 @@ class TrainingState:
             "ema": _Ema(self.ema, self.model, s.announce) if self.ema is not None else None,
             "rng": RngState(s.device),
             "meta": Record(self.meta),
+            "excluded": Excluded(),  # the files that crashed a decoder
             ckptformat.PROGRESS: resume.Progress(
                 self.loader, self.clock, s.order, (self.optimizer, self.scheduler), s.rescale_lr, s.announce
             ),
@@ -249,7 +251,7 @@ class Checkpointer:
             if part is None:
                 continue
             entry = states.get(name)
-            if _per_rank(part):
+            if _per_rank(part) and entry is not None:  # (None: a file from before the part)
                 entry = entry[min(self.ctx.rank, len(entry) - 1)]
             try:
                 part.load_state_dict(entry)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from distres.errors import ArgumentParser, UserError
+from distres.errors import ArgumentParser, UserError, out_of_range
 
 ARCHS = ("resnet50", "resnext50_32x4d", "resnet18")
 DATASETS = ("cifar10", "cifar100", "mnist", "imagefolder", "synthetic")
@@ -47,7 +46,10 @@ AUTOTUNE_LEVERS = (
 
 
 def opt(default: Any, help: str, **kw: Any) -> Any:
-    """A config field: its default, its help line and argparse extras (choices, flag)."""
+    """A config field: its default, its help line, argparse extras (choices, flag) and, for a
+    number, its range: ``at_least``/``above`` (the lower bound, inclusive/exclusive),
+    ``at_most``/``below`` (the upper), ``error`` (the message, with {value}, when a bound needs
+    more words than the generic one)."""
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -55,11 +57,11 @@ def flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-def _at_least(section: object, bound: int | float, *names: str, strict: bool = False) -> None:
-    for name in names:
-        value = getattr(section, name)
-        if value < bound or (strict and value == bound):
-            raise UserError(f"--{flag(name)} must be {'>' if strict else '>='} {bound} (got {value})")
+def check_ranges(section: object) -> None:
+    for f in dataclasses.fields(section):
+        error = out_of_range("--" + flag(_option_name(f)), getattr(section, f.name), f.metadata)
+        if error:
+            raise UserError(error)
 
 
 @dataclass
@@ -89,11 +91,11 @@ class FinetuneConfig:
         "none",
         "start from: none, imagenet (torchvision's, from $TORCH_HOME) or a PATH (state dict, checkpoint, .safetensors)",
     )
-    freeze_backbone_epochs: int = opt(0, "train only the classifier head for the first N epochs")
-    backbone_lr_scale: float = opt(1.0, "learning rate of every layer but the head, as a fraction of --lr")
+    freeze_backbone_epochs: int = opt(0, "train only the classifier head for the first N epochs", at_least=0)
+    backbone_lr_scale: float = opt(1.0, "learning rate of every layer but the head, as a fraction of --lr", at_least=0)
 
     def validate(self) -> None:
-        _at_least(self, 0, "freeze_backbone_epochs", "backbone_lr_scale")
+        pass
 
 
 @dataclass
@@ -108,25 +110,37 @@ class DataConfig:
         "input pipeline: torch, gpu (data set in device memory, <= 64 px), dali, synthetic; auto: by data set and device",
         choices=BACKENDS,
     )
-    image_size: int = opt(0, "training crop size; 0: 32 for cifar, 28 for mnist, 224 otherwise")
-    eval_image_size: int = opt(0, "evaluation centre crop (also for evaluate, predict, export); 0: the training size")
-    eval_resize: int = opt(0, "evaluation: shorter side before the centre crop; 0: crop / 0.875 (the crop <= 64 px)")
+    image_size: int = opt(0, "training crop size; 0: 32 for cifar, 28 for mnist, 224 otherwise", at_least=0)
+    eval_image_size: int = opt(
+        0, "evaluation centre crop (also for evaluate, predict, export); 0: the training size", at_least=0
+    )
+    eval_resize: int = opt(
+        0, "evaluation: shorter side before the centre crop; 0: crop / 0.875 (the crop <= 64 px)", at_least=0
+    )
     progressive_resize: str | None = opt(None, "START:END: train at START px first, END px last (e.g. 160:192)")
     progressive_epochs: str | None = opt(None, "A:B for --progressive-resize: START up to epoch A, END from epoch B")
-    workers: int = opt(-1, "per rank: DataLoader workers (torch) or DALI threads; -1: from the CPUs available")
+    workers: int = opt(
+        -1, "per rank: DataLoader workers (torch) or DALI threads; -1: from the CPUs available", at_least=-1
+    )
     decode_on: str = opt(
         "workers", "torch backend: decode JPEGs in the workers or on the training device", choices=("workers", "device")
     )
     on_bad_sample: str = opt(
         "skip", "an undecodable image: skip it (named, counted) or fail (stop, naming it)", choices=("skip", "fail")
     )
-    synthetic_classes: int = opt(1000, "number of classes of --data synthetic")
-    synthetic_samples: int = opt(4096, "samples per epoch of --data synthetic (train)")
-    repeated_aug: int = opt(1, "repeated augmentation: each training image N times per epoch, on different processes")
+    max_image_pixels: int = opt(
+        89_478_485,
+        "an image whose header declares more pixels is skipped, not decoded (PIL's limit); 0: no limit",
+        at_least=0,
+    )
+    exclude_files: str | None = opt(None, "a file listing image paths to leave out, one per line (bad_samples.txt)")
+    synthetic_classes: int = opt(1000, "number of classes of --data synthetic", above=0)
+    synthetic_samples: int = opt(4096, "samples per epoch of --data synthetic (train)", above=0)
+    repeated_aug: int = opt(
+        1, "repeated augmentation: each training image N times per epoch, on different processes", above=0
+    )
 
     def validate(self) -> None:
-        _at_least(self, 0, "synthetic_classes", "synthetic_samples", "repeated_aug", strict=True)
-        _at_least(self, 0, "image_size", "eval_image_size", "eval_resize")
         if self.dataset == "imagefolder" and not self.data_dir:
             raise UserError("--data imagefolder needs --data-dir PATH (a folder with train/ and val/)")
         schedule = self.resize_schedule
@@ -168,42 +182,62 @@ class AugmentConfig:
     auto_augment: str = opt(
         "none", "per-sample automatic augmentation, as torchvision's (torch and gpu backends)", choices=AUTO_AUGMENT
     )
-    ra_magnitude: int = opt(9, "--auto-augment ra: magnitude bin of every op, 0-30")
-    random_erase: float = opt(0.0, "probability of erasing a random box of each training image")
-    mixup_alpha: float = opt(0.0, "mixup: Beta(alpha, alpha) weight per batch (0: off)")
-    cutmix_alpha: float = opt(0.0, "cutmix: Beta(alpha, alpha) box area per batch (0: off); with mixup, one of the two")
+    ra_magnitude: int = opt(
+        9,
+        "--auto-augment ra: magnitude bin of every op, 0-30",
+        at_least=0,
+        at_most=30,
+        error="--ra-magnitude must be a bin from 0 to 30 (got {value}); torchvision's default is 9",
+    )
+    random_erase: float = opt(
+        0.0,
+        "probability of erasing a random box of each training image",
+        at_least=0,
+        at_most=1,
+        error="--random-erase is a probability in [0, 1] (got {value}); e.g. 0.25",
+    )
+    mixup_alpha: float = opt(
+        0.0,
+        "mixup: Beta(alpha, alpha) weight per batch (0: off)",
+        at_least=0,
+        error="--mixup-alpha must be >= 0, 0 for off (got {value}); e.g. 0.2",
+    )
+    cutmix_alpha: float = opt(
+        0.0,
+        "cutmix: Beta(alpha, alpha) box area per batch (0: off); with mixup, one of the two",
+        at_least=0,
+        error="--cutmix-alpha must be >= 0, 0 for off (got {value}); e.g. 0.2",
+    )
 
     def validate(self) -> None:
-        if not 0 <= self.ra_magnitude <= 30:
-            raise UserError(
-                f"--ra-magnitude must be a bin from 0 to 30 (got {self.ra_magnitude}); torchvision's default is 9"
-            )
-        if not 0.0 <= self.random_erase <= 1.0:
-            raise UserError(f"--random-erase is a probability in [0, 1] (got {self.random_erase:g}); e.g. 0.25")
-        for name in ("mixup_alpha", "cutmix_alpha"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{flag(name)} must be >= 0, 0 for off (got {getattr(self, name):g}); e.g. 0.2")
+        pass
 
 
 @dataclass
 class OptimConfig:
-    epochs: int = opt(90, "number of epochs")
-    max_steps: int = opt(0, "stop after this many optimizer steps (0: no limit)")
-    batch_size: int = opt(256, "batch size per process (per optimizer step and micro-batch)")
-    grad_accum: int = opt(1, "micro-batches accumulated per optimizer step")
+    epochs: int = opt(90, "number of epochs", at_least=0)
+    max_steps: int = opt(0, "stop after this many optimizer steps (0: no limit)", at_least=0)
+    batch_size: int = opt(256, "batch size per process (per optimizer step and micro-batch)", above=0)
+    grad_accum: int = opt(1, "micro-batches accumulated per optimizer step", above=0)
     optimizer: str = opt("sgd", "optimizer", choices=("sgd", "adamw"))
-    lr: float = opt(0.0, "peak learning rate; 0: 0.1 x global batch / 256 for sgd, 1e-3 for adamw")
-    momentum: float = opt(0.9, "SGD momentum")
+    lr: float = opt(0.0, "peak learning rate; 0: 0.1 x global batch / 256 for sgd, 1e-3 for adamw", at_least=0)
+    momentum: float = opt(0.9, "SGD momentum", at_least=0, below=1)
     nesterov: bool = opt(False, "Nesterov momentum")
-    weight_decay: float = opt(5e-5, "weight decay (not applied to BatchNorm and bias)")
+    weight_decay: float = opt(5e-5, "weight decay (not applied to BatchNorm and bias)", at_least=0)
     schedule: str = opt("cosine", "learning-rate schedule after warm-up", choices=("cosine", "step", "constant"))
-    warmup_epochs: float = opt(1.0, "linear warm-up length in epochs")
+    warmup_epochs: float = opt(1.0, "linear warm-up length in epochs", at_least=0)
     lr_steps: str = opt("30,60,80", "epochs at which --schedule step multiplies the lr by --lr-gamma")
-    lr_gamma: float = opt(0.1, "step-schedule factor")
-    label_smoothing: float = opt(0.1, "label smoothing of the cross-entropy loss")
-    clip_grad_norm: float = opt(0.0, "clip the gradient norm to this value (0: off)")
-    ema_decay: float = opt(0.0, "EMA of the weights with this decay per update (e.g. 0.9998; 0: off)")
-    ema_every: int = opt(1, "update the EMA every N optimizer steps")
+    lr_gamma: float = opt(0.1, "step-schedule factor", above=0)
+    label_smoothing: float = opt(0.1, "label smoothing of the cross-entropy loss", at_least=0, below=1)
+    clip_grad_norm: float = opt(0.0, "clip the gradient norm to this value (0: off)", at_least=0)
+    ema_decay: float = opt(
+        0.0,
+        "EMA of the weights with this decay per update (e.g. 0.9998; 0: off)",
+        at_least=0,
+        below=1,
+        error="--ema-decay must be in [0, 1) (got {value}); e.g. 0.9998, or 0 for off",
+    )
+    ema_every: int = opt(1, "update the EMA every N optimizer steps", above=0)
     amp: str = opt(
         "auto",
         "mixed precision: bf16 or fp16 autocast (fp16 adds a GradScaler), none, or auto: bf16 where the device has it",
@@ -211,14 +245,8 @@ class OptimConfig:
     )
 
     def validate(self) -> None:
-        _at_least(self, 0, "batch_size", "grad_accum", "ema_every", strict=True)
-        _at_least(self, 0, "epochs", "max_steps")
         if self.epochs == 0 and self.max_steps == 0:
             raise UserError("--epochs 0 with no --max-steps trains nothing; set one of them")
-        if self.lr < 0:
-            raise UserError(f"--lr must be >= 0 (got {self.lr})")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise UserError(f"--ema-decay must be in [0, 1) (got {self.ema_decay}); e.g. 0.9998, or 0 for off")
         self.lr_step_epochs  # noqa: B018 (parsed here: a malformed list fails before anything is built)
 
     @cached_property
@@ -233,26 +261,26 @@ class OptimConfig:
 
 @dataclass
 class RunConfig:
-    seed: int = opt(0, "random seed (model init, data order, augmentation)")
+    seed: int = opt(0, "random seed (model init, data order, augmentation)", at_least=0, below=2**63)
     deterministic: bool = opt(False, "deterministic algorithms (slower)")
     output_dir: str = opt("runs/default", "folder for config.yaml, metrics.jsonl, checkpoints/")
-    eval_every: int = opt(1, "evaluate every N epochs (0: only at the end)")
+    eval_every: int = opt(1, "evaluate every N epochs (0: only at the end)", at_least=0)
 
     def validate(self) -> None:
-        _at_least(self, 0, "eval_every")
+        pass
 
 
 @dataclass
 class CheckpointConfig:
     resume: str | None = opt(None, "continue from a checkpoint: 'latest' (OUTPUT_DIR/checkpoints) or a path")
     rescale_lr_on_resume: bool = opt(False, "resumed with another global batch: scale the lr by new/old global batch")
-    checkpoint_every: int = opt(1000, "save a checkpoint every N steps, besides each epoch end (0: epoch ends only)")
-    keep_checkpoints: int = opt(3, "step checkpoints kept besides last.pt")
+    checkpoint_every: int = opt(
+        1000, "save a checkpoint every N steps, besides each epoch end (0: epoch ends only)", at_least=0
+    )
+    keep_checkpoints: int = opt(3, "step checkpoints kept besides last.pt", at_least=1)
 
     def validate(self) -> None:
-        _at_least(self, 0, "checkpoint_every")
-        if self.keep_checkpoints < 1:
-            raise UserError("--keep-checkpoints must be >= 1")
+        pass
 
 
 @dataclass
@@ -262,20 +290,23 @@ class GuardConfig:
         "a non-finite loss: stop, or rollback to the last good checkpoint with a lower lr",
         choices=("stop", "rollback"),
     )
-    rollback_lr_factor: float = opt(0.5, "--on-nonfinite rollback: multiply the learning rate by this")
-    rollback_tries: int = opt(3, "--on-nonfinite rollback: give up (as stop) after this many rollbacks")
+    rollback_lr_factor: float = opt(
+        0.5,
+        "--on-nonfinite rollback: multiply the learning rate by this",
+        above=0,
+        at_most=1,
+        error="--rollback-lr-factor must be in (0, 1] (got {value}); e.g. 0.5",
+    )
+    rollback_tries: int = opt(3, "--on-nonfinite rollback: give up (as stop) after this many rollbacks", above=0)
     dist_timeout: float = opt(
-        10.0, "minutes a process may wait in one step, evaluation or checkpoint before the job stops"
+        10.0,
+        "minutes a process may wait in one step, evaluation or checkpoint before the job stops",
+        above=0,
+        error="--dist-timeout must be a positive number of minutes (got {value}); e.g. 30 for slow steps",
     )
 
     def validate(self) -> None:
-        _at_least(self, 0, "rollback_tries", strict=True)
-        if not (math.isfinite(self.dist_timeout) and self.dist_timeout > 0):
-            raise UserError(
-                f"--dist-timeout must be a positive number of minutes (got {self.dist_timeout:g}); e.g. 30 for slow steps"
-            )
-        if not 0.0 < self.rollback_lr_factor <= 1.0:
-            raise UserError(f"--rollback-lr-factor must be in (0, 1] (got {self.rollback_lr_factor:g}); e.g. 0.5")
+        pass
 
 
 @dataclass
@@ -286,21 +317,21 @@ class DistConfig:
         "process-group backend; auto: nccl on CUDA, gloo on CPU, none for a single process",
         choices=("auto", "nccl", "gloo"),
     )
-    bucket_cap_mb: float = opt(25.0, "DDP gradient bucket size in MB")
+    bucket_cap_mb: float = opt(25.0, "DDP gradient bucket size in MB", above=0)
     static_graph: bool = opt(False, "DDP static_graph (same graph every step)")
     broadcast_buffers: bool = opt(True, "DDP re-broadcasts rank 0's BatchNorm buffers before every forward")
-    threads: int = opt(0, "CPU runs: intra-op threads per process; 0: this process's share of the CPUs")
+    threads: int = opt(0, "CPU runs: intra-op threads per process; 0: this process's share of the CPUs", at_least=0)
     bench_comm_probe: bool = opt(
         False, "benchmarks only: every other log window skips the gradient all-reduce (never for real training)"
     )
 
     def validate(self) -> None:
-        _at_least(self, 0, "threads")
+        pass
 
 
 @dataclass
 class ObserveConfig:
-    log_every: int = opt(50, "log (and reduce metrics across ranks) every N steps")
+    log_every: int = opt(50, "log (and reduce metrics across ranks) every N steps", above=0)
     progress: bool = opt(True, "progress bar on rank 0")
     wandb: str = opt(
         "auto",
@@ -315,7 +346,6 @@ class ObserveConfig:
     profile_memory: bool = opt(False, "--profile-steps: record memory allocations")
 
     def validate(self) -> None:
-        _at_least(self, 0, "log_every", strict=True)
         self.profile_window  # noqa: B018 (parsed here: a malformed window fails before anything is built)
         if self.tensorboard:
             try:
@@ -349,17 +379,17 @@ class ObserveConfig:
 @dataclass
 class TuneConfig:
     autotune: bool = opt(False, "time the speed-only settings before training and train with the fastest")
-    autotune_budget: float = opt(60.0, "--autotune: seconds the trials may take in all")
-    autotune_steps: int = opt(8, "--autotune: timed optimizer steps per trial (after 2 warm-up steps)")
+    autotune_budget: float = opt(
+        60.0,
+        "--autotune: seconds the trials may take in all",
+        above=0,
+        error="--autotune-budget must be > 0 seconds (got {value}); e.g. --autotune-budget 60",
+    )
+    autotune_steps: int = opt(8, "--autotune: timed optimizer steps per trial (after 2 warm-up steps)", above=0)
     autotune_levers: str = opt("all", "--autotune: comma-separated settings to tune, of " + ", ".join(AUTOTUNE_LEVERS))
     autotune_retune: bool = opt(False, "--autotune on a resumed run: tune again instead of reusing autotune.json")
 
     def validate(self) -> None:
-        _at_least(self, 0, "autotune_steps", strict=True)
-        if self.autotune_budget <= 0:
-            raise UserError(
-                f"--autotune-budget must be > 0 seconds (got {self.autotune_budget:g}); e.g. --autotune-budget 60"
-            )
         self.levers  # noqa: B018 (parsed here: an unknown lever fails before anything is built)
 
     @cached_property
@@ -476,6 +506,7 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         for name in SECTIONS:
+            check_ranges(getattr(self, name))  # (first: a section's own checks may use the values)
             getattr(self, name).validate()
         return self
 

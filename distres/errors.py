@@ -9,6 +9,7 @@ errors, and ``console`` is how every module prints a line for the user.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable
 
@@ -78,13 +79,47 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return text if action.required or "default" in text else super()._get_help_string(action)
 
 
+BOUNDS = {"at_least": ">=", "above": ">", "at_most": "<=", "below": "<"}
+
+
+def out_of_range(name: str, value, rules) -> str | None:
+    """The one-line error for a number outside its declared range (None: inside, or no range).
+    ``rules``: ``at_least``/``above`` (the lower bound, inclusive/exclusive), ``at_most``/
+    ``below`` (the upper), ``error`` (the message, with {value}, where a bound needs more words)."""
+    bounds = {op: rules[k] for k, op in BOUNDS.items() if k in rules}
+    if not bounds or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    tests = {">=": lambda b: value >= b, ">": lambda b: value > b, "<=": lambda b: value <= b, "<": lambda b: value < b}
+    if math.isfinite(value) and all(tests[op](b) for op, b in bounds.items()):
+        return None
+    if "error" in rules:
+        return rules["error"].format(value=f"{value:g}" if isinstance(value, float) else value)
+    return f"{name} must be {' and '.join(f'{op} {b}' for op, b in bounds.items())} (got {value})"
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with the one-line error instead of a usage dump (the CLI's main prints it), and
-    the defaults in --help."""
+    """argparse with the one-line error instead of a usage dump (the CLI's main prints it), the
+    defaults in --help, and numbers checked against their ranges (``add_number``)."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+        self.ranges: dict[str, tuple[str, dict]] = {}  # dest -> (flag, rules)
+
+    def add_number(self, name: str, type, default, help: str, **rules):
+        """An int or float option and its range (``out_of_range``'s rules)."""
+        action = self.add_argument(name, type=type, default=default, help=help)
+        self.ranges[action.dest] = (name, rules)
+        return action
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        for dest, (name, rules) in self.ranges.items():
+            value = getattr(parsed, dest)
+            error = out_of_range(name, value, rules) if value is not None else None
+            if error:
+                raise UserError(error)
+        return parsed
 
     def error(self, message: str):
         raise UserError(f"{message}; see {self.prog} --help")

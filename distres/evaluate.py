@@ -45,13 +45,17 @@ def build_parser() -> ArgumentParser:
         "when it holds the class folders (default: the checkpoint's)",
     )
     p.add_argument("--data-backend", choices=BACKENDS, default=None, help="input pipeline (default: the checkpoint's)")
-    p.add_argument("--batch-size", type=int, default=None, help="per process (default: the checkpoint's)")
-    p.add_argument(
-        "--workers", type=int, default=None, help="DataLoader workers per process (default: the checkpoint's)"
+    p.add_number("--batch-size", int, None, "per process (default: the checkpoint's)", at_least=1)
+    p.add_number(
+        "--workers",
+        int,
+        None,
+        "DataLoader workers per process (default: the checkpoint's; -1: by the CPUs)",
+        at_least=-1,
     )
     p.add_argument("--amp", choices=AMP, default=None, help="autocast precision (default: the checkpoint's)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
-    p.add_argument("--top-k", type=int, default=5, help="predictions listed per misclassified image")
+    p.add_number("--top-k", int, 5, "predictions listed per misclassified image", at_least=1)
     p.add_argument(
         "--output-dir", default=None, help="default: eval-<checkpoint name> beside the run's checkpoints folder"
     )
@@ -258,8 +262,6 @@ def print_table(s: dict, out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     def body():
         a = build_parser().parse_args(argv)
-        if a.top_k < 1:
-            raise UserError("--top-k must be >= 1")
         ctx = dist.init(a.device, "auto")
         ctx.say(f"distres.evaluate: scoring {a.checkpoint} on {ctx.world_size} x {ctx.device.type}")
         run(a, ctx)

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 
 from distres import inference, models
+from distres.data import isolate
+from distres.data.decode import decode_torchvision
 from distres.data.formats import IMAGE_EXTENSIONS
 from distres.errors import ArgumentParser, UserError, console, run_cli
 from distres.files import atomic_write
@@ -48,7 +50,7 @@ def build_parser() -> ArgumentParser:
         metavar="PATH",
         help="image files or folders for the parity check (default: the model's validation images)",
     )
-    p.add_argument("--atol", type=float, default=1e-3, help="largest logit difference the parity check accepts")
+    p.add_number("--atol", float, 1e-3, "largest logit difference the parity check accepts", at_least=0)
     return p
 
 
@@ -56,12 +58,16 @@ def check_inputs(paths: list[str] | None, trained: inference.Trained) -> tuple[t
     """Up to CHECK_IMAGES normalised real images, and where they came from."""
     files = inference.find_images(paths)[0] if paths is not None else _validation_files(trained.config)
     images = []
-    for f in files:
-        try:
-            images.append(inference.read_image(f, trained.meta))
-        except Exception:  # an unreadable file is just not used for the check
-            continue
-        if len(images) == CHECK_IMAGES:
+    for start in range(0, len(files), CHECK_IMAGES):
+        chunk = files[start : start + CHECK_IMAGES]
+        bad = isolate.probe(chunk, decode_torchvision)  # (a file may crash the decoder: tried apart first)
+        for f in (f for f in chunk if f not in bad):
+            try:
+                images.append(inference.read_image(f, trained.meta))
+            except Exception:  # an unreadable file is just not used for the check
+                continue
+        if len(images) >= CHECK_IMAGES:
+            images = images[:CHECK_IMAGES]
             break
     if not images:
         if paths is not None:

@@ -5,7 +5,8 @@
 INPUTs are image files or folders (searched recursively). Videos: extract their frames first
 (``python -m distres.prepare video SRC DST --fps 2``) and pass the frame folder. Images are
 decoded by DataLoader workers and scored in batches, on the GPU when there is one, with the
-validation preprocessing of the model's training run. A file that cannot be read is listed
+validation preprocessing of the model's training run. A file that cannot be read, that declares
+more than --max-image-pixels pixels or that crashes the decoder (``data/isolate.py``) is listed
 and counted, and the rest go on.
 """
 
@@ -19,6 +20,7 @@ import torch
 
 from distres import dist, inference
 from distres.config import AMP
+from distres.data import decode, isolate
 from distres.data.decode import DECODE_ERRORS, describe
 from distres.data.formats import IMAGE_EXTENSIONS
 from distres.engine import Precision
@@ -33,23 +35,33 @@ def build_parser() -> ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of them")
     p.add_argument("--checkpoint", required=True, help="a distres checkpoint or .safetensors export")
     p.add_argument("--weights", choices=inference.WEIGHT_CHOICES, default="auto", help=inference.WEIGHTS_HELP)
-    p.add_argument("--top-k", type=int, default=5, help="classes listed per image (at most the class count)")
+    p.add_number("--top-k", int, 5, "classes listed per image (at most the class count)", at_least=1)
     p.add_argument("--output", default="predictions.csv", help="the CSV to write ('-': standard output)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes")
+    p.add_number("--batch-size", int, 64, "images per forward pass", at_least=1)
+    p.add_number("--workers", int, min(4, os.cpu_count() or 1), "decoding processes", at_least=0)
     p.add_argument("--amp", choices=AMP, default=None, help="autocast precision (default: the checkpoint's)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
+    p.add_number(
+        "--max-image-pixels",
+        int,
+        decode.DEFAULT_MAX_PIXELS,
+        "an image whose header declares more pixels is skipped, not decoded (PIL's limit); 0: no limit",
+        at_least=0,
+    )
     return p
 
 
 class Images(torch.utils.data.Dataset):
-    def __init__(self, files: list[str], meta: dict):
-        self.files, self.meta = files, meta
+    """files[start:], each as (its index in files, the image or None, why not)."""
+
+    def __init__(self, files: list[str], meta: dict, start: int = 0):
+        self.files, self.meta, self.start = files, meta, start
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.files) - self.start
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, j: int):
+        i = self.start + j
         try:
             return i, inference.read_image(self.files[i], self.meta), None
         except DECODE_ERRORS as e:
@@ -74,12 +86,20 @@ def predict(a) -> tuple[int, int]:
     k = min(a.top_k, len(classes))
     norm = inference.normalizer(meta, device, trained.config.channels_last)
     precision = Precision(a.amp or trained.config.amp, device)
-    loader = torch.utils.data.DataLoader(
-        Images(files, meta),
-        batch_size=a.batch_size,
-        num_workers=a.workers,
-        collate_fn=_batch,
-        pin_memory=device.type == "cuda",
+    decode.configure(a.max_image_pixels)
+
+    def make(k: int) -> torch.utils.data.DataLoader:  # the batches from batch k on
+        return torch.utils.data.DataLoader(
+            Images(files, meta, k * a.batch_size),
+            batch_size=a.batch_size,
+            num_workers=a.workers,
+            collate_fn=_batch,
+            pin_memory=device.type == "cuda",
+            prefetch_factor=isolate.PREFETCH if a.workers else None,
+        )
+
+    loader = isolate.guarded(
+        make, lambda k: files[k * a.batch_size : (k + 1) * a.batch_size], decode.decode_torchvision
     )
     try:
         out = sys.stdout if a.output == "-" else open(a.output, "w", newline="")
@@ -119,10 +139,7 @@ def predict(a) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     def body():
-        a = build_parser().parse_args(argv)
-        if a.top_k < 1 or a.batch_size < 1 or a.workers < 0:
-            raise UserError("--top-k and --batch-size must be >= 1, --workers >= 0")
-        predict(a)
+        predict(build_parser().parse_args(argv))
 
     return run_cli(body)
 

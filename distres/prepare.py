@@ -198,7 +198,10 @@ def resize_image(src: Path, dst: Path, size: int, quality: int) -> None:
     """A JPEG copy with the shorter side ``size``; a smaller image is not enlarged."""
     from PIL import Image
 
+    from distres.data import decode
+
     try:
+        decode.check_pixels(src.read_bytes())  # (too many pixels: skipped before decoding)
         with Image.open(src) as im:
             w, h = im.size
             scale = size / min(w, h)
@@ -214,7 +217,7 @@ def resize_image(src: Path, dst: Path, size: int, quality: int) -> None:
                 target = (max(1, round(w * scale)), max(1, round(h * scale)))
                 im = im.resize(target, Image.Resampling.LANCZOS)
             atomic_write(dst, lambda tmp: im.save(tmp, "JPEG", quality=quality))
-    except (OSError, ValueError, SyntaxError) as e:  # PIL: unidentified, truncated, bad header
+    except decode.DECODE_ERRORS as e:  # PIL: unidentified, truncated, bad header
         raise Unreadable(" ".join(str(e).split()) or type(e).__name__) from None
 
 

@@ -176,6 +176,9 @@ def process_state():
         torch.set_num_threads(threads)
         if dynamo_cache is not None:
             torch._dynamo.config.cache_size_limit = dynamo_cache
+        from distres.data import decode
+
+        decode.configure()  # the pixel limit and the excluded files a run set
 
 
 def _dynamo_cache_limit():

@@ -29,9 +29,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from distres.data import transforms
+from distres.data import decode, isolate, transforms
 from distres.data.base import Loader, Spec, all_bad
-from distres.data.decode import DECODE_ERRORS, decode_torchvision, describe, image_size, read_bytes
+from distres.data.decode import DECODE_ERRORS, decode_torchvision, describe, image_size, read_checked
 from distres.data.sharding import sample_seeds
 from distres.data.sources import FolderSource
 from distres.errors import UserError
@@ -96,15 +96,16 @@ class _Feed:
     def _prepare(self, k: int, ids, epoch: int):
         ld = self.loader
         datas, kept, sizes, bad = [], [], [], []  # kept: draw ids
+        ld.vet([ld.source.paths[d % ld.num_samples] for d in ids.tolist()])
         for d in ids.tolist():
             path = ld.source.paths[d % ld.num_samples]
             reason = ld.known_bad.get(path)
             if reason is None:
                 try:
-                    data = read_bytes(path)
+                    data = read_checked(path)
                     hw = image_size(data)
                     reason = None if hw else "not a complete image file"
-                except OSError as e:
+                except DECODE_ERRORS as e:
                     reason = describe(e)
             if reason is not None:
                 bad.append((path, reason))
@@ -149,17 +150,15 @@ class DaliLoader(Loader):
         self.hwc = spec.norm.memory_format == torch.channels_last
         self.random_resized_crop = self.train and self.size > transforms.SMALL_IMAGES
         self.known_bad: dict[str, str] = {}  # files DALI failed on, found by re-decoding them
+        self.vetted: set[str] = set()  # files other than JPEGs decoded once in a throw-away process (``vet``)
         self.feed = _Feed(self)
         self._pipe, self._pass_done = None, False
 
     def _pipeline(self):
         fn, types = self.fn, self.types
         gpu = self.device.type == "cuda"
-        device_id = (
-            (self.device.index if self.device.index is not None else torch.cuda.current_device()) if gpu else None
-        )  # None: DALI's CPU-only mode, no CUDA needed
         pipe = self.Pipeline(
-            batch_size=self.batch_size, num_threads=self.threads, device_id=device_id, prefetch_queue_depth=2
+            batch_size=self.batch_size, num_threads=self.threads, device_id=self._device_id(), prefetch_queue_depth=2
         )
         size = [self.size, self.size]
         outputs = 2 + 2 * (not self.random_resized_crop) + 3 * self.train
@@ -249,14 +248,55 @@ class DaliLoader(Loader):
             else:
                 return
 
+    def _device_id(self) -> int | None:
+        """The pipelines' device_id; None: DALI's CPU-only mode, no CUDA needed."""
+        if self.device.type != "cuda":
+            return None
+        return self.device.index if self.device.index is not None else torch.cuda.current_device()
+
+    def vet(self, paths: list[str]) -> None:
+        """Decode the files other than JPEGs once, in a throw-away process, before DALI meets
+        them: its PNG decoder (libpng) dies on some damaged files instead of failing, and a crash
+        in DALI's threads would end the run. (JPEGs are left to DALI's own error handling:
+        ``_find_bad``.) Called by the feed's thread."""
+        new = [p for p in paths if not p.lower().endswith((".jpg", ".jpeg")) and p not in self.vetted]
+        new = [p for p in new if p not in self.known_bad and not decode.is_excluded(p)]
+        if new:
+            self._found(isolate.probe(new, decode_torchvision))
+            self.vetted.update(new)
+
+    def _found(self, found: dict[str, str]) -> None:
+        for path, why in found.items():
+            if why.startswith(isolate.CRASHED):
+                self.bad.crashed(path, why)
+                decode.exclude(path, f"{decode.EXCLUDED}: {why}")
+            self.known_bad[path] = why
+
     def _find_bad(self, paths: list[str]) -> bool:
-        found = False
-        for path in paths:
-            try:
-                decode_torchvision(path)
-            except DECODE_ERRORS as e:
-                self.known_bad[path], found = describe(e), True
-        return found
+        """The files of a failed batch that torchvision's decoder rejects, each decoded in a
+        throw-away process (``isolate.probe``: such a file may crash it); when it reads them all,
+        those that DALI's decoder rejects alone."""
+        found = isolate.probe(paths, decode_torchvision)
+        if not found:
+            found = {path: why for path in paths if (why := self._rejects(path)) is not None}
+        self._found(found)
+        return bool(found)
+
+    def _rejects(self, path: str) -> str | None:
+        """Why DALI's decoder fails on this file alone (None: it decodes it)."""
+        data = [np.frombuffer(read_checked(path), dtype=np.uint8)]
+        pipe = self.Pipeline(batch_size=1, num_threads=1, device_id=self._device_id(), prefetch_queue_depth=1)
+        with pipe:
+            coded = self.fn.external_source(source=lambda: data, batch=True)
+            device = "mixed" if self.device.type == "cuda" else "cpu"
+            pipe.set_outputs(self.fn.decoders.image(coded, device=device, output_type=self.types.RGB))
+        pipe.build()
+        try:
+            pipe.run()
+        except RuntimeError as e:
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            return f"DALI cannot decode it ({lines[-1][:120] if lines else 'no reason given'})"
+        return None
 
 
 def to_torch(images, labels, device: torch.device, hwc: bool):

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from distres.data import transforms
+from distres.data import isolate, transforms
 from distres.data.base import Loader, SideStream, Spec, to_device
 from distres.data.decode import DECODE_ERRORS, describe
 from distres.data.sources import ArraySource
@@ -41,29 +41,64 @@ def _check_fits(n: int, size: int, device: torch.device) -> None:
 def load_all(source, size: int, bad, workers: int, resize: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Every image of source at size x size (``resize_center_crop``), as N x H x W x C uint8
     on the CPU, and the labels; undecodable files are left out (and reported)."""
-    if (
-        isinstance(source, ArraySource)
-        and tuple(source.images.shape[-2:]) == (size, size)
-        and transforms.eval_size(size, resize) == size
-    ):
-        return source.images.permute(0, 2, 3, 1).contiguous(), source.labels
-
-    def one(i: int):
-        try:
-            img, _ = source.load(i)
-        except DECODE_ERRORS as e:
-            return None, (source.name(i), describe(e))
-        return transforms.resize_center_crop(img, size, resize).permute(1, 2, 0), None
-
-    # Decoding releases the GIL, so threads keep all the cores busy without pickling images.
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        results = list(pool.map(one, range(len(source)), chunksize=256))
+    if isinstance(source, ArraySource):
+        if tuple(source.images.shape[-2:]) == (size, size) and transforms.eval_size(size, resize) == size:
+            return source.images.permute(0, 2, 3, 1).contiguous(), source.labels
+        # Decoding releases the GIL, so threads keep all the cores busy without pickling images.
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            results = list(pool.map(_Fitted(source, size, resize), range(len(source)), chunksize=256))
+    else:
+        results = _decode_files(source, size, bad, workers, resize)
     keep = [i for i, (img, _) in enumerate(results) if img is not None]
     bad.report_all([b for _, b in results if b is not None])
     if not keep:
         raise UserError(f"none of the {len(source)} images could be decoded; check --data-dir")
     images = torch.stack([results[i][0] for i in keep])
     return images, source.labels[torch.tensor(keep)]
+
+
+class _Fitted(torch.utils.data.Dataset):
+    """Image i at size x size (HWC), or None and why it could not be decoded."""
+
+    def __init__(self, source, size: int, resize: int):
+        self.source, self.size, self.resize = source, size, resize
+
+    def __call__(self, i: int):
+        try:
+            img, _ = self.source.load(i)
+        except DECODE_ERRORS as e:
+            return None, (self.source.name(i), describe(e))
+        return transforms.resize_center_crop(img, self.size, self.resize).permute(1, 2, 0), None
+
+    def __getitems__(self, index: list[int]):
+        return [self(i) for i in index]
+
+
+def _decode_files(source, size: int, bad, workers: int, resize: int) -> list:
+    """``_Fitted`` of each image file, decoded in worker processes: a file that crashes its
+    decoder costs that file (``isolate.guarded``), not the run."""
+    chunks = [list(range(s, min(s + CHUNK, len(source)))) for s in range(0, len(source), CHUNK)]
+
+    def make(k: int) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(
+            _Fitted(source, size, resize),
+            batch_sampler=chunks[k:],
+            collate_fn=_as_is,
+            num_workers=max(1, workers),
+            prefetch_factor=isolate.PREFETCH,
+        )
+
+    def files_of(k: int) -> list[str]:
+        return [source.name(i) for i in chunks[k]] if k < len(chunks) else []
+
+    return [r for part in isolate.guarded(make, files_of, source.decoder, bad) for r in part]
+
+
+def _as_is(batch):
+    return batch
+
+
+CHUNK = 64  # images per worker call
 
 
 class GpuLoader(Loader):
@@ -129,4 +164,7 @@ class _Quiet:
     size finds the same ones."""
 
     def report_all(self, bad) -> None:
+        pass
+
+    def crashed(self, name: str, why: str) -> None:
         pass

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from distres.data import known, sources, transforms
+from distres.data import decode, known, sources, transforms
 from distres.data.autoaug import Policy
 from distres.data.bad import BadSamples
 from distres.data.base import Loader, Normalize, Spec
@@ -72,6 +72,8 @@ def build(
     splits, names, (mean, std) = _splits(cfg, ctx, (size, eval_crop), classes)
     mean, std = stats or (mean, std)
     workers = cfg.data.workers if cfg.data.workers >= 0 else default_workers(ctx.cpus_per_rank, ctx.device)
+    decode.configure(cfg.data.max_image_pixels, decode.excluded_by_flag(cfg.data.exclude_files))
+    listing = Path(cfg.run.output_dir) / "bad_samples.txt" if train else None
 
     loaders = []
     for src, is_train in zip(splits, (True, False)):
@@ -83,7 +85,7 @@ def build(
             is_train,
             size if is_train else eval_crop,
             Normalize(mean, std, ctx.device, memory_format),
-            BadSamples(cfg.data.on_bad_sample),
+            BadSamples(cfg.data.on_bad_sample, listing),
             cfg.optim.batch_size,
             ctx.rank,
             ctx.world_size,

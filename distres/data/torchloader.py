@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from distres.data import transforms
+from distres.data import decode, isolate, transforms
 from distres.data.base import Loader, SideStream, Spec, all_bad, prefetch, to_device
-from distres.data.decode import DECODE_ERRORS, decode_torchvision, describe, jpeg_size, read_bytes
+from distres.data.decode import DECODE_ERRORS, decode_torchvision, describe, jpeg_size, read_checked
 from distres.errors import UserError
 
 
@@ -104,7 +104,7 @@ class BatchDataset(torch.utils.data.Dataset):
 
     def _read(self, index: int) -> tuple[bytes | torch.Tensor, int]:
         """A whole JPEG as its bytes; any other image decoded (CHW)."""
-        data = read_bytes(self.source.name(index))
+        data = read_checked(self.source.name(index))
         if jpeg_size(data) is None:  # not a JPEG, or not one whose layout the check knows
             return self.source.load(index)  # (a damaged JPEG fails here, as in the workers' path)
         return data, int(self.source.labels[index])
@@ -167,18 +167,22 @@ def _raise_if_device_failed(err: BaseException) -> None:
 
 
 class _SizedBatches:
-    """The sampler's batches of (index, seed), each item with the current epoch's crop size."""
+    """The sampler's batches of (index, seed) from batch ``start`` of the pass on, each item
+    with the current epoch's crop size."""
 
-    def __init__(self, loader: Loader):
-        self.loader = loader
+    def __init__(self, loader: Loader, start: int = 0):
+        self.loader, self.start = loader, start
 
     def __len__(self) -> int:
-        return len(self.loader.sampler)
+        return max(0, len(self.loader.sampler) - self.start)
 
     def __iter__(self):
-        size = self.loader.image_size
-        for batch in self.loader.sampler:
-            yield [(index, seed, size) for index, seed in batch]
+        size, sampler = self.loader.image_size, self.loader.sampler
+        for ids in sampler.id_batches(self.start):
+            yield [
+                (index, seed, size)
+                for index, seed in zip((ids % sampler.num_samples).tolist(), sampler.seeds(ids).tolist())
+            ]
 
 
 def _whole_batch(batch):
@@ -193,16 +197,44 @@ class TorchLoader(Loader):
                 f"--decode-on device decodes image files, and {spec.source.name(0).split('[')[0]} "
                 "comes as arrays already decoded; drop --decode-on device"
             )
-        self.spec, workers = spec, spec.workers
-        self.loader = torch.utils.data.DataLoader(
+        self.spec = spec
+        self.loader = self._loader(0)
+
+    def _loader(self, start: int) -> torch.utils.data.DataLoader:
+        """A DataLoader over the current pass from batch ``start``, its workers forked with the
+        files excluded so far."""
+        spec, workers = self.spec, self.spec.workers
+        self._excluded = len(decode.excluded())
+        self._start = start
+        return torch.utils.data.DataLoader(
             BatchDataset(spec.source, spec.train, spec.policy, spec.flip, spec.resize, spec.decode_on_device),
-            batch_sampler=_SizedBatches(self),
+            batch_sampler=_SizedBatches(self, start),
             collate_fn=_whole_batch,
             num_workers=workers,
             pin_memory=spec.pin_memory,
             persistent_workers=workers > 0,
-            prefetch_factor=4 if workers > 0 else None,
+            prefetch_factor=isolate.PREFETCH if workers > 0 else None,
+            # The workers' seeds come from this generator, not from the global one: a loader
+            # rebuilt after a crash leaves the training's random draws as they were.
+            generator=torch.Generator().manual_seed(0),
         )
+
+    def _pass(self):
+        """The DataLoader's batches of this pass (``isolate.guarded``: a worker's crash costs the
+        file that caused it)."""
+
+        def make(k: int):
+            if k or self._start or self._excluded != len(decode.excluded()):
+                self.loader = None  # (the old workers end before new ones start)
+                self.loader = self._loader(k)
+            return self.loader
+
+        def files_of(k: int) -> list[str]:
+            batch = next(self.sampler.index_batches(k), None)
+            return [] if batch is None else [self.source.name(int(i)) for i in batch]
+
+        decoder = getattr(self.source, "decoder", decode_torchvision)
+        return isolate.guarded(make, files_of, decoder, self.bad)
 
     def _batches(self):
         if self.spec.decode_on_device:
@@ -223,7 +255,7 @@ class TorchLoader(Loader):
                 seeds, labels = seeds[kept], labels[kept]
             return self.norm(assemble(images, seeds, size, spec.train, spec.policy, spec.flip), labels)
 
-        for blob, labels, bad, (lengths, decoded, seeds, size, names) in self.loader:
+        for blob, labels, bad, (lengths, decoded, seeds, size, names) in self._pass():
             self.bad.report_all(bad)
             if not lengths:
                 raise all_bad(bad, len(bad))
@@ -233,7 +265,7 @@ class TorchLoader(Loader):
             yield side.run(batch, coded, labels, decoded, seeds, size, names)
 
     def _host_batches(self):
-        for images, labels, bad in self.loader:
+        for images, labels, bad in self._pass():
             self.bad.report_all(bad)
             if len(labels) == 0:
                 raise all_bad(bad, len(bad))

@@ -1,0 +1,176 @@
+"""A file that crashes its decoder costs one sample, not the run.
+
+Image decoders are C libraries, and some malformed files kill the process that decodes them
+instead of raising (libpng under torchvision on a PNG whose data is shorter than its header says
+dies with SIGSEGV). A DataLoader's worker that dies so ends the run. ``guarded`` iterates a
+DataLoader and, when one of its workers dies by a signal, finds the file that did it by decoding
+the files of the batches that were in flight one at a time in a throw-away forked process
+(``probe``), excludes it (``decode.exclude``: from then on it is left out as any unreadable file,
+named and counted), rebuilds the loader and goes on at the batch it stopped at. A run that met
+the file so is the run told to exclude it from the start (--exclude-files), batch for batch.
+
+torch's own check for dead workers is a SIGCHLD handler that raises in the main thread wherever
+it happens to be (in the middle of a training step, even); ``_unwatch`` leaves the check to the
+loader's next(), which looks at its workers every few seconds, so that the death surfaces here.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import multiprocessing
+import os
+import signal
+import time
+
+from distres import dist
+from distres.data import decode
+from distres.data.sources import listed
+from distres.errors import RankError, console
+
+PREFETCH = 4  # batches each worker has in flight (the DataLoaders' prefetch_factor)
+CRASHED = "crashed the image decoder"
+
+
+def worker_died(err: BaseException, it) -> bool:
+    """Whether ``err``, raised by the DataLoader iterator ``it``, means one of its workers died:
+    torch's message, or (when the worker died handing a batch over) the broken connection to it."""
+    text = str(err)
+    if isinstance(err, RuntimeError):
+        return "DataLoader worker" in text and ("unexpectedly" in text or "signal" in text)
+    workers = getattr(it, "_workers", ())
+    deadline = time.monotonic() + 2.0  # (the connection can break a moment before the worker is gone)
+    while workers and time.monotonic() < deadline:
+        if any(not w.is_alive() for w in workers):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _unwatch(it) -> None:
+    from torch.utils.data._utils import signal_handling
+
+    if getattr(it, "_worker_pids_set", False):
+        signal_handling._remove_worker_pids(id(it))
+        it._worker_pids_set = False
+
+
+def _close(it) -> None:
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
+def guarded(make, files_of, decode_file, bad=None):
+    """The batches of ``make(k)`` (a DataLoader over the batches from batch k on), the first
+    one at ``make(0)``; ``files_of(k)``: the files of batch k (an empty list past the end);
+    ``decode_file(path)``: how the workers decode a file. A worker killed by a signal: the
+    culprit among the batches in flight is excluded, and ``make(k)`` continues the pass.
+    ``bad``: the loader's ``BadSamples``, told of each culprit found."""
+    k, loader = 0, make(0)
+    it = iter(loader)
+    _unwatch(it)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except (RuntimeError, OSError, EOFError) as err:
+            if not worker_died(err, it):
+                raise
+            _close(it)
+            _isolate(k, max(1, loader.num_workers) * PREFETCH, files_of, decode_file, bad)
+            loader = make(k)
+            it = iter(loader)
+            _unwatch(it)
+            continue
+        k += 1
+        yield batch
+
+
+def _isolate(k: int, ahead: int, files_of, decode_file, bad) -> None:
+    """Exclude the file(s) of the first of batches k .. k + ahead - 1 that crash a decoder."""
+    tried: list[str] = []
+    for j in range(k, k + ahead):
+        files = [f for f in files_of(j) if not decode.is_excluded(f)]
+        if not files:
+            break
+        tried += files
+        crashed = [(f, why) for f, why in probe(files, decode_file).items() if why.startswith(CRASHED)]
+        for path, why in crashed:
+            if bad is not None:
+                bad.crashed(path, why)
+            decode.exclude(path, f"{decode.EXCLUDED}: {why}")
+            console(f"distres: {path} {why}; it is left out from now on, as an unreadable file")
+        if crashed:
+            return
+    raise RankError(
+        f"a data loading worker died, and none of the {len(tried)} files it had in flight ({listed(tried)}) "
+        "crashes a decoder alone (out of memory?); list them in a file and pass --exclude-files FILE, "
+        "or lower --workers"
+    )
+
+
+def probe(paths: list[str], decode_file) -> dict[str, str]:
+    """path -> why, for each of ``paths`` that ``decode_file`` rejects (its error) or that kills
+    the process decoding it (``CRASHED``: by which signal), each decoded in a forked process
+    that a crash costs nothing. The good files are left out of the answer."""
+    ctx = multiprocessing.get_context("fork")
+    found: dict[str, str] = {}
+    rest = list(paths)
+    while rest:
+        reader, writer = ctx.Pipe(duplex=False)
+        child = ctx.Process(target=_decode_each, args=(rest, decode_file, writer), daemon=True)
+        child.start()
+        writer.close()
+        started = -1
+        while True:
+            try:
+                msg = reader.recv()
+            except EOFError:
+                break
+            if isinstance(msg, int):
+                started = msg
+            else:
+                found[rest[started]] = msg
+        child.join()
+        reader.close()
+        if child.exitcode == 0 or started < 0:
+            break
+        code = -child.exitcode if child.exitcode < 0 else None
+        found[rest[started]] = f"{CRASHED} ({signal.Signals(code).name if code else 'exit ' + str(child.exitcode)})"
+        rest = rest[started + 1 :]
+    return found
+
+
+def _decode_each(paths: list[str], decode_file, out) -> None:
+    """In the forked child: announce each file, then decode it; its error, if any, follows."""
+    faulthandler.disable()  # a crash here is the answer, not a report to print
+    for i, path in enumerate(paths):
+        out.send(i)
+        try:
+            decode_file(path)
+        except Exception as e:  # noqa: BLE001 (any error is the file's answer, not the child's end)
+            out.send(decode.describe(e))
+    out.close()
+    os._exit(0)  # no atexit work of the parent's, copied into this child
+
+
+class Excluded:
+    """The files that crashed a decoder, as a checkpoint part, so that a resumed run leaves them
+    out too. Saving is a collective (``per_rank``: every rank's part is asked): the union of
+    every rank's finds is saved, and from then on every rank excludes all of them."""
+
+    per_rank = True
+
+    def state_dict(self) -> dict[str, str]:
+        mine = {path: why for path, why in decode.excluded().items() if CRASHED in why}
+        union: dict[str, str] = {}
+        for theirs in dist.gather_objects(mine):
+            union.update(theirs)
+        for path, why in union.items():
+            decode.exclude(path, why)
+        return union
+
+    def load_state_dict(self, state: dict[str, str] | None) -> None:
+        for path, why in (state or {}).items():
+            decode.exclude(path, why)
