@@ -28,7 +28,7 @@ import yaml
 from distres.errors import ArgumentParser, UserError
 
 ARCHS = ("resnet50", "resnext50_32x4d", "resnet18")
-DATASETS = ("cifar10", "cifar100", "mnist", "imagefolder", "synthetic")
+DATASETS = ("cifar10", "cifar100", "mnist", "imagefolder", "shards", "synthetic")
 # The data sets known by name (data/known.py) and their native image size, the default --image-size.
 NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "mnist": 28}
 BACKENDS = ("auto", "torch", "gpu", "dali", "synthetic")
@@ -123,12 +123,17 @@ class DataConfig:
     synthetic_classes: int = opt(1000, "number of classes of --data synthetic")
     synthetic_samples: int = opt(4096, "samples per epoch of --data synthetic (train)")
     repeated_aug: int = opt(1, "repeated augmentation: each training image N times per epoch, on different processes")
+    cache_dir: str | None = opt(None, "--data shards from a URL: keep the shards read in this local folder")
+    cache_size: str = opt("64G", "the most --cache-dir may hold (K/M/G suffixes); the oldest shards go first")
 
     def validate(self) -> None:
         _at_least(self, 0, "synthetic_classes", "synthetic_samples", "repeated_aug", strict=True)
         _at_least(self, 0, "image_size", "eval_image_size", "eval_resize")
         if self.dataset == "imagefolder" and not self.data_dir:
             raise UserError("--data imagefolder needs --data-dir PATH (a folder with train/ and val/)")
+        if self.dataset == "shards" and not self.data_dir:
+            raise UserError("--data shards needs --data-dir (the OUT folder or URL of python -m distres.prepare shards)")
+        self.cache_bytes  # noqa: B018 (parsed here, so a bad value is a one-line error before anything runs)
         schedule = self.resize_schedule
         if schedule and self.image_size and self.image_size != schedule.end:
             raise UserError(
@@ -141,6 +146,15 @@ class DataConfig:
                 f"--eval-resize {resize} is smaller than the evaluation crop {crop}; "
                 "the shorter side must be at least the crop (or 0 for the default)"
             )
+
+    @property
+    def cache_bytes(self) -> int:
+        from distres.data.shardformat import parse_size
+
+        try:
+            return parse_size(self.cache_size)
+        except ValueError as e:
+            raise UserError(f"--cache-size: {e}") from None
 
     @cached_property
     def resize_schedule(self):
