@@ -132,7 +132,9 @@ class DataConfig:
         if self.dataset == "imagefolder" and not self.data_dir:
             raise UserError("--data imagefolder needs --data-dir PATH (a folder with train/ and val/)")
         if self.dataset == "shards" and not self.data_dir:
-            raise UserError("--data shards needs --data-dir (the OUT folder or URL of python -m distres.prepare shards)")
+            raise UserError(
+                "--data shards needs --data-dir (the OUT folder or URL of python -m distres.prepare shards)"
+            )
         self.cache_bytes  # noqa: B018 (parsed here, so a bad value is a one-line error before anything runs)
         schedule = self.resize_schedule
         if schedule and self.image_size and self.image_size != schedule.end:
