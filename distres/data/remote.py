@@ -63,6 +63,9 @@ class LocalStore:
     def exists(self, name: str) -> bool:
         return (self.root / name).is_file()
 
+    def missing(self) -> str:
+        return "the folder does not exist" if not self.root.is_dir() else "no such file"
+
     def read_range(self, name: str, start: int, length: int) -> bytes:
         return os.pread(self._fd(name), length, start)
 
@@ -120,6 +123,14 @@ class FsspecStore:
     def exists(self, name: str) -> bool:
         with remote_errors(self.url(name)):
             return self.fs.exists(self.url(name))
+
+    def missing(self) -> str:
+        """Why the store has no manifest: its bucket (or top folder) is missing, or only the prefix."""
+        top = self.base.split("://", 1)[1].split("/", 1)[0]
+        with remote_errors(self.base):
+            if not self.fs.exists(top):
+                return f"the bucket {top} does not exist (check the name in --data-dir, and AWS_ENDPOINT_URL)"
+        return "nothing is stored there"
 
     def read_range(self, name: str, start: int, length: int, expected: tuple[int, str] | None = None) -> bytes:
         """``expected``: the shard's (bytes, sha256) from the manifest, for the cache."""

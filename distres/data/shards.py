@@ -47,11 +47,12 @@ def read_manifest(store) -> dict:
     where = store.url(fmt.MANIFEST)
     try:
         present = store.exists(fmt.MANIFEST)
-    except ShardError as e:
+        why = None if present else store.missing()
+    except ShardError as e:  # every rank meets it: rank 0 says it
         raise UserError(str(e)) from None
     if not present:
         raise UserError(
-            f"{where} does not exist: --data-dir is not a shard set, or an unfinished one; write it with "
+            f"{where} does not exist ({why}): --data-dir is not a shard set, or an unfinished one; write it with "
             "python -m distres.prepare shards SRC OUT (run again, it continues where it stopped)"
         )
     try:
