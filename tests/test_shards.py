@@ -9,7 +9,7 @@ import tarfile
 import pytest
 import torch
 
-from distres import prepare
+from distres import evaluate, prepare
 from distres.config import parse_args
 from distres.data import build
 from distres.data.remote import ShardError
@@ -123,6 +123,14 @@ def test_training_on_shards_is_training_on_the_folder_across_a_stop_and_resume(s
     r = train_here(shards + ["--resume"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert train_losses(cut) == train_losses(whole) and len(train_losses(whole)) == 9
+    summaries = []  # distres.evaluate: the same report from the shards as from the folder
+    for data, where in (("imagefolder", folder), ("shards", out)):
+        args = ["--checkpoint", str(cut / "checkpoints" / "last.pt"), "--data", data, "--data-dir", str(where)]
+        r = run_here(evaluate.main, args + ["--device", "cpu", "--output-dir", str(tmp_path / data)])
+        assert r.returncode == 0, r.stderr[-2000:]
+        summary = json.loads((tmp_path / data / "summary.json").read_text())
+        summaries.append({k: v for k, v in summary.items() if k not in ("data", "data_dir")})
+    assert summaries[0] == summaries[1] and summaries[0]["eval_samples"] == 12
 
 
 def _copy(out, tmp_path):
@@ -145,7 +153,7 @@ def test_damaged_shard_sets_are_one_line(shard_set, tmp_path):
     """A missing manifest, one of another version, shards cut short (found in a worker process),
     and shards whose members are not where the table says."""
     _, out = shard_set
-    assert "does not exist: --data-dir is not a shard set" in _fails(tmp_path, tmp_path)
+    assert "the folder holds no manifest): --data-dir is not a shard set" in _fails(tmp_path, tmp_path)
     copy = _copy(out, tmp_path)
     manifest = json.loads((copy / "manifest.json").read_text())
     (copy / "manifest.json").write_text(json.dumps({**manifest, "version": 99}))

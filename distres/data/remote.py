@@ -64,7 +64,7 @@ class LocalStore:
         return (self.root / name).is_file()
 
     def missing(self) -> str:
-        return "the folder does not exist" if not self.root.is_dir() else "no such file"
+        return f"the folder {self.root} does not exist" if not self.root.is_dir() else "the folder holds no manifest"
 
     def read_range(self, name: str, start: int, length: int) -> bytes:
         return os.pread(self._fd(name), length, start)
