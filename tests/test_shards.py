@@ -107,6 +107,22 @@ def test_an_epoch_over_shards_is_the_epoch_over_the_folder(shard_set, world, ext
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backend", ["gpu", "dali"])
+def test_the_other_backends_read_shards_as_the_folder(shard_set, backend):
+    """The gpu backend (the set decoded once into one tensor) and DALI's external-source feed
+    (here in its CPU mode), each the same batches from the shards as from the folder."""
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali", reason="NVIDIA DALI not installed (the [dali] extra)")
+    folder, out = shard_set
+    extra = ["--data-backend", backend, "--workers", "1"]
+    ref, got = _loaders("imagefolder", folder, 2, 0, extra), _loaders("shards", out, 2, 0, extra)
+    for split in ("train", "val"):
+        want, have = (_epoch(getattr(x, split), 1, 8 if split == "train" else 0) for x in (ref, got))
+        assert len(want) == len(have) > 0
+        for (xa, ya), (xb, yb) in zip(want, have):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
 def test_training_on_shards_is_training_on_the_folder_across_a_stop_and_resume(shard_set, tmp_path):
     """The same losses bit for bit, with a worker process reading the shards, stopped in the
     middle of the epoch and resumed (a constant schedule: stopping early leaves the learning

@@ -31,9 +31,8 @@ import torch
 
 from distres.data import transforms
 from distres.data.base import Loader, Spec, all_bad
-from distres.data.decode import DECODE_ERRORS, decode_torchvision, describe, image_size, read_bytes
+from distres.data.decode import DECODE_ERRORS, describe, image_size
 from distres.data.sharding import sample_seeds
-from distres.data.sources import FolderSource
 from distres.errors import UserError
 
 
@@ -61,7 +60,7 @@ class _Feed:
         self.loader = loader
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="distres-dali-feed")
         self.pending: deque = deque()
-        self.files: dict[int, list[str]] = {}  # batch number -> the paths it fed
+        self.files: dict[int, list[int]] = {}  # batch number -> the samples it fed
         self.bad: dict[int, list[tuple[str, str]]] = {}
         self.numbers = self.indices = iter(())  # nothing to feed before the first restart()
         self.epoch = 0
@@ -97,17 +96,17 @@ class _Feed:
         ld = self.loader
         datas, kept, sizes, bad = [], [], [], []  # kept: draw ids
         for d in ids.tolist():
-            path = ld.source.paths[d % ld.num_samples]
-            reason = ld.known_bad.get(path)
+            i = d % ld.num_samples
+            reason = ld.known_bad.get(i)
             if reason is None:
                 try:
-                    data = read_bytes(path)
+                    data = ld.source.read(i)  # a file's bytes, or a shard member's
                     hw = image_size(data)
                     reason = None if hw else "not a complete image file"
                 except OSError as e:
                     reason = describe(e)
             if reason is not None:
-                bad.append((path, reason))
+                bad.append((ld.source.name(i), reason))
                 continue
             datas.append(np.frombuffer(data, dtype=np.uint8))
             kept.append(d)
@@ -127,16 +126,16 @@ class _Feed:
                 np.stack([boxes.height, boxes.width], 1).astype(np.int32),
                 boxes.flip.astype(np.int32),
             ]
-        return k, out, [ld.source.paths[i] for i in index], bad
+        return k, out, index.tolist(), bad
 
 
 class DaliLoader(Loader):
     def __init__(self, spec: Spec):
         self.Pipeline, self.fn, self.types = import_dali()
-        if not isinstance(spec.source, FolderSource):
+        if not hasattr(spec.source, "read"):  # (arrays, not encoded images)
             raise UserError(
-                "--data-backend dali reads image files; write them with "
-                "`python -m distres.prepare cifar10 SRC DST` and pass --data-dir DST"
+                "--data-backend dali reads image files or shards; write them with "
+                "`python -m distres.prepare cifar10 SRC DST` (or `shards SRC DST`) and pass --data-dir DST"
             )
         if spec.sizes is not None:
             raise UserError(
@@ -148,7 +147,7 @@ class DaliLoader(Loader):
         self.batch_size, self.threads = spec.batch_size, max(1, spec.workers)
         self.hwc = spec.norm.memory_format == torch.channels_last
         self.random_resized_crop = self.train and self.size > transforms.SMALL_IMAGES
-        self.known_bad: dict[str, str] = {}  # files DALI failed on, found by re-decoding them
+        self.known_bad: dict[int, str] = {}  # samples DALI failed on, found by re-decoding them
         self.feed = _Feed(self)
         self._pipe, self._pass_done = None, False
 
@@ -249,13 +248,13 @@ class DaliLoader(Loader):
             else:
                 return
 
-    def _find_bad(self, paths: list[str]) -> bool:
+    def _find_bad(self, samples: list[int]) -> bool:
         found = False
-        for path in paths:
+        for i in samples:
             try:
-                decode_torchvision(path)
+                self.source.load(i)  # the workers' decoder
             except DECODE_ERRORS as e:
-                self.known_bad[path], found = describe(e), True
+                self.known_bad[i], found = describe(e), True
         return found
 
 

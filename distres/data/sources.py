@@ -85,6 +85,9 @@ class FolderSource:
     def name(self, i: int) -> str:
         return self.paths[i]
 
+    def read(self, i: int) -> bytes:
+        return decode.read_bytes(self.paths[i])
+
     def load(self, i: int) -> tuple[torch.Tensor, int]:
         return self.decoder(self.paths[i]), int(self.labels[i])
 
