@@ -210,3 +210,27 @@ def test_prepare_lists_and_leaves_out_unreadable_images(tmp_path):
     assert f"unreadable, left out: {broken}" in r.stdout
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["splits"]["train"]["samples"] == 4 and manifest["left_out"][0]["name"] == str(broken)
+
+
+def test_mnist_files_become_shards_of_the_same_pixels_and_settings(tmp_path):
+    """Arrays (here MNIST's idx files) go in as lossless PNGs: the shards decode to the pixels
+    the arrays hold, with their labels, and keep the data set's own statistics and no flips."""
+    import numpy as np
+
+    from distres.data import known
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "mnist").mkdir()
+    for stem, n in (("train", 20), ("t10k", 8)):
+        known.write_idx(tmp_path / "mnist" / f"{stem}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        known.write_idx(tmp_path / "mnist" / f"{stem}-labels-idx1-ubyte", np.arange(n) % 10)
+    r = run_here(prepare.main, ["shards", str(tmp_path / "mnist"), str(tmp_path / "out"), "--shard-size", "4K"])
+    assert r.returncode == 0, r.stderr
+    arrays = known.splits("mnist", tmp_path / "mnist", download=False)
+    bundle = _loaders("shards", tmp_path / "out", 1, 0, ["--image-size", "28"])
+    for array, shards in zip(arrays, (bundle.train.source, bundle.val.source)):
+        assert len(array) == len(shards) and shards.dataset == "mnist"
+        for i in range(len(array)):
+            (a, la), (b, lb) = array.load(i), shards.load(i)
+            assert torch.equal(a, b) and la == lb
+    assert bundle.mean == known.KNOWN["mnist"].mean and bundle.train.spec.flip is False
