@@ -124,6 +124,11 @@ class DataConfig:
     synthetic_samples: int = opt(4096, "samples per epoch of --data synthetic (train)")
     repeated_aug: int = opt(1, "repeated augmentation: each training image N times per epoch, on different processes")
     cache_dir: str | None = opt(None, "--data shards from a URL: keep the shards read in this local folder")
+    shuffle_scope: str = opt(
+        "global",
+        "--data shards: global (any sample next) or shard (shards in a shuffled order, each shuffled within)",
+        choices=("global", "shard"),
+    )
     cache_size: str = opt("64G", "the most --cache-dir may hold (K/M/G suffixes); the oldest shards go first")
 
     def validate(self) -> None:
@@ -135,6 +140,8 @@ class DataConfig:
             raise UserError(
                 "--data shards needs --data-dir (the OUT folder or URL of python -m distres.prepare shards)"
             )
+        if self.shuffle_scope == "shard" and self.dataset != "shards":
+            raise UserError("--shuffle-scope shard orders the shards of --data shards; drop it for other data")
         self.cache_bytes  # noqa: B018 (parsed here, so a bad value is a one-line error before anything runs)
         schedule = self.resize_schedule
         if schedule and self.image_size and self.image_size != schedule.end:

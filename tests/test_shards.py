@@ -13,6 +13,7 @@ from distres import evaluate, prepare
 from distres.config import parse_args
 from distres.data import build
 from distres.data.remote import ShardError
+from distres.data.sharding import epoch_order
 from distres.dist import DistContext
 from distres.errors import UserError
 from tests.helpers import TINY, break_jpeg, make_imagefolder, one_error_line, run_here, train_here, train_losses
@@ -234,3 +235,24 @@ def test_mnist_files_become_shards_of_the_same_pixels_and_settings(tmp_path):
             (a, la), (b, lb) = array.load(i), shards.load(i)
             assert torch.equal(a, b) and la == lb
     assert bundle.mean == known.KNOWN["mnist"].mean and bundle.train.spec.flip is False
+
+
+def test_shard_scope_reads_shard_after_shard_and_resumes_exactly_on_another_split(shard_set):
+    """--shuffle-scope shard: the epoch visits the shards one after the other (each shuffled
+    within, the shards in a shuffled order), a function of seed and epoch alone, so 2 processes
+    from a resume position get the micro-batches of 1 process with --grad-accum 2."""
+    _, out = shard_set
+    scope = ["--shuffle-scope", "shard"]
+    one = _loaders("shards", out, 1, 0, scope + ["--grad-accum", "2"]).train
+    shard_of = one.source.shard
+    order = epoch_order(len(shard_of), 5, 0, True, blocks=shard_of).numpy()  # the global order (--seed 5)
+    assert sorted(order.tolist()) == list(range(len(shard_of))) and order.tolist() != sorted(order.tolist())
+    visited = shard_of[order]
+    runs = [int(k) for i, k in enumerate(visited) if i == 0 or k != visited[i - 1]]
+    assert len(runs) == len(set(runs)) == len(set(shard_of.tolist())) and runs != sorted(runs)
+    accum = _epoch(one, 0, 8)
+    for rank in range(2):
+        two = _epoch(_loaders("shards", out, 2, rank, scope).train, 0, 8)
+        assert len(two) == len(accum) // 2
+        for k, (x, y) in enumerate(two):
+            assert torch.equal(x, accum[2 * k + rank][0]) and torch.equal(y, accum[2 * k + rank][1])

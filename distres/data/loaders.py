@@ -98,6 +98,7 @@ def build(
             resize=0 if is_train else eval_resize,
             sizes=cfg.data.resize_schedule if is_train else None,
             decode_on_device=cfg.data.decode_on == "device",
+            shuffle_scope=cfg.data.shuffle_scope,
         )
         loaders.append(loader_class(backend)(spec))
 
