@@ -46,6 +46,16 @@ def _loaders(data: str, where: str, workers: int, batch: int, extra=()):
     return build(cfg, DistContext(0, 0, 1, 1, torch.device("cpu"), None), torch.contiguous_format)
 
 
+def _imports() -> None:
+    """What every case imports, loaded before its clock starts (start-up is distres's work:
+    listing or reading the manifest, building the loaders, forking workers, the first batch)."""
+    import torch  # noqa: F401
+
+    import distres.data.loaders  # noqa: F401
+    import distres.data.shards  # noqa: F401
+    import distres.data.torchloader  # noqa: F401
+
+
 def _rchar(pids) -> int:
     total = 0
     for pid in pids:
@@ -61,6 +71,7 @@ def _worker_pids(loader) -> list[int]:
 
 def case(data: str, where: str, workers: int, batch: int, epochs: int, extra: list[str]) -> dict:
     """One loader: start-up to the first batch, then img/s and bytes read per epoch."""
+    _imports()
     t0 = time.perf_counter()
     train = _loaders(data, where, workers, batch, extra).train
     out = {"epochs": []}
@@ -193,6 +204,7 @@ def memory_case(kind: str, where: str, batches: int, batch: int) -> dict:
 
     from distres.data.strings import Strings
 
+    _imports()
     t0 = time.perf_counter()
     data = "shards" if kind == "shards" else "imagefolder"
     bundle = _loaders(data, where, 1, batch)
@@ -221,10 +233,10 @@ def memory_case(kind: str, where: str, batches: int, batch: int) -> dict:
     return out
 
 
-def scale(shards: Path, batches: int, batch: int) -> list[dict]:
+def scale(folder: Path, shards: Path, batches: int, batch: int) -> list[dict]:
     big = imagenet_size(shards, Path("/tmp/distres-bench-imagenet"))
     rows = []
-    for kind, where in (("folder-list", shards.parent), ("folder", shards.parent), ("shards", big)):
+    for kind, where in (("folder-list", folder), ("folder", folder), ("shards", big)):
         r = subprocess.run(
             [sys.executable, __file__, "memory", kind, str(where), str(batches), str(batch)],
             capture_output=True,
@@ -287,6 +299,9 @@ def main() -> None:
     a.add_argument("--mem-batches", type=int, default=2000)
     a.add_argument("--mem-batch-size", type=int, default=32)
     a.add_argument("--out", type=Path, default=None)
+    a.add_argument(
+        "--only", choices=("throughput", "scale"), default=None, help="measure one part; the other from --out's JSON"
+    )
     sub.add_parser("case").add_argument("args", nargs=argparse.REMAINDER)
     sub.add_parser("memory").add_argument("args", nargs=4)
     args = p.parse_args()
@@ -302,21 +317,29 @@ def main() -> None:
     sys.path.insert(0, str(REPO / "benchmarks"))
     from machine_info import code_version, cpu_model
 
-    result = {
-        "command": "python benchmarks/shards.py " + " ".join(sys.argv[1:]),
-        "machine": f"{cpu_model()}, {os.cpu_count()} cores; {code_version()}",
-        "workers": args.workers,
-        "batch": args.batch_size,
-        "mem_batches": args.mem_batches,
-        "batch_mem": args.mem_batch_size,
-        "throughput": throughput(args.folder, args.shards, args.workers, args.batch_size),
-        "scale": scale(args.shards, args.mem_batches, args.mem_batch_size),
+    saved = args.out / "shards-cpu.json" if args.out else None
+    result = json.loads(saved.read_text()) if saved and saved.is_file() and args.only else {}
+    result.update(
+        command="python benchmarks/shards.py " + " ".join(sys.argv[1:]),
+        machine=f"{cpu_model()}, {os.cpu_count()} cores; {code_version()}",
+        workers=args.workers,
+        batch=args.batch_size,
+        mem_batches=args.mem_batches,
+        batch_mem=args.mem_batch_size,
+    )
+    parts = {
+        "throughput": lambda: throughput(args.folder, args.shards, args.workers, args.batch_size),
+        "scale": lambda: scale(args.folder, args.shards, args.mem_batches, args.mem_batch_size),
     }
+    for name, measure in parts.items():
+        if args.only in (None, name):
+            result[name] = measure()
+            if saved:  # kept as each part is done: a later failure loses nothing
+                saved.parent.mkdir(parents=True, exist_ok=True)
+                saved.write_text(json.dumps(result, indent=1))
     text = render(result)
     print(text)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "shards-cpu.json").write_text(json.dumps(result, indent=1))
         (args.out / "shards-cpu.md").write_text(text)
 
 
