@@ -114,3 +114,20 @@ def test_a_wrong_bucket_and_missing_credentials_are_one_line(bucket, tmp_path, m
     line = one_error_line(r.stderr)
     assert "no credentials to read s3://data/sets/tiny" in line and "AWS_ACCESS_KEY_ID" in line
     assert "testing" not in r.stderr and os.environ.get("AWS_ACCESS_KEY_ID") is None
+
+
+def test_a_full_cache_folder_is_one_line(bucket, tmp_path):
+    """The cache's downloads written to a device that is full (/dev/full: every write fails with
+    ENOSPC, as on a full disk)."""
+    import json
+
+    from distres.data.remote import ShardError, local_name
+
+    local, url = bucket
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for shard in json.loads((local / "manifest.json").read_text())["splits"]["train"]["shards"]:
+        (cache / f".{local_name(shard['tar'], shard['sha256'])}.partial").symlink_to("/dev/full")
+    loader = _loaders("shards", url, 1, 0, ["--cache-dir", str(cache)]).train
+    with pytest.raises(ShardError, match=f"--cache-dir {cache} is full; free space, point --cache-dir elsewhere"):
+        _epoch(loader, 0)
