@@ -256,3 +256,32 @@ def test_shard_scope_reads_shard_after_shard_and_resumes_exactly_on_another_spli
         assert len(two) == len(accum) // 2
         for k, (x, y) in enumerate(two):
             assert torch.equal(x, accum[2 * k + rank][0]) and torch.equal(y, accum[2 * k + rank][1])
+
+
+def test_dali_webdataset_reader_takes_the_shards_and_their_index(shard_set):
+    """DALI's own reader (``fn.readers.webdataset``, CPU mode) reads the tars through the index
+    files as they are: the first samples' bytes and labels are the folder's files and classes."""
+    import numpy as np
+
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI not installed (the [dali] extra)")
+    from nvidia.dali import fn, pipeline_def
+
+    folder, out = shard_set
+    shards = json.loads((out / "manifest.json").read_text())["splits"]["train"]["shards"]
+
+    @pipeline_def(batch_size=5, num_threads=1, device_id=None)
+    def pipe():
+        images, labels = fn.readers.webdataset(
+            paths=[str(out / s["tar"]) for s in shards],
+            index_paths=[str(out / s["index"]) for s in shards],
+            ext=["jpg", "cls"],
+            random_shuffle=False,
+        )
+        return images, labels
+
+    p = pipe()
+    p.build()
+    images, labels = p.run()
+    files = sorted((folder / "train" / "cat").iterdir())[:5]
+    assert [np.array(images[i]).tobytes() for i in range(5)] == [f.read_bytes() for f in files]
+    assert [np.array(labels[i]).tobytes() for i in range(5)] == [b"0"] * 5
