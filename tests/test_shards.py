@@ -91,7 +91,13 @@ def test_rerun_skips_whole_shards_and_rewrites_a_damaged_one(shard_set, tmp_path
 
 @pytest.mark.parametrize(
     "world,extra,start",
-    [(1, (), 0), (2, (), 8), (2, ("--grad-accum", "2"), 16), (3, ("--repeated-aug", "3"), 12)],
+    [
+        (1, (), 0),
+        (2, (), 8),
+        (2, ("--grad-accum", "2"), 16),
+        (3, ("--repeated-aug", "3"), 12),
+        (1, ("--decode-on", "device"), 4),
+    ],
 )
 def test_an_epoch_over_shards_is_the_epoch_over_the_folder(shard_set, world, extra, start):
     """Every rank's batches, from the start or from a resume position, training crops and
