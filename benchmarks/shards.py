@@ -218,7 +218,7 @@ def memory_case(kind: str, where: str, batches: int, batch: int) -> dict:
         src = train.source
         real = list(src.paths)
         order = np.arange(IMAGENET) % len(real)
-        paths = [real[i] + "" for i in order.tolist()]  # distinct objects, as a listing makes them
+        paths = [(real[i] + "/")[:-1] for i in order.tolist()]  # distinct objects, as a listing makes them
         src.paths = paths if kind == "folder-list" else Strings(paths)
         del paths
         src.labels = src.labels[torch.from_numpy(order)]
