@@ -33,7 +33,9 @@ IMAGENET = 1_281_167
 NOTES = (
     "Not in the table: S3 without a cache (one range request per sample). moto's server copies the "
     "whole object for each range request, so with 16 MB shards it served a few samples per second: "
-    "a measure of moto, not of S3. The folder rows of the ImageNet-size table list the 50,000 CIFAR-10 "
+    "a measure of moto, not of S3. Shards read 512 bytes more per sample than the image (its tar "
+    "header, checked against the table). img/s varies by tens of percent between runs: the 2 cores "
+    "were shared with other work (load average about 8). The folder rows of the ImageNet-size table list the 50,000 CIFAR-10 "
     "training files and repeat their paths to 1,281,167 (distinct string objects, as a listing makes "
     "them): `folder-list` holds them in a Python list (as before), `folder` in `data.strings`' arrays."
 )
@@ -269,6 +271,8 @@ def render(result: dict) -> str:
         e = row["epochs"]
         second = f"{e[1]['img_s']:.0f}" if len(e) > 1 else "-"
         rchar = f"{e[1]['rchar'] / 2**20:.0f} MiB" if len(e) > 1 else "-"
+        if row["case"] == "folder":
+            rchar = "not seen by rchar (torchvision's read_file)"
         opened = "-" if row["files_opened"] is None else str(row["files_opened"])
         lines.append(
             f"| {row['case']} | {row['startup_s']:.2f} | {e[0]['img_s']:.0f} | {second} | {opened} | {rchar} |"
