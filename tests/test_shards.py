@@ -113,7 +113,6 @@ def test_an_epoch_over_shards_is_the_epoch_over_the_folder(shard_set, world, ext
                 assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["gpu", "dali"])
 def test_the_other_backends_read_shards_as_the_folder(shard_set, backend):
     """The gpu backend (the set decoded once into one tensor) and DALI's external-source feed
@@ -130,6 +129,7 @@ def test_the_other_backends_read_shards_as_the_folder(shard_set, backend):
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
+@pytest.mark.slow
 def test_training_on_shards_is_training_on_the_folder_across_a_stop_and_resume(shard_set, tmp_path):
     """The same losses bit for bit, with a worker process reading the shards, stopped in the
     middle of the epoch and resumed (a constant schedule: stopping early leaves the learning
