@@ -27,7 +27,7 @@ import yaml
 from distres.errors import ArgumentParser, UserError, out_of_range
 
 ARCHS = ("resnet50", "resnext50_32x4d", "resnet18")
-DATASETS = ("cifar10", "cifar100", "mnist", "imagefolder", "synthetic")
+DATASETS = ("cifar10", "cifar100", "mnist", "imagefolder", "shards", "synthetic")
 # The data sets known by name (data/known.py) and their native image size, the default --image-size.
 NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "mnist": 28}
 BACKENDS = ("auto", "torch", "gpu", "dali", "synthetic")
@@ -139,10 +139,24 @@ class DataConfig:
     repeated_aug: int = opt(
         1, "repeated augmentation: each training image N times per epoch, on different processes", above=0
     )
+    cache_dir: str | None = opt(None, "--data shards from a URL: keep the shards read in this local folder")
+    shuffle_scope: str = opt(
+        "global",
+        "--data shards: global (any sample next) or shard (shards in a shuffled order, each shuffled within)",
+        choices=("global", "shard"),
+    )
+    cache_size: str = opt("64G", "the most --cache-dir may hold (K/M/G suffixes); the oldest shards go first")
 
     def validate(self) -> None:
         if self.dataset == "imagefolder" and not self.data_dir:
             raise UserError("--data imagefolder needs --data-dir PATH (a folder with train/ and val/)")
+        if self.dataset == "shards" and not self.data_dir:
+            raise UserError(
+                "--data shards needs --data-dir (the OUT folder or URL of python -m distres.prepare shards)"
+            )
+        if self.shuffle_scope == "shard" and self.dataset != "shards":
+            raise UserError("--shuffle-scope shard orders the shards of --data shards; drop it for other data")
+        self.cache_bytes  # noqa: B018 (parsed here, so a bad value is a one-line error before anything runs)
         schedule = self.resize_schedule
         if schedule and self.image_size and self.image_size != schedule.end:
             raise UserError(
@@ -155,6 +169,15 @@ class DataConfig:
                 f"--eval-resize {resize} is smaller than the evaluation crop {crop}; "
                 "the shorter side must be at least the crop (or 0 for the default)"
             )
+
+    @property
+    def cache_bytes(self) -> int:
+        from distres.data.shardformat import parse_size
+
+        try:
+            return parse_size(self.cache_size)
+        except ValueError as e:
+            raise UserError(f"--cache-size: {e}") from None
 
     @cached_property
     def resize_schedule(self):

@@ -3,6 +3,7 @@
     python -m distres.prepare video SRC DST --fps 2                # class folders of videos -> JPEG frames, shorter side 256
     python -m distres.prepare resize SRC DST --size 160            # an ImageFolder with shorter side 160 (default 256)
     python -m distres.prepare cifar10 SRC DST                      # cifar-10-batches-py -> train/ + test/ PNGs
+    python -m distres.prepare shards SRC OUT --shard-size 256MB    # a data set -> WebDataset tar shards + index
 
 Every command mirrors SRC's folder tree into DST (so SRC may be a class-folder root or hold
 train/ and val/), runs ``--workers`` tasks at a time with a progress bar, and can be run again
@@ -10,6 +11,7 @@ after an interruption: outputs that already exist are skipped, and each output a
 when it is complete (written under a temporary name, then renamed). An input that cannot be
 read does not stop the run; such inputs are listed with the reason and counted at the end
 (except cifar10's files: one download, checked first, and a damaged one stops the command).
+``shards`` is described in ``distres.prepare_shards``.
 Video decoding uses the ``ffmpeg`` binary (Debian: ``apt-get install ffmpeg``) through the
 ffmpeg-python package.
 """
@@ -334,7 +336,31 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quality", type=_positive(int), default=JPEG_QUALITY, help="JPEG quality of resized images")
     c = sub.add_parser("cifar10", help="torchvision's CIFAR-10 files -> train/ and test/ PNG class folders")
     common(c)
+    s = sub.add_parser("shards", help="an ImageFolder, CIFAR-10/100 or MNIST -> tar shards with an index (WebDataset)")
+    common(s)
+    s.add_argument("--shard-size", type=_size, default="256MB", help="about this many bytes per shard (K/M/G suffixes)")
+    s.add_argument(
+        "--resize", type=_positive(int), default=0, help="re-encode as JPEG, shorter side S (default: keep the files)"
+    )
+    s.add_argument(
+        "--quality",
+        type=_positive(int),
+        default=0,
+        help=f"re-encode as JPEG of this quality ({JPEG_QUALITY} with --resize)",
+    )
     return p
+
+
+def _size(text: str) -> int:
+    from distres.data.shardformat import parse_size
+
+    try:
+        value = parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 (got {text})")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -342,6 +368,10 @@ def main(argv: list[str] | None = None) -> int:
         a = build_parser().parse_args(argv)
         if a.src.resolve() == a.dst.resolve():
             raise UserError("DST must differ from SRC; pick a new output folder")
+        if a.command == "shards":
+            from distres.prepare_shards import Writer
+
+            return Writer(a.src, a.dst, a.shard_size, a.resize, a.quality, a.workers).run()
         if a.command == "video":
             tasks = video_tasks(a.src, a.dst, a.fps, a.size)
         elif a.command == "resize":

@@ -69,6 +69,7 @@ class Spec:
     resize: int = 0  # evaluation: the shorter side before the centre crop (0: ``transforms.eval_size``'s default)
     sizes: object = None  # training: the crop size per epoch, a ``resolution.Schedule`` (None: image_size)
     decode_on_device: bool = False  # --decode-on device (torch backend)
+    shuffle_scope: str = "global"  # --shuffle-scope: "shard" shuffles blocks of shards (``sharding.epoch_order``)
 
     @property
     def device(self) -> torch.device:
@@ -89,6 +90,7 @@ class Spec:
             drop_last=self.train,
             repeats=self.repeats,
             accum=self.accum,
+            blocks=self.source.shard if self.shuffle_scope == "shard" else None,
         )
 
 

@@ -31,9 +31,8 @@ import torch
 
 from distres.data import decode, isolate, transforms
 from distres.data.base import Loader, Spec, all_bad
-from distres.data.decode import DECODE_ERRORS, decode_torchvision, describe, image_size, read_checked
+from distres.data.decode import DECODE_ERRORS, describe, image_size
 from distres.data.sharding import sample_seeds
-from distres.data.sources import FolderSource
 from distres.errors import UserError
 
 
@@ -61,7 +60,7 @@ class _Feed:
         self.loader = loader
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="distres-dali-feed")
         self.pending: deque = deque()
-        self.files: dict[int, list[str]] = {}  # batch number -> the paths it fed
+        self.files: dict[int, list[int]] = {}  # batch number -> the samples it fed
         self.bad: dict[int, list[tuple[str, str]]] = {}
         self.numbers = self.indices = iter(())  # nothing to feed before the first restart()
         self.epoch = 0
@@ -96,19 +95,19 @@ class _Feed:
     def _prepare(self, k: int, ids, epoch: int):
         ld = self.loader
         datas, kept, sizes, bad = [], [], [], []  # kept: draw ids
-        ld.vet([ld.source.paths[d % ld.num_samples] for d in ids.tolist()])
+        ld.vet([d % ld.num_samples for d in ids.tolist()])
         for d in ids.tolist():
-            path = ld.source.paths[d % ld.num_samples]
-            reason = ld.known_bad.get(path)
+            i = d % ld.num_samples
+            reason = ld.known_bad.get(i)
             if reason is None:
                 try:
-                    data = read_checked(path)
+                    data = ld.source.read(i)  # a file's bytes, or a shard member's
                     hw = image_size(data)
                     reason = None if hw else "not a complete image file"
                 except DECODE_ERRORS as e:
                     reason = describe(e)
             if reason is not None:
-                bad.append((path, reason))
+                bad.append((ld.source.name(i), reason))
                 continue
             datas.append(np.frombuffer(data, dtype=np.uint8))
             kept.append(d)
@@ -128,16 +127,16 @@ class _Feed:
                 np.stack([boxes.height, boxes.width], 1).astype(np.int32),
                 boxes.flip.astype(np.int32),
             ]
-        return k, out, [ld.source.paths[i] for i in index], bad
+        return k, out, index.tolist(), bad
 
 
 class DaliLoader(Loader):
     def __init__(self, spec: Spec):
         self.Pipeline, self.fn, self.types = import_dali()
-        if not isinstance(spec.source, FolderSource):
+        if not hasattr(spec.source, "read"):  # (arrays, not encoded images)
             raise UserError(
-                "--data-backend dali reads image files; write them with "
-                "`python -m distres.prepare cifar10 SRC DST` and pass --data-dir DST"
+                "--data-backend dali reads image files or shards; write them with "
+                "`python -m distres.prepare cifar10 SRC DST` (or `shards SRC DST`) and pass --data-dir DST"
             )
         if spec.sizes is not None:
             raise UserError(
@@ -149,8 +148,8 @@ class DaliLoader(Loader):
         self.batch_size, self.threads = spec.batch_size, max(1, spec.workers)
         self.hwc = spec.norm.memory_format == torch.channels_last
         self.random_resized_crop = self.train and self.size > transforms.SMALL_IMAGES
-        self.known_bad: dict[str, str] = {}  # files DALI failed on, found by re-decoding them
-        self.vetted: set[str] = set()  # files other than JPEGs decoded once in a throw-away process (``vet``)
+        self.known_bad: dict[int, str] = {}  # samples DALI failed on, found by re-decoding them
+        self.vetted: set[int] = set()  # samples other than JPEGs decoded once in a throw-away process (``vet``)
         self.feed = _Feed(self)
         self._pipe, self._pass_done = None, False
 
@@ -254,37 +253,39 @@ class DaliLoader(Loader):
             return None
         return self.device.index if self.device.index is not None else torch.cuda.current_device()
 
-    def vet(self, paths: list[str]) -> None:
-        """Decode the files other than JPEGs once, in a throw-away process, before DALI meets
+    def vet(self, samples: list[int]) -> None:
+        """Decode the samples other than JPEGs once, in a throw-away process, before DALI meets
         them: its PNG decoder (libpng) dies on some damaged files instead of failing, and a crash
         in DALI's threads would end the run. (JPEGs are left to DALI's own error handling:
         ``_find_bad``.) Called by the feed's thread."""
-        new = [p for p in paths if not p.lower().endswith((".jpg", ".jpeg")) and p not in self.vetted]
-        new = [p for p in new if p not in self.known_bad and not decode.is_excluded(p)]
+        new = [i for i in samples if i not in self.vetted and i not in self.known_bad]
+        new = [i for i in new if not self.source.name(i).lower().endswith((".jpg", ".jpeg"))]
+        new = [i for i in new if not decode.is_excluded(self.source.name(i))]
         if new:
-            self._found(isolate.probe(new, decode_torchvision))
+            self._found(isolate.probe(new, self.source.load))
             self.vetted.update(new)
 
-    def _found(self, found: dict[str, str]) -> None:
-        for path, why in found.items():
+    def _found(self, found: dict[int, str]) -> None:
+        for i, why in found.items():
             if why.startswith(isolate.CRASHED):
-                self.bad.crashed(path, why)
-                decode.exclude(path, f"{decode.EXCLUDED}: {why}")
-            self.known_bad[path] = why
+                name = self.source.name(i)
+                self.bad.crashed(name, why)
+                decode.exclude(name, f"{decode.EXCLUDED}: {why}")
+            self.known_bad[i] = why
 
-    def _find_bad(self, paths: list[str]) -> bool:
-        """The files of a failed batch that torchvision's decoder rejects, each decoded in a
+    def _find_bad(self, samples: list[int]) -> bool:
+        """The samples of a failed batch that the workers' decoder rejects, each decoded in a
         throw-away process (``isolate.probe``: such a file may crash it); when it reads them all,
         those that DALI's decoder rejects alone."""
-        found = isolate.probe(paths, decode_torchvision)
+        found = isolate.probe(samples, self.source.load)
         if not found:
-            found = {path: why for path in paths if (why := self._rejects(path)) is not None}
+            found = {i: why for i in samples if (why := self._rejects(i)) is not None}
         self._found(found)
         return bool(found)
 
-    def _rejects(self, path: str) -> str | None:
-        """Why DALI's decoder fails on this file alone (None: it decodes it)."""
-        data = [np.frombuffer(read_checked(path), dtype=np.uint8)]
+    def _rejects(self, i: int) -> str | None:
+        """Why DALI's decoder fails on this sample alone (None: it decodes it)."""
+        data = [np.frombuffer(self.source.read(i), dtype=np.uint8)]
         pipe = self.Pipeline(batch_size=1, num_threads=1, device_id=self._device_id(), prefetch_queue_depth=1)
         with pipe:
             coded = self.fn.external_source(source=lambda: data, batch=True)

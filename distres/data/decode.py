@@ -101,12 +101,16 @@ def read_excluded(path: str) -> list[str]:
 
 def read_checked(path: str) -> bytes:
     """The file's bytes, unless it is excluded or its header declares too many pixels (``Skipped``)."""
-    why = _Limits.excluded.get(_key(path))
-    if why is not None:
-        raise Skipped(why)
+    check_excluded(path)
     data = read_bytes(path)
     check_pixels(data)
     return data
+
+
+def check_excluded(name: str) -> None:
+    why = _Limits.excluded.get(_key(name))
+    if why is not None:
+        raise Skipped(why)
 
 
 def check_pixels(data: bytes) -> None:

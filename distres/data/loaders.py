@@ -96,10 +96,11 @@ def build(
             accum=cfg.optim.grad_accum,
             policy=Policy(cfg.augment.auto_augment, cfg.augment.ra_magnitude),
             batch_aug=BatchAugment.from_config(cfg.augment, len(names), cfg.run.seed),
-            flip=cfg.data.dataset not in known.NO_FLIP,
+            flip=getattr(src, "dataset", cfg.data.dataset) not in known.NO_FLIP,
             resize=0 if is_train else eval_resize,
             sizes=cfg.data.resize_schedule if is_train else None,
             decode_on_device=cfg.data.decode_on == "device",
+            shuffle_scope=cfg.data.shuffle_scope,
         )
         loaders.append(loader_class(backend)(spec))
 
@@ -157,7 +158,13 @@ def _splits(cfg, ctx, sizes: tuple[int, int], classes: list[str] | None):
                 f"pass --synthetic-classes {len(classes)}"
             )
         return splits, classes or names, ((0.5,) * 3, (0.25,) * 3)
-    if cfg.data.dataset in known.KNOWN:
+    if cfg.data.dataset == "shards":
+        from distres.data.shards import shard_splits
+
+        splits = shard_splits(cfg.data.data_dir, cfg.data.cache_dir, cfg.data.cache_bytes, classes)
+        kind = known.KNOWN.get(splits[1].dataset)
+        stats = (kind.mean, kind.std) if kind else (transforms.IMAGENET_MEAN, transforms.IMAGENET_STD)
+    elif cfg.data.dataset in known.KNOWN:
         root = Path(cfg.data.data_dir) if cfg.data.data_dir else known.default_dir(cfg.data.dataset)
         splits = known.splits(cfg.data.dataset, root, download=ctx.local_rank == 0, classes=classes)
         stats = known.KNOWN[cfg.data.dataset].mean, known.KNOWN[cfg.data.dataset].std

@@ -33,17 +33,33 @@ _MIX = 1_000_003  # a prime spreading (seed, epoch) over distinct generator seed
 _MASK63 = 0x7FFF_FFFF_FFFF_FFFF
 
 
-def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool, repeats: int = 1) -> torch.Tensor:
+def epoch_order(
+    num_samples: int, seed: int, epoch: int, shuffle: bool, repeats: int = 1, blocks: np.ndarray | None = None
+) -> torch.Tensor:
     """The epoch's draw ids in order: id = copy * num_samples + image index, so the image is
-    ``id % num_samples`` and copy 0 of an image has the image's own index as its id."""
+    ``id % num_samples`` and copy 0 of an image has the image's own index as its id.
+
+    ``blocks`` (--shuffle-scope shard: each sample's shard, in sample order): the blocks in a
+    shuffled order, each block's samples shuffled within it, so that at any time all ranks read
+    from one or two shards (sequential reads on storage where random ones are slow); still a
+    function of (seed, epoch) alone, hence exact and elastic like the global order."""
     if not shuffle:
         return torch.arange(num_samples)
     g = torch.Generator().manual_seed(seed * _MIX + epoch)
-    perm = torch.randperm(num_samples, generator=g)
+    perm = torch.randperm(num_samples, generator=g) if blocks is None else _block_order(blocks, g)
     if repeats == 1:
         return perm
     copies = perm[:, None] + num_samples * torch.arange(repeats)[None, :]  # image-major: copies adjacent
     return copies.reshape(-1)[:num_samples]
+
+
+def _block_order(blocks: np.ndarray, g: torch.Generator) -> torch.Tensor:
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(blocks)) + 1, [len(blocks)]])
+    parts = [
+        torch.randperm(int(starts[k + 1] - starts[k]), generator=g) + int(starts[k])
+        for k in torch.randperm(len(starts) - 1, generator=g).tolist()
+    ]
+    return torch.cat(parts)
 
 
 def sample_seeds(seed: int, epoch: int, ids: np.ndarray) -> np.ndarray:
@@ -73,12 +89,14 @@ class ShardSampler(torch.utils.data.Sampler):
         drop_last: bool,
         repeats: int = 1,
         accum: int = 1,
+        blocks: np.ndarray | None = None,
     ):
         self.num_samples, self.batch_size, self.accum = num_samples, batch_size, accum if drop_last else 1
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle, self.drop_last = shuffle, drop_last
         self.repeats = repeats if shuffle else 1  # evaluation counts every sample once
         self.epoch, self.start_sample = 0, 0
+        self.blocks = blocks if shuffle else None  # --shuffle-scope shard (``epoch_order``)
 
     @property
     def global_batch(self) -> int:
@@ -108,7 +126,7 @@ class ShardSampler(torch.utils.data.Sampler):
         """This rank's draw ids from the start position to the end of the epoch, in order
         (batch k is the k-th slice of batch_size of them; training leaves the tail that fills
         no batch unused)."""
-        order = epoch_order(self.num_samples, self.seed, self.epoch, self.shuffle, self.repeats)
+        order = epoch_order(self.num_samples, self.seed, self.epoch, self.shuffle, self.repeats, self.blocks)
         rest = order[self.start_sample :].numpy()
         if not self.drop_last:
             return np.ascontiguousarray(rest[self.rank :: self.world_size])

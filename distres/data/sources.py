@@ -12,6 +12,7 @@ import torch
 
 from distres.data import decode
 from distres.data.formats import IMAGE_EXTENSIONS
+from distres.data.strings import Strings
 from distres.errors import UserError
 
 LISTED = 5  # names shown in a message; the rest are "..."
@@ -45,7 +46,7 @@ class FolderSource:
         self.classes = list(classes) if classes is not None else found
         if not self.classes:
             raise UserError(f"{root} has no class sub-folders; expected {root}/<class>/<image>.jpg")
-        self.paths: list[str] = []
+        paths: list[str] = []
         self.notes: list[str] = []  # printed once by the caller (rank 0)
         labels: list[int] = []
         empty: list[str] = []
@@ -59,9 +60,10 @@ class FolderSource:
             ignored += sorted(e.path for e in entries if not e.name.lower().endswith(IMAGE_EXTENSIONS))
             if not files:
                 empty.append(name)
-            self.paths += files
+            paths += files
             labels += [label] * len(files)
-        if not self.paths:
+        self.paths = Strings(paths)  # (``strings`` says why not the list)
+        if not paths:
             raise UserError(f"{root} holds no image files ({', '.join(IMAGE_EXTENSIONS)}); check --data-dir")
         if empty and classes is None:
             raise UserError(
@@ -82,6 +84,9 @@ class FolderSource:
 
     def name(self, i: int) -> str:
         return self.paths[i]
+
+    def read(self, i: int) -> bytes:
+        return decode.read_checked(self.paths[i])
 
     def load(self, i: int) -> tuple[torch.Tensor, int]:
         return self.decoder(self.paths[i]), int(self.labels[i])
