@@ -64,8 +64,21 @@ def check_ranges(section: object) -> None:
             raise UserError(error)
 
 
+class Section:
+    """A part of the configuration: ``validate`` checks the declared range of each of its number
+    fields (``opt``'s ``at_least``/``above``/``at_most``/``below``), then ``check``, the rules
+    of its own that a range cannot say (a section's own checks may use the values)."""
+
+    def validate(self) -> None:
+        check_ranges(self)
+        self.check()
+
+    def check(self) -> None:
+        """The section's own rules (none by default)."""
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     arch: str = opt("resnet50", "model architecture", choices=ARCHS)
     cifar_stem: str = opt(
         "auto", "3x3 stride-1 stem without max-pool; auto: on for images <= 64 px", choices=("auto", "on", "off")
@@ -81,12 +94,9 @@ class ModelConfig:
     )
     sync_bn: bool = opt(False, "synchronise BatchNorm statistics across processes")
 
-    def validate(self) -> None:
-        pass
-
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(Section):
     weights: str = opt(
         "none",
         "start from: none, imagenet (torchvision's, from $TORCH_HOME) or a PATH (state dict, checkpoint, .safetensors)",
@@ -94,12 +104,9 @@ class FinetuneConfig:
     freeze_backbone_epochs: int = opt(0, "train only the classifier head for the first N epochs", at_least=0)
     backbone_lr_scale: float = opt(1.0, "learning rate of every layer but the head, as a fraction of --lr", at_least=0)
 
-    def validate(self) -> None:
-        pass
-
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     dataset: str = opt("cifar10", "data set", choices=DATASETS, flag="data")
     data_dir: str | None = opt(
         None,
@@ -147,7 +154,7 @@ class DataConfig:
     )
     cache_size: str = opt("64G", "the most --cache-dir may hold (K/M/G suffixes); the oldest shards go first")
 
-    def validate(self) -> None:
+    def check(self) -> None:
         if self.dataset == "imagefolder" and not self.data_dir:
             raise UserError("--data imagefolder needs --data-dir PATH (a folder with train/ and val/)")
         if self.dataset == "shards" and not self.data_dir:
@@ -201,7 +208,7 @@ class DataConfig:
 
 
 @dataclass
-class AugmentConfig:
+class AugmentConfig(Section):
     auto_augment: str = opt(
         "none", "per-sample automatic augmentation, as torchvision's (torch and gpu backends)", choices=AUTO_AUGMENT
     )
@@ -232,12 +239,9 @@ class AugmentConfig:
         error="--cutmix-alpha must be >= 0, 0 for off (got {value}); e.g. 0.2",
     )
 
-    def validate(self) -> None:
-        pass
-
 
 @dataclass
-class OptimConfig:
+class OptimConfig(Section):
     epochs: int = opt(90, "number of epochs", at_least=0)
     max_steps: int = opt(0, "stop after this many optimizer steps (0: no limit)", at_least=0)
     batch_size: int = opt(256, "batch size per process (per optimizer step and micro-batch)", above=0)
@@ -267,7 +271,7 @@ class OptimConfig:
         choices=AMP,
     )
 
-    def validate(self) -> None:
+    def check(self) -> None:
         if self.epochs == 0 and self.max_steps == 0:
             raise UserError("--epochs 0 with no --max-steps trains nothing; set one of them")
         self.lr_step_epochs  # noqa: B018 (parsed here: a malformed list fails before anything is built)
@@ -283,18 +287,15 @@ class OptimConfig:
 
 
 @dataclass
-class RunConfig:
+class RunConfig(Section):
     seed: int = opt(0, "random seed (model init, data order, augmentation)", at_least=0, below=2**63)
     deterministic: bool = opt(False, "deterministic algorithms (slower)")
     output_dir: str = opt("runs/default", "folder for config.yaml, metrics.jsonl, checkpoints/")
     eval_every: int = opt(1, "evaluate every N epochs (0: only at the end)", at_least=0)
 
-    def validate(self) -> None:
-        pass
-
 
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(Section):
     resume: str | None = opt(None, "continue from a checkpoint: 'latest' (OUTPUT_DIR/checkpoints) or a path")
     rescale_lr_on_resume: bool = opt(False, "resumed with another global batch: scale the lr by new/old global batch")
     checkpoint_every: int = opt(
@@ -302,12 +303,9 @@ class CheckpointConfig:
     )
     keep_checkpoints: int = opt(3, "step checkpoints kept besides last.pt", at_least=1)
 
-    def validate(self) -> None:
-        pass
-
 
 @dataclass
-class GuardConfig:
+class GuardConfig(Section):
     on_nonfinite: str = opt(
         "stop",
         "a non-finite loss: stop, or rollback to the last good checkpoint with a lower lr",
@@ -328,12 +326,9 @@ class GuardConfig:
         error="--dist-timeout must be a positive number of minutes (got {value}); e.g. 30 for slow steps",
     )
 
-    def validate(self) -> None:
-        pass
-
 
 @dataclass
-class DistConfig:
+class DistConfig(Section):
     device: str = opt("auto", "training device; auto: cuda when available", choices=("auto", "cpu", "cuda"))
     dist_backend: str = opt(
         "auto",
@@ -348,12 +343,9 @@ class DistConfig:
         False, "benchmarks only: every other log window skips the gradient all-reduce (never for real training)"
     )
 
-    def validate(self) -> None:
-        pass
-
 
 @dataclass
-class ObserveConfig:
+class ObserveConfig(Section):
     log_every: int = opt(50, "log (and reduce metrics across ranks) every N steps", above=0)
     progress: bool = opt(True, "progress bar on rank 0")
     wandb: str = opt(
@@ -368,7 +360,7 @@ class ObserveConfig:
     profile_shapes: bool = opt(False, "--profile-steps: record each op's input shapes")
     profile_memory: bool = opt(False, "--profile-steps: record memory allocations")
 
-    def validate(self) -> None:
+    def check(self) -> None:
         self.profile_window  # noqa: B018 (parsed here: a malformed window fails before anything is built)
         if self.tensorboard:
             try:
@@ -400,7 +392,7 @@ class ObserveConfig:
 
 
 @dataclass
-class TuneConfig:
+class TuneConfig(Section):
     autotune: bool = opt(False, "time the speed-only settings before training and train with the fastest")
     autotune_budget: float = opt(
         60.0,
@@ -412,7 +404,7 @@ class TuneConfig:
     autotune_levers: str = opt("all", "--autotune: comma-separated settings to tune, of " + ", ".join(AUTOTUNE_LEVERS))
     autotune_retune: bool = opt(False, "--autotune on a resumed run: tune again instead of reusing autotune.json")
 
-    def validate(self) -> None:
+    def check(self) -> None:
         self.levers  # noqa: B018 (parsed here: an unknown lever fails before anything is built)
 
     @cached_property
@@ -529,7 +521,6 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         for name in SECTIONS:
-            check_ranges(getattr(self, name))  # (first: a section's own checks may use the values)
             getattr(self, name).validate()
         return self
 

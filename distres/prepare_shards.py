@@ -129,7 +129,7 @@ class Writer:
 
     def image(self, split: Split, i: int) -> tuple[bytes, str]:
         """Sample i's member bytes and extension; an image training could not decode raises."""
-        from distres.data.shards import decode_bytes
+        from distres.data.decode import decode_bytes
 
         data, ext = split.read(i)
         if self.reencoding:

@@ -204,12 +204,16 @@ def decode_pil(path: str, data: bytes | None = None) -> torch.Tensor:
 def decode_torchvision(path: str) -> torch.Tensor:
     """An image file -> uint8 RGB tensor, CHW. torchvision reads JPEG, PNG, WebP and GIF; BMP
     and TIFF go to PIL. A file neither can read raises torchvision's error."""
-    data = read_checked(path)
+    return decode_bytes(read_checked(path))
+
+
+def decode_bytes(data: bytes) -> torch.Tensor:
+    """``decode_torchvision`` for an image already read (a shard member, say)."""
     try:
         return to_uint8(decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB))
     except RuntimeError as err:
         try:
-            return decode_pil(path, data)
+            return decode_pil("", data)
         except DECODE_ERRORS:
             raise err from None
 

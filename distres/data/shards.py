@@ -23,24 +23,11 @@ import json
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_image
 
 from distres.data import shardformat as fmt
-from distres.data.decode import DECODE_ERRORS, check_excluded, check_pixels, decode_pil, to_uint8
+from distres.data.decode import check_excluded, check_pixels, decode_bytes
 from distres.data.remote import FIX_SHARDS, ShardError, is_url, open_store
 from distres.errors import UserError
-
-
-def decode_bytes(data: bytes) -> torch.Tensor:
-    """An encoded image -> uint8 RGB CHW, as ``decode.decode_torchvision`` decodes the same
-    bytes from a file (torchvision, then PIL for what it cannot read)."""
-    try:
-        return to_uint8(decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB))
-    except RuntimeError as err:
-        try:
-            return decode_pil(io.BytesIO(data))
-        except DECODE_ERRORS:
-            raise err from None
 
 
 def read_manifest(store) -> dict:
@@ -132,6 +119,14 @@ class ShardSource:
 
     def load(self, i: int) -> tuple[torch.Tensor, int]:
         return decode_bytes(self.read(i)), int(self.labels[i])
+
+    def decoder(self, name: str) -> torch.Tensor:
+        """The sample called ``name`` (``name(i)``), decoded: how the samples of a batch whose
+        worker died are decoded again one at a time, to find the one that crashes the decoder
+        (``data.isolate``)."""
+        url, _, key = name.rpartition(":")
+        k = next(j for j, tar in enumerate(self.tars) if self.store.url(tar) == url)
+        return decode_bytes(self.read(int(np.flatnonzero((self.shard == k) & (self.keys == int(key)))[0])))
 
 
 def shard_splits(where: str, cache_dir: str | None, cache_size: int, classes: list[str] | None = None):
