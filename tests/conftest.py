@@ -28,6 +28,18 @@ SLOW_ELSEWHERE = {
 }
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` runs ``-n auto``) each worker gets its own share of the
+    CPUs, and the runs it starts inherit it: torch's OpenMP threads spin while they wait for each
+    other, so two workers' threads on the same cores slow each other down several-fold, where
+    one core each costs only the parallelism inside a single test."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if worker and count and hasattr(os, "sched_setaffinity"):
+        cpus, k, n = sorted(os.sched_getaffinity(0)), int(worker.removeprefix("gw")), int(count)
+        if n <= len(cpus):
+            os.sched_setaffinity(0, cpus[k::n])
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.nodeid.split("/")[-1] in SLOW_ELSEWHERE:
