@@ -1,8 +1,9 @@
-"""Writing a file so that it is either whole or absent (no torch import: ``distres.prepare``
-uses it and starts quickly)."""
+"""Writing a file so that it is either whole or absent, and a file's checksum (no torch import:
+``distres.prepare`` uses it and starts quickly)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -26,3 +27,12 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def sha256(path: Path) -> str:
+    """The file's SHA-256 (hex), read in 4 MiB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()

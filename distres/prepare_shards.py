@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
+from distres import files
 from distres.data import shardformat as fmt
 from distres.errors import UserError
-from distres.files import atomic_write
 
 PLAN, DONE = ".plan.json", ".done"
 OVERHEAD = 3 * fmt.BLOCK  # a sample's two headers and its label's block, besides its image
@@ -153,7 +153,7 @@ class Writer:
         cuts = {s.name: _cut(self._sizes(s), self.shard_size) for s in splits}
         total = max(len(s.labels) for s in splits)
         plan = {**wanted, "digits": max(8, len(str(total))), "shards": cuts}
-        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(plan)))
+        files.atomic_write(path, lambda tmp: tmp.write_text(json.dumps(plan)))
         return plan
 
     def _sizes(self, split: Split) -> np.ndarray:
@@ -216,7 +216,7 @@ class Writer:
             return None
         record = json.loads(record_path.read_text())
         idx = self.out / fmt.index_name(tar.name)
-        if tar.stat().st_size == record["bytes"] and file_sha256(tar) == record["sha256"] and idx.is_file():
+        if tar.stat().st_size == record["bytes"] and files.sha256(tar) == record["sha256"] and idx.is_file():
             return record
         print(f"distres.prepare: {tar} does not match its checksum; writing it again", flush=True)
         return None
@@ -255,12 +255,12 @@ class Writer:
                 f.write(end_blocks)
                 digest.update(end_blocks)
 
-        atomic_write(self.out / name, write)
+        files.atomic_write(self.out / name, write)
         lines = [f"v1.2 {len(members)}"] + [fmt.index_line(m) for m in members]
-        atomic_write(self.out / fmt.index_name(name), lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+        files.atomic_write(self.out / fmt.index_name(name), lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
         record = {"tar": name, "samples": len(members), "bytes": offset + 2 * fmt.BLOCK, "sha256": digest.hexdigest()}
         record.update(table=table, bad=bad)
-        atomic_write(self.out / DONE / (name + ".json"), lambda tmp: tmp.write_text(json.dumps(record)))
+        files.atomic_write(self.out / DONE / (name + ".json"), lambda tmp: tmp.write_text(json.dumps(record)))
         return record
 
     def _finish(self, kind: str, classes: list[str], splits: list[Split], records: dict, digits: int) -> None:
@@ -284,11 +284,11 @@ class Writer:
             }
             table["shard"] = np.concatenate([np.full(s["samples"], k, dtype=np.int32) for k, s in enumerate(shards)])
             table_file = self.out / fmt.table_name(split.name)
-            atomic_write(table_file, lambda tmp, t=table: _save_npz(tmp, t))
+            files.atomic_write(table_file, lambda tmp, t=table: _save_npz(tmp, t))
             manifest["splits"][split.name] = {
                 "samples": int(sum(s["samples"] for s in shards)),
                 "table": table_file.name,
-                "table_sha256": file_sha256(table_file),
+                "table_sha256": files.sha256(table_file),
                 "shards": [
                     {
                         "tar": s["tar"],
@@ -300,7 +300,7 @@ class Writer:
                     for s in shards
                 ],
             }
-        atomic_write(self.out / fmt.MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
+        files.atomic_write(self.out / fmt.MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
         for item in manifest["left_out"]:
             print(f"  unreadable, left out: {item['name']}: {item['reason']}", flush=True)
         counts = ", ".join(
@@ -327,11 +327,3 @@ def _cut(sizes: np.ndarray, shard_size: int) -> list[tuple[int, int]]:
 def _save_npz(path: Path, arrays: dict) -> None:
     with open(path, "wb") as f:
         np.savez(f, **arrays)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()

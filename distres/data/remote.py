@@ -21,11 +21,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import os
 import shutil
 from pathlib import Path
 
+from distres import files
 from distres.errors import RankError, UserError
 
 FIX_SHARDS = "run python -m distres.prepare shards again on its source (it rewrites damaged shards)"
@@ -203,7 +203,7 @@ class ShardCache:
         try:
             with remote_errors(url):
                 fs.get_file(url, str(tmp))
-            if tmp.stat().st_size != size or _sha256(tmp) != sha256:
+            if tmp.stat().st_size != size or files.sha256(tmp) != sha256:
                 raise ShardError(f"{url} does not match the checksum in its manifest; {FIX_SHARDS}")
             os.replace(tmp, target)
         except OSError as e:
@@ -226,14 +226,6 @@ class ShardCache:
             total -= oldest.stat().st_size
             with contextlib.suppress(OSError):
                 oldest.unlink()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager
