@@ -30,14 +30,13 @@ lint: setup
 	$(PY) -m ruff format --check --quiet .
 	$(PY) -m ruff check --quiet .
 
-# One pytest-xdist worker per CPU, each test file on one worker (its shared runs made once).
 test: setup sysdeps lint
-	$(PY) -m pytest -q -n auto --dist loadfile --durations=20 tests
+	$(PY) -m pytest -q --durations=20 tests
 
 # The edit loop's tier: every test but those marked slow (real data, launcher restarts, SLURM,
 # long multi-process runs; pyproject.toml lists the marker). make test still runs them all.
 test-fast: setup
-	$(PY) -m pytest -q -n auto --dist loadfile -m "not slow" --durations=15 tests
+	$(PY) -m pytest -q -m "not slow" --durations=15 tests
 
 # What a GPU visit carries (benchmarks/README.md): the CIFAR-10 JPEGs and the wheels of the few
 # packages beyond torch, torchvision and numpy that benchmarks/gpu.sh needs, as the device has no network.

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-import pickle
 import shutil
 import tarfile
 import tempfile
 from pathlib import Path
 
 import pytest
-from filelock import FileLock
 
 from tests.helpers import CIFAR10_TARBALL, FOLDER_RUN, TINY, WANDB_VARS, make_imagefolder, process_state, run_train
 
@@ -26,18 +24,6 @@ SLOW_ELSEWHERE = {
     "test_models_engine.py::test_one_step_path_for_every_precision[fp16]",
     "test_models_engine.py::test_one_step_path_for_every_precision[bf16]",
 }
-
-
-def pytest_configure(config):
-    """Under pytest-xdist (``make test`` runs ``-n auto``) each worker gets its own share of the
-    CPUs, and the runs it starts inherit it: torch's OpenMP threads spin while they wait for each
-    other, so two workers' threads on the same cores slow each other down several-fold, where
-    one core each costs only the parallelism inside a single test."""
-    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
-    if worker and count and hasattr(os, "sched_setaffinity"):
-        cpus, k, n = sorted(os.sched_getaffinity(0)), int(worker.removeprefix("gw")), int(count)
-        if n <= len(cpus):
-            os.sched_setaffinity(0, cpus[k::n])
 
 
 def pytest_collection_modifyitems(config, items):
@@ -78,51 +64,25 @@ def module_dir(tmp_path_factory, request) -> Path:
     shutil.rmtree(root, ignore_errors=True)
 
 
-def shared_once(tmp_path_factory, name: str, make):
-    """``make(folder)`` run once for the whole test session, its result reused: under pytest-xdist
-    the workers are separate processes, and each would otherwise repeat a session fixture's
-    multi-process run. The first worker to ask makes it, under a file lock, in the folder that all
-    workers' temporary folders share; the others wait and read its pickled result. The folder
-    stays until the session's temporary folders are cleaned up (a worker cannot know when the
-    others are done with it)."""
-    if os.environ.get("PYTEST_XDIST_WORKER") is None:
-        folder = tmp_path_factory.mktemp(name)
-        yield make(folder)
-        shutil.rmtree(folder, ignore_errors=True)
-        return
-    root = tmp_path_factory.getbasetemp().parent / "shared"
-    root.mkdir(exist_ok=True)
-    folder, result = root / name, root / f"{name}.pickle"
-    with FileLock(str(root / f"{name}.lock")):
-        if not result.is_file():
-            shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir()
-            result.write_bytes(pickle.dumps(make(folder)))
-    yield pickle.loads(result.read_bytes())
-
-
 @pytest.fixture(scope="session")
-def cifar10_subset(tmp_path_factory):
+def cifar10_subset(tmp_path_factory) -> Path:
     """The real CIFAR-10 JPEGs: 400 train and 100 test images per class, as an ImageFolder."""
     if not CIFAR10_TARBALL.is_file():
         pytest.skip(f"real-data test: {CIFAR10_TARBALL} not present")
-
-    def make(root: Path) -> Path:
-        full = root / "full"
-        full.mkdir()
-        with tarfile.open(CIFAR10_TARBALL) as tar:
-            tar.extractall(full, filter="data")
-        subset = root / "subset"
-        for split, per_class in (("train", 400), ("test", 100)):
-            for cls_dir in sorted((full / split).iterdir()):
-                dst = subset / split / cls_dir.name
-                dst.mkdir(parents=True)
-                for f in sorted(cls_dir.iterdir())[:per_class]:
-                    os.link(f, dst / f.name)
-        shutil.rmtree(full)
-        return subset
-
-    yield from shared_once(tmp_path_factory, "cifar10", make)
+    root = tmp_path_factory.mktemp("cifar10")
+    full = root / "full"
+    full.mkdir()
+    with tarfile.open(CIFAR10_TARBALL) as tar:
+        tar.extractall(full, filter="data")
+    subset = root / "subset"
+    for split, per_class in (("train", 400), ("test", 100)):
+        for cls_dir in sorted((full / split).iterdir()):
+            dst = subset / split / cls_dir.name
+            dst.mkdir(parents=True)
+            for f in sorted(cls_dir.iterdir())[:per_class]:
+                os.link(f, dst / f.name)
+    shutil.rmtree(full)
+    return subset
 
 
 @pytest.fixture(scope="session")
@@ -135,53 +95,51 @@ def folder_run(tmp_path_factory):
     training runs by default; 72 training images on 2 ranks x batch 4 are 9 steps per epoch, 2
     epochs; 21 validation images: neither rank's shard fills its last batch. Returns
     (data folder, output folder, the torchrun CompletedProcess)."""
-
-    def make(root: Path):
-        data = make_imagefolder(
-            root / "data",
-            {"train": {c: FOLDER_RUN["train_per_class"] for c in FOLDER_RUN["classes"]}, "val": FOLDER_RUN["val"]},
-            size=36,
-        )
-        out = root / "run"
-        first, last = FOLDER_RUN["profile_steps"]
-        r = run_train(
-            [
-                "--arch",
-                "resnet18",
-                "--data",
-                "imagefolder",
-                "--data-dir",
-                str(data),
-                "--image-size",
-                "32",
-                "--cifar-stem",
-                "off",
-                "--batch-size",
-                "4",
-                "--epochs",
-                "2",
-                "--device",
-                "cpu",
-                "--workers",
-                "0",
-                "--ema-decay",
-                "0.5",
-                "--profile-steps",
-                f"{first}:{last}",
-                "--log-every",
-                "1",
-                "--no-progress",
-                "--wandb",
-                "disabled",
-                "--output-dir",
-                str(out),
-            ],
-            nproc=2,
-        )
-        assert r.returncode == 0, r.stderr[-3000:]
-        return data, out, r
-
-    yield from shared_once(tmp_path_factory, "folder_run", make)
+    root = tmp_path_factory.mktemp("folder_run")
+    data = make_imagefolder(
+        root / "data",
+        {"train": {c: FOLDER_RUN["train_per_class"] for c in FOLDER_RUN["classes"]}, "val": FOLDER_RUN["val"]},
+        size=36,
+    )
+    out = root / "run"
+    first, last = FOLDER_RUN["profile_steps"]
+    r = run_train(
+        [
+            "--arch",
+            "resnet18",
+            "--data",
+            "imagefolder",
+            "--data-dir",
+            str(data),
+            "--image-size",
+            "32",
+            "--cifar-stem",
+            "off",
+            "--batch-size",
+            "4",
+            "--epochs",
+            "2",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "--ema-decay",
+            "0.5",
+            "--profile-steps",
+            f"{first}:{last}",
+            "--log-every",
+            "1",
+            "--no-progress",
+            "--wandb",
+            "disabled",
+            "--output-dir",
+            str(out),
+        ],
+        nproc=2,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    yield data, out, r
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -192,30 +150,28 @@ def synthetic_run(tmp_path_factory):
     ranks over 128 samples: 8 steps per epoch, 4 epochs, an evaluation after each. HOME is an
     empty folder and no W&B variable is set: whatever W&B writes outside the output folder shows
     up there. Returns (output folder, HOME, the torchrun CompletedProcess)."""
-
-    def make(root: Path):
-        home, out = root / "home", root / "run"
-        home.mkdir()
-        r = run_train(
-            TINY
-            + [
-                "--wandb",
-                "offline",
-                "--batch-size",
-                "8",
-                "--synthetic-samples",
-                "128",
-                "--epochs",
-                "4",
-                "--lr",
-                "0.02",
-                "--output-dir",
-                str(out),
-            ],
-            nproc=2,
-            env={"HOME": str(home), **dict.fromkeys(WANDB_VARS)},
-        )
-        assert r.returncode == 0, r.stderr[-3000:]
-        return out, home, r
-
-    yield from shared_once(tmp_path_factory, "synthetic_run", make)
+    root = tmp_path_factory.mktemp("synthetic_run")
+    home, out = root / "home", root / "run"
+    home.mkdir()
+    r = run_train(
+        TINY
+        + [
+            "--wandb",
+            "offline",
+            "--batch-size",
+            "8",
+            "--synthetic-samples",
+            "128",
+            "--epochs",
+            "4",
+            "--lr",
+            "0.02",
+            "--output-dir",
+            str(out),
+        ],
+        nproc=2,
+        env={"HOME": str(home), **dict.fromkeys(WANDB_VARS)},
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    yield out, home, r
+    shutil.rmtree(root, ignore_errors=True)

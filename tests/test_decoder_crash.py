@@ -9,7 +9,7 @@ import torch
 
 from distres.data import decode, isolate
 from tests.damaged import huge_png, short_png, write
-from tests.helpers import make_imagefolder, read_metrics, run_here, train_here
+from tests.helpers import make_imagefolder, read_metrics, run_here, run_train, train_here
 
 ARGS = [
     "--arch", "resnet18", "--data", "imagefolder", "--image-size", "32", "--batch-size", "4",
@@ -113,3 +113,23 @@ def test_prepare_skips_images_over_the_pixel_limit(tmp_path):
     big = write(tmp_path / "big.png", huge_png())
     with pytest.raises(Unreadable, match="30000x30000 pixels, over --max-image-pixels"):
         resize_image(big, tmp_path / "out.jpg", 64, 90)
+
+
+@pytest.mark.slow
+def test_two_ranks_that_meet_the_crash_equal_two_told_to_exclude_it(crashing, tmp_path):
+    """torchrun with 2 ranks over 2 epochs (the file falls to one rank or the other each epoch):
+    the run ends as the run that excluded the file from the start, weights bit for bit."""
+    root, bad = crashing
+    args = ARGS + ["--data-dir", str(root), "--epochs", "2"]
+    hit = run_train(args + ["--output-dir", str(tmp_path / "hit")], nproc=2)
+    assert hit.returncode == 0, hit.stderr[-3000:]
+    assert f"{bad} {isolate.CRASHED} (SIGSEGV)" in hit.stderr, hit.stderr[-3000:]
+    assert (tmp_path / "hit" / "bad_samples.txt").read_text().split() == [str(bad)]
+    told = run_train(
+        args + ["--output-dir", str(tmp_path / "told"), "--exclude-files", str(tmp_path / "hit" / "bad_samples.txt")],
+        nproc=2,
+    )
+    assert told.returncode == 0 and isolate.CRASHED not in told.stderr, told.stderr[-3000:]
+    a, b = _weights(tmp_path / "hit"), _weights(tmp_path / "told")
+    for name, t in a["model"].items():
+        assert torch.equal(t, b["model"][name]), name

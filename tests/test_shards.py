@@ -16,7 +16,16 @@ from distres.data.remote import ShardError
 from distres.data.sharding import epoch_order
 from distres.dist import DistContext
 from distres.errors import UserError
-from tests.helpers import TINY, break_jpeg, make_imagefolder, one_error_line, run_here, train_here, train_losses
+from tests.helpers import (
+    TINY,
+    break_jpeg,
+    make_imagefolder,
+    one_error_line,
+    run_here,
+    run_train,
+    train_here,
+    train_losses,
+)
 
 COUNTS = {"train": {"cat": 14, "dog": 12, "fox": 13}, "val": {"cat": 4, "dog": 5, "fox": 3}}
 
@@ -291,3 +300,22 @@ def test_dali_webdataset_reader_takes_the_shards_and_their_index(shard_set):
     files = sorted((folder / "train" / "cat").iterdir())[:5]
     assert [np.array(images[i]).tobytes() for i in range(5)] == [f.read_bytes() for f in files]
     assert [np.array(labels[i]).tobytes() for i in range(5)] == [b"0"] * 5
+
+
+@pytest.mark.slow
+def test_a_two_rank_run_on_shards_resumed_on_one_process_is_the_folders(shard_set, tmp_path):
+    """torchrun with 2 ranks stopped in the middle of the epoch, resumed as one process: the
+    shards give, loss for loss, what the folder they were made from gives in the same run."""
+    folder, out = shard_set
+    base = TINY[: TINY.index("--data")] + TINY[TINY.index("--data") + 2 :]
+    base += ["--batch-size", "2", "--epochs", "1", "--workers", "1", "--seed", "3", "--schedule", "constant"]
+    base += ["--warmup-epochs", "0", "--checkpoint-every", "0", "--eval-every", "0"]
+    losses = []
+    for data, where in (("imagefolder", folder), ("shards", out)):
+        args = base + ["--data", data, "--data-dir", str(where), "--output-dir", str(tmp_path / data)]
+        r = run_train(args + ["--max-steps", "4"], nproc=2)
+        assert r.returncode == 0, r.stderr[-2000:]
+        r = train_here(args + ["--resume"])
+        assert r.returncode == 0, r.stderr[-2000:]
+        losses.append(train_losses(tmp_path / data))
+    assert losses[0] == losses[1] and len(losses[0]) > 4

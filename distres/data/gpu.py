@@ -86,6 +86,7 @@ def _decode_files(source, size: int, bad, workers: int, resize: int) -> list:
             collate_fn=_as_is,
             num_workers=max(1, workers),
             prefetch_factor=isolate.PREFETCH,
+            generator=torch.Generator().manual_seed(0),  # (no draw from the global RNG: the model's init follows)
         )
 
     def files_of(k: int) -> list[str]:

@@ -77,8 +77,9 @@ def guarded(make, files_of, decode_file, bad=None):
         except (RuntimeError, OSError, EOFError) as err:
             if not worker_died(err, it):
                 raise
+            death = _death(err, it)
             _close(it)
-            _isolate(k, max(1, loader.num_workers) * PREFETCH, files_of, decode_file, bad)
+            _isolate(k, max(1, loader.num_workers) * PREFETCH, files_of, decode_file, bad, death)
             loader = make(k)
             it = iter(loader)
             _unwatch(it)
@@ -87,7 +88,15 @@ def guarded(make, files_of, decode_file, bad=None):
         yield batch
 
 
-def _isolate(k: int, ahead: int, files_of, decode_file, bad) -> None:
+def _death(err: BaseException, it) -> str:
+    """torch's words for the worker's death, naming the signal where torch's words do not."""
+    for worker in getattr(it, "_workers", ()):
+        if worker.exitcode is not None and worker.exitcode < 0:
+            return f"DataLoader worker (pid {worker.pid}) is killed by signal: {signal.strsignal(-worker.exitcode)}"
+    return " ".join(str(err).split()).rstrip(". ")
+
+
+def _isolate(k: int, ahead: int, files_of, decode_file, bad, death: str) -> None:
     """Exclude the file(s) of the first of batches k .. k + ahead - 1 that crash a decoder."""
     tried: list[str] = []
     for j in range(k, k + ahead):
@@ -104,9 +113,10 @@ def _isolate(k: int, ahead: int, files_of, decode_file, bad) -> None:
         if crashed:
             return
     raise RankError(
-        f"a data loading worker died, and none of the {len(tried)} files it had in flight ({listed(tried)}) "
-        "crashes a decoder alone (out of memory?); list them in a file and pass --exclude-files FILE, "
-        "or lower --workers"
+        f"rank {dist.rank_from_env()}: a data loading worker died ({death}), and none of the {len(tried)} files it had in flight "
+        f"({listed(tried)}) crashes a decoder alone; if it ran out of memory (dmesg names the OOM killer), lower "
+        "--workers or --batch-size, or give the job more memory; if one of these files is to blame, list it in a "
+        "file and pass --exclude-files FILE"
     )
 
 
