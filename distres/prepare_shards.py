@@ -137,6 +137,16 @@ class Writer:
         decode_bytes(data)  # the training decoder's verdict, so training never meets a bad member
         return data, ext
 
+    def _crashing(self, split: Split, start: int, end: int) -> dict[int, str]:
+        """The samples of a shard, other than JPEGs, whose decoding kills the process (libpng dies
+        on some damaged PNGs instead of failing), found by decoding them in a throw-away process
+        first (``data.isolate.probe``): they are left out and listed, as any unreadable image."""
+        from distres.data import isolate
+
+        others = [i for i in range(start, end) if not split.names[i].lower().endswith((".jpg", ".jpeg"))]
+        found = isolate.probe(others, lambda i: self.image(split, i)) if others else {}
+        return {i: why for i, why in found.items() if why.startswith(isolate.CRASHED)}
+
     def plan(self, splits: list[Split]) -> dict:
         """Which samples (start, end) go to which shard, kept in OUT/.plan.json: a re-run goes on
         with the same cut, and refuses other options or another source."""
@@ -234,10 +244,15 @@ class Writer:
             offset += len(block)
             return offset - len(block) + fmt.BLOCK
 
+        crashing = self._crashing(split, start, end)
+
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as f:
                 for i in range(start, end):
                     progress(1)
+                    if i in crashing:
+                        bad.append((split.names[i], crashing[i]))
+                        continue
                     try:
                         data, ext = self.image(split, i)
                     except Exception as e:  # noqa: BLE001 (whatever the decoders raise, the image is left out)

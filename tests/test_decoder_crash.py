@@ -4,6 +4,8 @@ exclude it from the start; a resumed run leaves it out too. Images declaring mor
 --max-image-pixels are skipped without being decoded. The trainer runs in this process; the
 crash happens in its DataLoader worker (or the probe's forked child), never here."""
 
+import json
+
 import pytest
 import torch
 
@@ -133,3 +135,22 @@ def test_two_ranks_that_meet_the_crash_equal_two_told_to_exclude_it(crashing, tm
     a, b = _weights(tmp_path / "hit"), _weights(tmp_path / "told")
     for name, t in a["model"].items():
         assert torch.equal(t, b["model"][name]), name
+
+
+def test_prepare_shards_leaves_out_the_crashing_file_and_training_reads_the_rest(crashing, tmp_path):
+    from distres.prepare import main as prepare
+
+    root, bad = crashing
+    out = tmp_path / "shards"
+    r = run_here(prepare, ["shards", str(root), str(out), "--workers", "1"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [x["reason"] for x in manifest["left_out"] if x["name"].endswith("crash.png")] == [
+        f"{isolate.CRASHED} (SIGSEGV)"
+    ]
+    assert manifest["splits"]["train"]["samples"] == 23
+    args = ARGS[: ARGS.index("--data")] + ARGS[ARGS.index("--data") + 2 :]
+    run = train_here(
+        args + ["--data", "shards", "--data-dir", str(out), "--epochs", "1", "--output-dir", str(tmp_path / "o")]
+    )
+    assert run.returncode == 0 and isolate.CRASHED not in run.stderr, run.stderr[-3000:]
