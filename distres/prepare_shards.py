@@ -143,6 +143,8 @@ class Writer:
         first (``data.isolate.probe``): they are left out and listed, as any unreadable image."""
         from distres.data import isolate
 
+        if split.file_sizes is None:  # images encoded here from arrays: nothing to fear, nothing to decode twice
+            return {}
         others = [i for i in range(start, end) if not split.names[i].lower().endswith((".jpg", ".jpeg"))]
         found = isolate.probe(others, lambda i: self.image(split, i)) if others else {}
         return {i: why for i, why in found.items() if why.startswith(isolate.CRASHED)}

@@ -22,7 +22,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from distres.data import decode, isolate, transforms
 from distres.data.base import Loader, SideStream, Spec, all_bad, prefetch, to_device
-from distres.data.decode import DECODE_ERRORS, decode_torchvision, describe, jpeg_size, read_checked
+from distres.data.decode import DECODE_ERRORS, decode_torchvision, describe, jpeg_size
 from distres.errors import UserError
 
 
@@ -104,7 +104,7 @@ class BatchDataset(torch.utils.data.Dataset):
 
     def _read(self, index: int) -> tuple[bytes | torch.Tensor, int]:
         """A whole JPEG as its bytes; any other image decoded (CHW)."""
-        data = self.source.read(index) if hasattr(self.source, "read") else read_checked(self.source.name(index))
+        data = self.source.read(index)  # a file's bytes or a shard member's, checked (``decode.read_checked``)
         if jpeg_size(data) is None:  # not a JPEG, or not one whose layout the check knows
             return self.source.load(index)  # (a damaged JPEG fails here, as in the workers' path)
         return data, int(self.source.labels[index])
@@ -192,7 +192,7 @@ def _whole_batch(batch):
 class TorchLoader(Loader):
     def __init__(self, spec: Spec):
         super().__init__(spec, len(spec.source))
-        if spec.decode_on_device and not (hasattr(spec.source, "paths") or hasattr(spec.source, "read")):
+        if spec.decode_on_device and not hasattr(spec.source, "read"):  # (arrays, not encoded images)
             raise UserError(
                 f"--decode-on device decodes image files, and {spec.source.name(0).split('[')[0]} "
                 "comes as arrays already decoded; drop --decode-on device"
