@@ -70,10 +70,15 @@ def normalizer(meta: dict, device: torch.device, channels_last: bool) -> Normali
     return Normalize(meta["mean"], meta["std"], device, models.memory_format(channels_last))
 
 
-def read_image(path: str, meta: dict) -> torch.Tensor:
-    """An image file as the model's uint8 input: shorter side resized, centre crop, as the
+def model_input(image: torch.Tensor, meta: dict) -> torch.Tensor:
+    """A decoded image as the model's uint8 input: shorter side resized, centre crop, as the
     validation images of its training run were."""
-    return transforms.resize_center_crop(decode_torchvision(path), meta["image_size"], meta.get("resize", 0))
+    return transforms.resize_center_crop(image, meta["image_size"], meta.get("resize", 0))
+
+
+def read_image(path: str, meta: dict) -> torch.Tensor:
+    """An image file as the model's uint8 input (``model_input``)."""
+    return model_input(decode_torchvision(path), meta)
 
 
 def find_images(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:

@@ -2,8 +2,10 @@
 
     python -m distres.predict --checkpoint runs/x/checkpoints/best.pt photos/ more/img.jpg --output preds.csv
 
-INPUTs are image files or folders (searched recursively). Videos: extract their frames first
-(``python -m distres.prepare video SRC DST --fps 2``) and pass the frame folder. Images are
+INPUTs are image files, folders (searched recursively) or shard sets (``python -m distres.prepare
+shards``: a folder or URL holding its manifest; each sample is named SHARD.tar:KEY). Videos:
+extract their frames first (``python -m distres.prepare video SRC DST --fps 2``) and pass the
+frame folder. Images are
 decoded by DataLoader workers and scored in batches, on the GPU when there is one, with the
 validation preprocessing of the model's training run. A file that cannot be read, that declares
 more than --max-image-pixels pixels or that crashes the decoder (``data/isolate.py``) is listed
@@ -21,8 +23,11 @@ import torch
 from distres import dist, inference
 from distres.config import AMP
 from distres.data import decode, isolate
+from distres.data import shardformat as fmt
 from distres.data.decode import DECODE_ERRORS, describe
 from distres.data.formats import IMAGE_EXTENSIONS
+from distres.data.remote import is_url, open_store
+from distres.data.shards import ShardSource, read_manifest
 from distres.engine import Precision
 from distres.errors import ArgumentParser, UserError, console, run_cli
 
@@ -32,7 +37,8 @@ def build_parser() -> ArgumentParser:
         prog="python -m distres.predict",
         description=__doc__.split("\n\n")[0],
     )
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of them")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders of them, or shard sets")
+    p.add_argument("--split", choices=("all", "train", "val"), default="all", help="which samples of a shard set")
     p.add_argument("--checkpoint", required=True, help="a distres checkpoint or .safetensors export")
     p.add_argument("--weights", choices=inference.WEIGHT_CHOICES, default="auto", help=inference.WEIGHTS_HELP)
     p.add_number("--top-k", int, 5, "classes listed per image (at most the class count)", at_least=1)
@@ -51,19 +57,69 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-class Images(torch.utils.data.Dataset):
-    """files[start:], each as (its index in files, the image or None, why not)."""
+class Inputs:
+    """The images to classify under one index: the files, then each shard set's samples."""
 
-    def __init__(self, files: list[str], meta: dict, start: int = 0):
-        self.files, self.meta, self.start = files, meta, start
+    def __init__(self, files: list[str], sets: list[ShardSource]):
+        self.files, self.sets = files, sets
+        self.starts = [len(files)]
+        for source in sets:
+            self.starts.append(self.starts[-1] + len(source))
 
     def __len__(self) -> int:
-        return len(self.files) - self.start
+        return self.starts[-1]
+
+    def _where(self, i: int) -> tuple[ShardSource, int]:
+        k = next(k for k, end in enumerate(self.starts[1:]) if i < end)
+        return self.sets[k], i - self.starts[k]
+
+    def name(self, i: int) -> str:
+        if i < len(self.files):
+            return self.files[i]
+        source, j = self._where(i)
+        return source.name(j)
+
+    def image(self, i: int) -> torch.Tensor:
+        if i < len(self.files):
+            return decode.decode_torchvision(self.files[i])
+        source, j = self._where(i)
+        return decode.decode_bytes(source.read(j))
+
+    def decode(self, name: str) -> torch.Tensor:
+        """The image called ``name``: how ``data.isolate`` decodes a crashed batch's images again."""
+        for source in self.sets:
+            if name.rpartition(":")[0] in map(source.store.url, source.tars):
+                return source.decoder(name)
+        return decode.decode_torchvision(name)
+
+
+def find_inputs(inputs: list[str], split: str) -> tuple[Inputs, list[tuple[str, str]]]:
+    """The images among ``inputs``; what was left out, and why."""
+    plain, sets = [], []
+    for item in inputs:
+        if is_url(item) or os.path.isfile(os.path.join(item, fmt.MANIFEST)):
+            store = open_store(item)
+            manifest = read_manifest(store)
+            sets += [ShardSource(store, manifest, name) for name in manifest["splits"] if split in ("all", name)]
+        else:
+            plain.append(item)
+    files, skipped = inference.find_images(plain)
+    return Inputs(files, sets), skipped
+
+
+class Images(torch.utils.data.Dataset):
+    """The inputs from ``start`` on, each as (its index, the model's input or None, why not)."""
+
+    def __init__(self, inputs: Inputs, meta: dict, start: int = 0):
+        self.inputs, self.meta, self.start = inputs, meta, start
+
+    def __len__(self) -> int:
+        return len(self.inputs) - self.start
 
     def __getitem__(self, j: int):
         i = self.start + j
         try:
-            return i, inference.read_image(self.files[i], self.meta), None
+            return i, inference.model_input(self.inputs.image(i), self.meta), None
         except DECODE_ERRORS as e:
             return i, None, describe(e)
 
@@ -80,9 +136,11 @@ def predict(a) -> tuple[int, int]:
     device = dist.resolve_device(a.device, 0)
     trained = inference.load(a.checkpoint, a.weights, device)
     meta, classes = trained.meta, trained.meta["classes"]
-    files, unreadable = inference.find_images(a.inputs)
-    if not files:
-        raise UserError(f"no image files in {', '.join(a.inputs)} ({', '.join(IMAGE_EXTENSIONS)}); check the paths")
+    inputs, unreadable = find_inputs(a.inputs, a.split)
+    if not len(inputs):
+        raise UserError(
+            f"no image files in {', '.join(a.inputs)} ({', '.join(IMAGE_EXTENSIONS)}, or shard sets); check the paths"
+        )
     k = min(a.top_k, len(classes))
     norm = inference.normalizer(meta, device, trained.config.channels_last)
     precision = Precision(a.amp or trained.config.amp, device)
@@ -90,7 +148,7 @@ def predict(a) -> tuple[int, int]:
 
     def make(k: int) -> torch.utils.data.DataLoader:  # the batches from batch k on
         return torch.utils.data.DataLoader(
-            Images(files, meta, k * a.batch_size),
+            Images(inputs, meta, k * a.batch_size),
             batch_size=a.batch_size,
             num_workers=a.workers,
             collate_fn=_batch,
@@ -98,9 +156,10 @@ def predict(a) -> tuple[int, int]:
             prefetch_factor=isolate.PREFETCH if a.workers else None,
         )
 
-    loader = isolate.guarded(
-        make, lambda k: files[k * a.batch_size : (k + 1) * a.batch_size], decode.decode_torchvision
-    )
+    def names_of(k: int) -> list[str]:  # the images of batch k
+        return [inputs.name(i) for i in range(k * a.batch_size, min((k + 1) * a.batch_size, len(inputs)))]
+
+    loader = isolate.guarded(make, names_of, inputs.decode)
     try:
         out = sys.stdout if a.output == "-" else open(a.output, "w", newline="")
     except OSError as e:
@@ -111,7 +170,7 @@ def predict(a) -> tuple[int, int]:
         w.writerow(["file", *[c for j in range(1, k + 1) for c in (f"class{j}", f"prob{j}")]])
         with torch.inference_mode():
             for index, images, bad in loader:
-                unreadable += [(files[i], err) for i, err in bad]
+                unreadable += [(inputs.name(i), err) for i, err in bad]
                 if images is None:
                     continue
                 x, _ = norm(images, torch.zeros(0, dtype=torch.int64))
@@ -120,7 +179,7 @@ def predict(a) -> tuple[int, int]:
                 probs = logits.float().softmax(dim=1)
                 top = probs.topk(k, dim=1)
                 for i, labels, ps in zip(index, top.indices.tolist(), top.values.tolist()):
-                    w.writerow([files[i], *[v for c, p in zip(labels, ps) for v in (classes[c], f"{p:.4f}")]])
+                    w.writerow([inputs.name(i), *[v for c, p in zip(labels, ps) for v in (classes[c], f"{p:.4f}")]])
                 written += len(index)
     finally:
         if out is not sys.stdout:

@@ -3,13 +3,14 @@
 in any split of the global batch and from any resume position; damaged shard sets stop with
 one line."""
 
+import csv
 import json
 import tarfile
 
 import pytest
 import torch
 
-from distres import evaluate, prepare
+from distres import evaluate, predict, prepare
 from distres.config import parse_args
 from distres.data import build
 from distres.data.remote import ShardError
@@ -163,6 +164,15 @@ def test_training_on_shards_is_training_on_the_folder_across_a_stop_and_resume(s
         summary = json.loads((tmp_path / data / "summary.json").read_text())
         summaries.append({k: v for k, v in summary.items() if k not in ("data", "data_dir")})
     assert summaries[0] == summaries[1] and summaries[0]["eval_samples"] == 12
+    tables = []  # distres.predict: the shard set's validation samples scored as the folder's files are
+    for inputs in ([str(folder / "val")], [str(out), "--split", "val"]):
+        preds = tmp_path / f"predictions{len(tables)}.csv"
+        args = ["--checkpoint", str(cut / "checkpoints" / "last.pt"), *inputs, "--workers", "1", "--top-k", "2"]
+        r = run_here(predict.main, args + ["--device", "cpu", "--output", str(preds)])
+        assert r.returncode == 0, r.stderr[-2000:]
+        tables.append(list(csv.reader(preds.open())))
+    assert len(tables[1]) == 13 and tables[1][1][0] == f"{out / 'val-000000.tar'}:00000000"
+    assert [row[1:] for row in tables[0]] == [row[1:] for row in tables[1]]
 
 
 def _copy(out, tmp_path):
