@@ -94,10 +94,9 @@ class _Feed:
 
     def _prepare(self, k: int, ids, epoch: int):
         ld = self.loader
-        datas, kept, sizes, bad = [], [], [], []  # kept: draw ids
-        ld.vet([d % ld.num_samples for d in ids.tolist()])
+        read = []  # (draw id, sample, its bytes, (height, width), why it is bad)
         for d in ids.tolist():
-            i = d % ld.num_samples
+            i, data, hw = d % ld.num_samples, None, None
             reason = ld.known_bad.get(i)
             if reason is None:
                 try:
@@ -106,6 +105,11 @@ class _Feed:
                     reason = None if hw else "not a complete image file"
                 except DECODE_ERRORS as e:
                     reason = describe(e)
+            read.append((d, i, data, hw, reason))
+        ld.vet([i for _, i, data, _, reason in read if reason is None and data[:2] != decode.JPEG_MAGIC])
+        datas, kept, sizes, bad = [], [], [], []  # kept: draw ids
+        for d, i, data, hw, reason in read:
+            reason = reason or ld.known_bad.get(i)
             if reason is not None:
                 bad.append((ld.source.name(i), reason))
                 continue
@@ -254,13 +258,12 @@ class DaliLoader(Loader):
         return self.device.index if self.device.index is not None else torch.cuda.current_device()
 
     def vet(self, samples: list[int]) -> None:
-        """Decode the samples other than JPEGs once, in a throw-away process, before DALI meets
-        them: its PNG decoder (libpng) dies on some damaged files instead of failing, and a crash
-        in DALI's threads would end the run. (JPEGs are left to DALI's own error handling:
-        ``_find_bad``.) Called by the feed's thread."""
+        """Decode the samples that are not JPEGs (by their bytes: shard members have no file
+        name) once, in a throw-away process, before DALI meets them: its PNG decoder (libpng)
+        dies on some damaged files instead of failing, and a crash in DALI's threads would end
+        the run. (JPEGs are left to DALI's own error handling: ``_find_bad``.) Called by the
+        feed's thread."""
         new = [i for i in samples if i not in self.vetted and i not in self.known_bad]
-        new = [i for i in new if not self.source.name(i).lower().endswith((".jpg", ".jpeg"))]
-        new = [i for i in new if not decode.is_excluded(self.source.name(i))]
         if new:
             self._found(isolate.probe(new, self.source.load))
             self.vetted.update(new)
