@@ -34,10 +34,11 @@ NOTES = (
     "Not in the table: S3 without a cache (one range request per sample). moto's server copies the "
     "whole object for each range request, so with 16 MB shards it served a few samples per second: "
     "a measure of moto, not of S3. Shards read 512 bytes more per sample than the image (its tar "
-    "header, checked against the table). img/s varies by tens of percent between runs: the 2 cores "
-    "were shared with other work (load average about 8). The folder rows of the ImageNet-size table list the 50,000 CIFAR-10 "
-    "training files and repeat their paths to 1,281,167 (distinct string objects, as a listing makes "
-    "them): `folder-list` holds them in a Python list (as before), `folder` in `data.strings`' arrays."
+    "header, checked against the table). In the ImageNet-size table, `folder` is a folder of "
+    "1,281,167 hard links to the CIFAR-10 training JPEGs in 1,000 class folders (ImageNet's layout) on the local "
+    "disk, listed with its directory entries in the page cache (a shared file system lists slower); `folder-list` "
+    "holds the 50,000 CIFAR-10 paths repeated to 1,281,167 in a Python list (distinct string objects, as a listing "
+    "makes them), where the folder source keeps them in `data.strings`' NumPy arrays."
 )
 
 
@@ -196,6 +197,28 @@ def imagenet_size(shards: Path, out: Path) -> Path:
     return out
 
 
+def imagenet_folder(folder: Path, out: Path) -> Path:
+    """An ImageFolder of IMAGENET files in 1,000 class folders, as ImageNet's train split is laid
+    out: hard links to the folder's training JPEGs, taken in turn (and one per class in val/)."""
+    done = out / "complete"
+    if done.is_file():
+        return out
+    real = sorted(str(p) for p in (folder / "train").rglob("*.jpg"))
+    per_class, extra = divmod(IMAGENET, 1000)
+    n = 0
+    for c in range(1000):
+        for split, count in (("train", per_class + (c < extra)), ("val", 1)):
+            d = out / split / f"n{c:08d}"
+            d.mkdir(parents=True, exist_ok=True)
+            for j in range(count):
+                target = d / f"n{c:08d}_{j}.JPEG"
+                if not target.exists():
+                    os.link(real[n % len(real)], target)
+                n += 1
+    done.write_text("")
+    return out
+
+
 def _private_kb(pid: int) -> tuple[int, int]:
     """(resident KB, private KB: pages this process has its own copy of) from smaps_rollup."""
     text = Path(f"/proc/{pid}/smaps_rollup").read_text()
@@ -204,24 +227,23 @@ def _private_kb(pid: int) -> tuple[int, int]:
 
 
 def memory_case(kind: str, where: str, batches: int, batch: int) -> dict:
-    """One worker's memory after 10 batches and after ``batches``; ``kind``: shards, folder
-    (the paths in ``data.strings``' arrays) or folder-list (a Python list, as before)."""
+    """One worker's memory after 10 batches and after ``batches``; ``kind``: shards, folder (a
+    folder of IMAGENET files, its paths in ``data.strings``' arrays) or folder-list (a smaller
+    folder's paths repeated to IMAGENET in a Python list, as before)."""
     import numpy as np
     import torch
-
-    from distres.data.strings import Strings
 
     _imports()
     t0 = time.perf_counter()
     data = "shards" if kind == "shards" else "imagefolder"
     bundle = _loaders(data, where, 1, batch)
     train = bundle.train
-    if kind != "shards":  # the folder's files, IMAGENET of them (cycled), as a 1.28 M-file folder would list them
+    if kind == "folder-list":  # the folder's files, IMAGENET of them (cycled), as a 1.28 M-file folder would list them
         src = train.source
         real = list(src.paths)
         order = np.arange(IMAGENET) % len(real)
         paths = [(real[i] + "/")[:-1] for i in order.tolist()]  # distinct objects, as a listing makes them
-        src.paths = paths if kind == "folder-list" else Strings(paths)
+        src.paths = paths
         del paths
         src.labels = src.labels[torch.from_numpy(order)]
         train = type(train)(dataclasses.replace(train.spec, source=src))
@@ -242,8 +264,9 @@ def memory_case(kind: str, where: str, batches: int, batch: int) -> dict:
 
 def scale(folder: Path, shards: Path, batches: int, batch: int) -> list[dict]:
     big = imagenet_size(shards, Path("/tmp/distres-bench-imagenet"))
+    many = imagenet_folder(folder, Path("/tmp/distres-bench-imagenet-folder"))
     rows = []
-    for kind, where in (("folder-list", folder), ("folder", folder), ("shards", big)):
+    for kind, where in (("folder-list", folder), ("folder", many), ("shards", big)):
         r = subprocess.run(
             [sys.executable, __file__, "memory", kind, str(where), str(batches), str(batch)],
             capture_output=True,
@@ -291,9 +314,14 @@ def render(result: dict) -> str:
         "|---|---|---|---|",
     ]
     for row in result["scale"]:
-        startup = f"{row['startup_s']:.2f}" if row["case"] == "shards" else "(needs 1.28 M files)"
+        startup = f"{row['startup_s']:.2f}" if row["case"] != "folder-list" else "-"
         lines.append(f"| {row['case']} | {startup} | {row['rss_growth_mb']:.1f} | {row['private_growth_mb']:.1f} |")
-    lines += ["", NOTES, ""]
+    if "load_avg" in result:
+        first, last = result["load_avg"]
+        load = f"Load average (1 min) {first:.1f} at the start, {last:.1f} at the end: other work on the cores slows every row. "
+    else:
+        load = "Load average not recorded. "
+    lines += ["", load + NOTES, ""]
     return "\n".join(lines)
 
 
@@ -335,6 +363,7 @@ def main() -> None:
         batch=args.batch_size,
         mem_batches=args.mem_batches,
         batch_mem=args.mem_batch_size,
+        load_avg=[os.getloadavg()[0]],
     )
     parts = {
         "throughput": lambda: throughput(args.folder, args.shards, args.workers, args.batch_size),
@@ -346,6 +375,9 @@ def main() -> None:
             if saved:  # kept as each part is done: a later failure loses nothing
                 saved.parent.mkdir(parents=True, exist_ok=True)
                 saved.write_text(json.dumps(result, indent=1))
+    result["load_avg"].append(os.getloadavg()[0])
+    if saved:
+        saved.write_text(json.dumps(result, indent=1))
     text = render(result)
     print(text)
     if args.out:
