@@ -88,7 +88,7 @@ class Inputs:
     def decode(self, name: str) -> torch.Tensor:
         """The image called ``name``: how ``data.isolate`` decodes a crashed batch's images again."""
         for source in self.sets:
-            if name.rpartition(":")[0] in map(source.store.url, source.tars):
+            if name.rpartition(":")[0] in source.urls:
                 return source.decoder(name)
         return decode.decode_torchvision(name)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import tarfile
 import tempfile
@@ -69,19 +68,20 @@ def cifar10_subset(tmp_path_factory) -> Path:
     """The real CIFAR-10 JPEGs: 400 train and 100 test images per class, as an ImageFolder."""
     if not CIFAR10_TARBALL.is_file():
         pytest.skip(f"real-data test: {CIFAR10_TARBALL} not present")
-    root = tmp_path_factory.mktemp("cifar10")
-    full = root / "full"
-    full.mkdir()
+    subset = tmp_path_factory.mktemp("cifar10") / "subset"
+    per_class = {"train": 400, "test": 100}
     with tarfile.open(CIFAR10_TARBALL) as tar:
-        tar.extractall(full, filter="data")
-    subset = root / "subset"
-    for split, per_class in (("train", 400), ("test", 100)):
-        for cls_dir in sorted((full / split).iterdir()):
-            dst = subset / split / cls_dir.name
-            dst.mkdir(parents=True)
-            for f in sorted(cls_dir.iterdir())[:per_class]:
-                os.link(f, dst / f.name)
-    shutil.rmtree(full)
+        groups = {}  # (split, class): [(file name, member)]
+        for member in tar.getmembers():
+            split, cls, name = (Path(member.name).parts[-3:] + ("", "", ""))[:3]
+            if member.isfile() and split in per_class:
+                groups.setdefault((split, cls), []).append((name, member))
+        chosen = []  # only these are written: the whole set is 60,000 files
+        for (split, cls), members in groups.items():
+            for name, member in sorted(members, key=lambda item: item[0])[: per_class[split]]:
+                member.name = f"{split}/{cls}/{name}"
+                chosen.append(member)
+        tar.extractall(subset, members=chosen, filter="data")
     return subset
 
 

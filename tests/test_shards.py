@@ -13,6 +13,7 @@ import torch
 from distres import evaluate, predict, prepare
 from distres.config import parse_args
 from distres.data import build
+from distres.data import shardformat as fmt
 from distres.data.remote import ShardError
 from distres.data.sharding import epoch_order
 from distres.dist import DistContext
@@ -121,6 +122,21 @@ def test_an_epoch_over_shards_is_the_epoch_over_the_folder(shard_set, world, ext
             assert len(want) == len(have) > 0
             for (xa, ya), (xb, yb) in zip(want, have):
                 assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_member_headers_read_as_tarfile_reads_them(shard_set):
+    """``shardformat.header_fields`` (a sample's check that its shard holds it where the table
+    says) reads each header as tarfile does, and refuses one whose checksum fails."""
+    _, out = shard_set
+    for path in sorted(out.glob("*.tar")):
+        data = path.read_bytes()
+        with tarfile.open(path) as tar:
+            for member in tar.getmembers():
+                header = data[member.offset : member.offset + fmt.BLOCK]
+                assert fmt.header_fields(header) == (member.name, member.size)
+                damaged = bytearray(header)
+                damaged[3] ^= 1  # one bit of the name
+                assert fmt.header_fields(bytes(damaged)) is None
 
 
 @pytest.mark.parametrize("backend", ["gpu", "dali"])

@@ -72,6 +72,10 @@ def excluded() -> dict[str, str]:
     return dict(_Limits.excluded)
 
 
+def any_excluded() -> bool:
+    return bool(_Limits.excluded)
+
+
 def is_excluded(path: str) -> bool:
     return _key(path) in _Limits.excluded
 

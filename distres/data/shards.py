@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from distres.data import shardformat as fmt
-from distres.data.decode import check_excluded, check_pixels, decode_bytes
+from distres.data.decode import any_excluded, check_excluded, check_pixels, decode_bytes
 from distres.data.remote import FIX_SHARDS, ShardError, is_url, open_store
 from distres.errors import UserError
 
@@ -75,6 +75,7 @@ class ShardSource:
         self.keys = table["key"]
         self.labels = torch.from_numpy(table["label"])
         self.tars = [s["tar"] for s in info["shards"]]
+        self.urls = [store.url(tar) for tar in self.tars]
         self.expected = [(s["bytes"], s["sha256"]) for s in info["shards"]]
         self.digits = manifest["key_digits"]
         self._checked: set[int] = set()  # shards whose size this process has compared with the manifest
@@ -83,12 +84,13 @@ class ShardSource:
         return len(self.labels)
 
     def name(self, i: int) -> str:
-        return f"{self.store.url(self.tars[self.shard[i]])}:{fmt.key_text(int(self.keys[i]), self.digits)}"
+        return f"{self.urls[self.shard[i]]}:{fmt.key_text(int(self.keys[i]), self.digits)}"
 
     def read(self, i: int) -> bytes:
         """Sample i's image bytes: its header and data in one read, the header checked; an
         excluded sample or one over the pixel limit raises ``Skipped``, as a file would."""
-        check_excluded(self.name(i))
+        if any_excluded():
+            check_excluded(self.name(i))
         k, offset, size = int(self.shard[i]), int(self.offset[i]), int(self.size[i])
         if k not in self._checked:
             self._check_size(k)
@@ -101,7 +103,7 @@ class ShardSource:
         key = fmt.key_text(int(self.keys[i]), self.digits)
         if fields is None or not fields[0].startswith(key + ".") or fields[1] != size:
             raise ShardError(
-                f"{self.store.url(self.tars[k])} does not hold sample {key} where its table says "
+                f"{self.urls[k]} does not hold sample {key} where its table says "
                 f"(offset {offset}, {size} bytes): the shard is damaged or its index disagrees with it; {FIX_SHARDS}"
             )
         data = blob[fmt.BLOCK :]
@@ -112,7 +114,7 @@ class ShardSource:
         actual, expected = self.store.size(self.tars[k]), self.expected[k][0]
         if actual != expected:
             raise ShardError(
-                f"{self.store.url(self.tars[k])} is {actual} bytes, its manifest says {expected} "
+                f"{self.urls[k]} is {actual} bytes, its manifest says {expected} "
                 f"(cut short or replaced); {FIX_SHARDS}"
             )
         self._checked.add(k)
@@ -125,7 +127,7 @@ class ShardSource:
         worker died are decoded again one at a time, to find the one that crashes the decoder
         (``data.isolate``)."""
         url, _, key = name.rpartition(":")
-        k = next(j for j, tar in enumerate(self.tars) if self.store.url(tar) == url)
+        k = self.urls.index(url)
         return decode_bytes(self.read(int(np.flatnonzero((self.shard == k) & (self.keys == int(key)))[0])))
 
 
