@@ -32,8 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 IMAGENET = 1_281_167
 NOTES = (
     "Not in the table: S3 without a cache (one range request per sample). moto's server copies the "
-    "whole object for each range request, so with 16 MB shards it served a few samples per second: "
-    "a measure of moto, not of S3. Shards read 512 bytes more per sample than the image (its tar "
+    "whole object for each range request, so a sample would cost a copy of its whole shard: a measure of "
+    "moto, not of S3. Shards read 512 bytes more per sample than the image (its tar "
     "header, checked against the table). In the ImageNet-size table, `folder` is a folder of "
     "1,281,167 hard links to the CIFAR-10 training JPEGs in 1,000 class folders (ImageNet's layout) on the local "
     "disk, listed with its directory entries in the page cache (a shared file system lists slower); `folder-list` "

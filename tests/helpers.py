@@ -21,7 +21,8 @@ CIFAR10_TARBALL = Path(
     os.environ.get("DISTRES_CIFAR10_TARBALL", REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz")
 )
 
-# Small, fast settings shared by the end-to-end tests: ResNet-18 on 32-px synthetic data.
+# Small, fast settings shared by the end-to-end tests: ResNet-18 on 32-px synthetic data, with
+# the ImageNet stem (the CIFAR stem keeps 32x32 maps into the first stage: 16x the convolutions).
 # No W&B: an offline run costs 1-3 s of CPU per training run (tests/test_wandb.py covers it).
 # fp32 (--amp none): on CPUs without bf16 instructions (AVX2 only, as the 2-core test machines)
 # bf16 autocast is emulated, several times slower per step (9x for this model and batch). The
@@ -34,6 +35,8 @@ TINY = [
     "synthetic",
     "--image-size",
     "32",
+    "--cifar-stem",
+    "off",
     "--synthetic-classes",
     "10",
     "--device",

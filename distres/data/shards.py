@@ -114,8 +114,7 @@ class ShardSource:
         actual, expected = self.store.size(self.tars[k]), self.expected[k][0]
         if actual != expected:
             raise ShardError(
-                f"{self.urls[k]} is {actual} bytes, its manifest says {expected} "
-                f"(cut short or replaced); {FIX_SHARDS}"
+                f"{self.urls[k]} is {actual} bytes, its manifest says {expected} (cut short or replaced); {FIX_SHARDS}"
             )
         self._checked.add(k)
 
