@@ -23,6 +23,8 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     statistics per micro-batch. DDP's averaged gradient must then equal the accumulated one.
     """
     common = TINY + [
+        "--cifar-stem",  # one 32-px sample per batch: the ImageNet stem would leave BN 1x1 maps of one value
+        "on",
         "--batch-size",
         "1",
         "--synthetic-samples",
