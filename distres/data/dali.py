@@ -23,6 +23,8 @@ read and a JPEG header walk per image (``benchmarks/results/loaders-cpu.md`` com
 
 from __future__ import annotations
 
+import gc
+import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
@@ -37,6 +39,7 @@ from distres.errors import UserError
 
 
 def import_dali():
+    _freeze_in_forked_children()
     try:
         from nvidia import dali  # noqa: F401
         from nvidia.dali import fn, types
@@ -46,6 +49,20 @@ def import_dali():
             "pip install -e '.[dali]' (or use --data-backend torch)"
         ) from None
     return dali.Pipeline, fn, types
+
+
+_FROZEN = []
+
+
+def _freeze_in_forked_children() -> None:
+    """Once per process: a forked child (a DataLoader worker, an isolation probe) never collects
+    the objects it inherits. A DALI pipeline left in a reference cycle here would otherwise be
+    collected in the child, whose ``Pipeline.__del__`` waits for DALI threads that a fork does not
+    copy: the worker hangs, and with it the loader that forked it (autotune's trials, say, run
+    the dali backend and then another in one process)."""
+    if not _FROZEN:
+        os.register_at_fork(after_in_child=gc.freeze)
+        _FROZEN.append(True)
 
 
 class _Feed:
