@@ -5,11 +5,10 @@
 INPUTs are image files, folders (searched recursively) or shard sets (``python -m distres.prepare
 shards``: a folder or URL holding its manifest; each sample is named SHARD.tar:KEY). Videos:
 extract their frames first (``python -m distres.prepare video SRC DST --fps 2``) and pass the
-frame folder. Images are
-decoded by DataLoader workers and scored in batches, on the GPU when there is one, with the
-validation preprocessing of the model's training run. A file that cannot be read, that declares
-more than --max-image-pixels pixels or that crashes the decoder (``data/isolate.py``) is listed
-and counted, and the rest go on.
+frame folder. Images are decoded by DataLoader workers and scored in batches, on the GPU when
+there is one, with the validation preprocessing of the model's training run. A file that cannot
+be read, that declares more than --max-image-pixels pixels or that crashes the decoder
+(``data/isolate.py``) is listed and counted, and the rest go on.
 """
 
 from __future__ import annotations

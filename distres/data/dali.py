@@ -23,6 +23,7 @@ read and a JPEG header walk per image (``benchmarks/results/loaders-cpu.md`` com
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 from collections import deque
@@ -39,7 +40,6 @@ from distres.errors import UserError
 
 
 def import_dali():
-    _freeze_in_forked_children()
     try:
         from nvidia import dali  # noqa: F401
         from nvidia.dali import fn, types
@@ -48,21 +48,18 @@ def import_dali():
             "--data-backend dali needs NVIDIA DALI, which is not installed; "
             "pip install -e '.[dali]' (or use --data-backend torch)"
         ) from None
+    _freeze_in_forked_children()
     return dali.Pipeline, fn, types
 
 
-_FROZEN = []
-
-
+@functools.cache
 def _freeze_in_forked_children() -> None:
     """Once per process: a forked child (a DataLoader worker, an isolation probe) never collects
     the objects it inherits. A DALI pipeline left in a reference cycle here would otherwise be
     collected in the child, whose ``Pipeline.__del__`` waits for DALI threads that a fork does not
     copy: the worker hangs, and with it the loader that forked it (autotune's trials, say, run
     the dali backend and then another in one process)."""
-    if not _FROZEN:
-        os.register_at_fork(after_in_child=gc.freeze)
-        _FROZEN.append(True)
+    os.register_at_fork(after_in_child=gc.freeze)
 
 
 class _Feed:

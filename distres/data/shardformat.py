@@ -68,8 +68,8 @@ def member_header(name: str, size: int) -> bytes:
 
 def header_fields(header: bytes) -> tuple[str, int] | None:
     """(member name, size) from a ustar header, or None if the bytes are not one (checked by the
-    header's checksum). Read field by field: tarfile.TarInfo.frombuf costs as much as the rest of
-    reading a sample."""
+    header's checksum). Read field by field rather than by tarfile's general parser: it runs on
+    every sample read."""
     if len(header) != BLOCK or header[257:262] != b"ustar":
         return None
     try:
