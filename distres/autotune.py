@@ -171,7 +171,8 @@ def trial(cfg, ctx, steps: int, warmup: int = WARMUP_STEPS) -> dict | None:
     meter.start_window()
     _steps(steps, model, meter, batches, parts, clip)
     rec = meter.flush(steps, 0.0, 0.0, 0)
-    batches.close()  # ends the loader's epoch (its worker processes with the loader below)
+    batches.close()  # ends the loader's epoch
+    parts.bundle.close()  # and its worker processes
     del model, parts, batches, meter
     _release()
     per_rank = dist.gather_objects((rec["images_per_sec"], rec["data_wait_frac"], rec.get("gpu_idle_frac")))

@@ -120,9 +120,12 @@ def run(a, ctx) -> dict:
         classes=meta["classes"],
     )
     collect = Collector(bundle.val, a.top_k)
-    result = engine.evaluate(
-        trained.model, bundle.val, engine.Precision(cfg.optim.amp, ctx.device), ctx.device, collect
-    )
+    try:
+        result = engine.evaluate(
+            trained.model, bundle.val, engine.Precision(cfg.optim.amp, ctx.device), ctx.device, collect
+        )
+    finally:
+        bundle.close()
     rows = [row for part in dist.gather_objects(collect.rows) for row in part]
     if ctx.is_main:
         # Absolute, named or not (the default is found from the checkpoint's real location): the

@@ -149,10 +149,9 @@ def predict(a) -> tuple[int, int]:
         return torch.utils.data.DataLoader(
             Images(inputs, meta, k * a.batch_size),
             batch_size=a.batch_size,
-            num_workers=a.workers,
             collate_fn=_batch,
             pin_memory=device.type == "cuda",
-            prefetch_factor=isolate.PREFETCH if a.workers else None,
+            **isolate.loader_options(a.workers),
         )
 
     def names_of(k: int) -> list[str]:  # the images of batch k

@@ -274,6 +274,7 @@ def _close(run: Run, completed: bool) -> None:
     """End every component that was started (all of them, unless the build failed half-way)."""
     if run.stop is not None:
         run.stop.close(wait=completed)
+    run.bundle.close()
     for part in (run.watch, run.prof, run.ckpt, run.telem, run.logger):
         if part is not None:
             part.close()

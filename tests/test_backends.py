@@ -5,7 +5,6 @@ and the same samples and crops whichever backend decodes them.
 The ranks are real loaders built for rank r of a world of 2 in this process (the sharding is
 the loaders' own arithmetic; tests/test_sharding.py runs two processes under torchrun)."""
 
-import gc
 import sys
 
 import numpy as np
@@ -21,11 +20,20 @@ from distres.train import main
 DALI_REASON = "NVIDIA DALI not installed (the [dali] extra: pip install -e '.[dali]')"
 BACKENDS = ["torch", "gpu", "dali"]
 N_TRAIN, N_VAL, BATCH = 37, 13, 4
+_BUILT = []  # the bundles a test built, closed when it ends (``_closes_its_bundles``)
 
 
 def _need(backend):
     if backend == "dali":
         pytest.importorskip("nvidia.dali", reason=DALI_REASON)
+
+
+@pytest.fixture(autouse=True)
+def _closes_its_bundles():
+    """A test's loaders end their worker processes when it ends, as a run's do."""
+    yield
+    while _BUILT:
+        _BUILT.pop().close()
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +74,12 @@ def _bundle(root, backend, rank, world=2, cpu_channels_last=True, size=32, extra
     )  # (a flag given again in extra wins)
     ctx = DistContext(rank, rank, world, world, torch.device("cpu"), "gloo" if world > 1 else None)
     fmt = torch.channels_last if cpu_channels_last else torch.contiguous_format
-    return build(cfg, ctx, fmt)
+    return _closed_at_the_end(build(cfg, ctx, fmt))
+
+
+def _closed_at_the_end(bundle):
+    _BUILT.append(bundle)
+    return bundle
 
 
 def _ids(images: torch.Tensor) -> list[int]:
@@ -179,7 +192,7 @@ def test_dali_matches_torch_statistics_on_photos_with_resizing(tmp_path):
                 "1",
             ]
         )
-        b = build(cfg, ctx, torch.channels_last)
+        b = _closed_at_the_end(build(cfg, ctx, torch.channels_last))
         outs[backend] = [torch.cat([x for x, _ in _epoch(loader, 0)]) for loader in (b.train, b.val)]
     for want, got in zip(outs["torch"], outs["dali"]):
         assert got.shape == want.shape == (len(want), 3, 224, 224)
@@ -317,7 +330,9 @@ def test_device_resident_backends_copy_once_per_epoch(coded, backend, monkeypatc
                 str(BATCH),
             ]
         )
-        loader = build(cfg, DistContext(0, 0, 1, 1, torch.device("cpu"), None), torch.channels_last).train
+        loader = _closed_at_the_end(
+            build(cfg, DistContext(0, 0, 1, 1, torch.device("cpu"), None), torch.channels_last)
+        ).train
     for epoch in (0, 1):
         copies.clear()
         batches = _epoch(loader, epoch)
@@ -358,10 +373,6 @@ def test_decoding_on_the_device_gives_the_workers_batches(photos, size):
     the same code, so its batches are the workers' bit for bit: the pad-crops of small images
     and the RandomResizedCrop boxes of larger ones, with --auto-augment, the evaluation crops,
     a resume mid-epoch, and the same undecodable files left out and counted."""
-    # The DataLoader workers below are forked from this process: collect first any DALI pipeline
-    # an earlier test left as garbage, whose destructor would hang in a forked child (the
-    # pipeline's threads do not exist there).
-    gc.collect()
     workers, device = (
         _bundle(
             photos,

@@ -173,6 +173,9 @@ class Loader:
         self._size, self._sizes = spec.image_size, spec.sizes
         self._position = 0  # batches handed out since the start position
 
+    def close(self) -> None:
+        """End what the loader started (worker processes); the loader is not used after."""
+
     @property
     def bad_samples(self) -> int:
         """Samples left out so far on this process because they could not be decoded."""

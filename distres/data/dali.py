@@ -223,6 +223,9 @@ class DaliLoader(Loader):
         pipe.build()
         return pipe
 
+    def close(self) -> None:
+        self._pipe = None  # freed now, in this process, not left as garbage that a fork copies
+
     def _start_pass(self, start: int):
         """The pipeline for a pass from batch ``start``: the loader's one pipeline, reset for the
         new pass, when its last pass ran to the end; else a new one (one that stopped halfway

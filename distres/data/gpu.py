@@ -84,8 +84,7 @@ def _decode_files(source, size: int, bad, workers: int, resize: int) -> list:
             _Fitted(source, size, resize),
             batch_sampler=chunks[k:],
             collate_fn=_as_is,
-            num_workers=max(1, workers),
-            prefetch_factor=isolate.PREFETCH,
+            **isolate.loader_options(max(1, workers)),
             generator=torch.Generator().manual_seed(0),  # (no draw from the global RNG: the model's init follows)
         )
 

@@ -11,7 +11,10 @@ the file so is the run told to exclude it from the start (--exclude-files), batc
 
 torch's own check for dead workers is a SIGCHLD handler that raises in the main thread wherever
 it happens to be (in the middle of a training step, even); ``_unwatch`` leaves the check to the
-loader's next(), which looks at its workers every few seconds, so that the death surfaces here.
+loader's next(), so that the death surfaces here. That next() looks at its workers only each time
+its wait for a batch times out: every 5 s unless the DataLoader has a timeout of its own, so the
+loaders are made with ``loader_options`` (a timeout of ``POLL_S``) and ``guarded`` waits again
+after each timeout that found every worker alive.
 """
 
 from __future__ import annotations
@@ -28,7 +31,16 @@ from distres.data.sources import listed
 from distres.errors import RankError, console
 
 PREFETCH = 4  # batches each worker has in flight (the DataLoaders' prefetch_factor)
+POLL_S = 0.1  # how often the main process, waiting for a batch, looks whether a worker died
 CRASHED = "crashed the image decoder"
+_TIMED_OUT = "DataLoader timed out"
+
+
+def loader_options(workers: int) -> dict:
+    """The DataLoader arguments that ``guarded`` relies on, for a loader with ``workers``."""
+    if workers == 0:
+        return {"num_workers": 0}
+    return {"num_workers": workers, "prefetch_factor": PREFETCH, "timeout": POLL_S}
 
 
 def worker_died(err: BaseException, it) -> bool:
@@ -54,7 +66,10 @@ def _unwatch(it) -> None:
         it._worker_pids_set = False
 
 
-def _close(it) -> None:
+def end_workers(it) -> None:
+    """End the worker processes of the DataLoader iterator ``it`` (if any) now. Left to the
+    garbage collector, which may tear down its queues first, each worker would end only at its
+    next 5 s look at whether it is still wanted."""
     shutdown = getattr(it, "_shutdown_workers", None)
     if shutdown is not None:
         shutdown()
@@ -75,10 +90,12 @@ def guarded(make, files_of, decode_file, bad=None):
         except StopIteration:
             return
         except (RuntimeError, OSError, EOFError) as err:
+            if _still_waiting(err, it):
+                continue
             if not worker_died(err, it):
                 raise
             death = _death(err, it)
-            _close(it)
+            end_workers(it)
             _isolate(k, max(1, loader.num_workers) * PREFETCH, files_of, decode_file, bad, death)
             loader = make(k)
             it = iter(loader)
@@ -86,6 +103,17 @@ def guarded(make, files_of, decode_file, bad=None):
             continue
         k += 1
         yield batch
+
+
+def _still_waiting(err: BaseException, it) -> bool:
+    """Whether ``err`` is the loader's timeout (``POLL_S``) passing with no batch yet and every
+    worker alive (torch looked at them before raising it): then the wait goes on."""
+    if not (isinstance(err, RuntimeError) and str(err).startswith(_TIMED_OUT)):
+        return False
+    pinning = getattr(it, "_pin_memory_thread", None)
+    if pinning is not None and not pinning.is_alive():  # (torch's own wait checks this, a timed one does not)
+        raise RuntimeError("Pin memory thread exited unexpectedly") from err
+    return True
 
 
 def _death(err: BaseException, it) -> str:

@@ -37,6 +37,11 @@ class DataBundle:
     eval_image_size: int = 0  # the validation crop
     eval_resize: int = 0  # its shorter side before the crop (``transforms.eval_size``)
 
+    def close(self) -> None:
+        for loader in (self.train, self.val):
+            if loader is not None:
+                loader.close()
+
 
 def default_workers(cpus_per_rank: int, device: torch.device) -> int:
     if device.type == "cpu":

@@ -210,14 +210,20 @@ class TorchLoader(Loader):
             BatchDataset(spec.source, spec.train, spec.policy, spec.flip, spec.resize, spec.decode_on_device),
             batch_sampler=_SizedBatches(self, start),
             collate_fn=_whole_batch,
-            num_workers=workers,
             pin_memory=spec.pin_memory,
             persistent_workers=workers > 0,
-            prefetch_factor=isolate.PREFETCH if workers > 0 else None,
+            **isolate.loader_options(workers),
             # The workers' seeds come from this generator, not from the global one: a loader
             # rebuilt after a crash leaves the training's random draws as they were.
             generator=torch.Generator().manual_seed(0),
         )
+
+    def close(self) -> None:
+        # (this loader and its DataLoader hold each other: without this, only the garbage
+        # collector would end the workers, slowly: ``isolate.end_workers``)
+        if self.loader is not None:
+            isolate.end_workers(getattr(self.loader, "_iterator", None))
+            self.loader = None
 
     def _pass(self):
         """The DataLoader's batches of this pass (``isolate.guarded``: a worker's crash costs the
