@@ -5,7 +5,9 @@ and the same samples and crops whichever backend decodes them.
 The ranks are real loaders built for rank r of a world of 2 in this process (the sharding is
 the loaders' own arithmetic; tests/test_sharding.py runs two processes under torchrun)."""
 
+import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,6 +94,24 @@ def _ids(images: torch.Tensor) -> list[int]:
 def _epoch(loader, epoch, start=0):
     loader.set_epoch(epoch, start)
     return [(x.clone(), y.clone()) for x, y in loader]
+
+
+def _children() -> set[int]:
+    """The processes this test's main thread started (the loaders' workers among them)."""
+    return {int(pid) for pid in Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()}
+
+
+def test_closing_a_bundle_ends_its_worker_processes(coded):
+    """A run in this process (autotune's trials, the tests) ends its loaders' workers when it
+    ends: the persistent workers of a DataLoader left to the garbage collector would end only
+    when it comes, seconds each, in whatever the process is doing then."""
+    before = _children()
+    bundle = build(parse_args(["--data", "imagefolder", "--data-dir", str(coded), "--workers", "1", "--batch-size", "4"]),
+                   DistContext(0, 0, 1, 1, torch.device("cpu"), None), torch.contiguous_format)  # fmt: skip
+    _epoch(bundle.train, 0), _epoch(bundle.val, 0)
+    assert len(_children() - before) == 2  # the two loaders' workers, kept for the next epoch
+    bundle.close()
+    assert _children() - before == set()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
