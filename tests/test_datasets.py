@@ -38,11 +38,13 @@ def test_resnet18_learns_real_mnist(tmp_path):
         pytest.skip(f"real-data test: {MNIST_T10K} not present")
     root = _write_mnist_split(MNIST_T10K, tmp_path / "mnist", 8000)
     out = tmp_path / "run"
-    # configs/mnist.yaml: ResNet-18 with the ImageNet stem, 3 epochs of 125 steps.
+    # configs/mnist.yaml (ResNet-18 with the ImageNet stem) for 2 of its 3 epochs: 250 steps.
     r = train_here(
         [
             "--config",
             str(REPO / "configs" / "mnist.yaml"),
+            "--epochs",
+            "2",
             "--data-dir",
             str(root),
             "--device",
@@ -60,7 +62,7 @@ def test_resnet18_learns_real_mnist(tmp_path):
     assert "mnist 28px" in r.stdout + r.stderr
     ev = [x for x in read_metrics(out) if x["kind"] == "eval"][-1]
     assert ev["eval_samples"] == 2000
-    # Measured on a 2-core CPU: 98.75% top-1. Chance is 10%.
+    # Measured on a 2-core AMD EPYC: 98.30% top-1 (98.75% after the recipe's 3 epochs). Chance is 10%.
     assert ev["top1"] > 97.5, ev
 
 
