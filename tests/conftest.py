@@ -9,7 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import CIFAR10_TARBALL, FOLDER_RUN, TINY, WANDB_VARS, make_imagefolder, process_state, run_train
+from tests.helpers import (
+    CIFAR10_TARBALL,
+    FOLDER_RUN,
+    TINY,
+    WANDB_VARS,
+    make_imagefolder,
+    process_state,
+    run_train,
+    train_ranks,
+)
 
 DISK_NEEDED_GB = 2  # the most the suite holds at once (its largest test's checkpoints), with room
 
@@ -88,14 +97,14 @@ def cifar10_subset(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def folder_run(tmp_path_factory):
-    """One 2-rank gloo run under torchrun on a small ImageFolder of real JPEGs, shared by the
+    """One 2-rank gloo run (``train_ranks``) on a small ImageFolder of real JPEGs, shared by the
     tests that read a finished multi-process run: test_inference (best.pt; evaluate under
     torchrun, predict and export from its checkpoints), test_sharding (the exact evaluation count
     over uneven shards) and test_profile (--profile-steps: one trace per rank, the summary).
     With EMA, the ImageNet stem (so that the stock torchvision model loads its export) and bf16 as
     training runs by default; 72 training images on 2 ranks x batch 4 are 9 steps per epoch, 2
     epochs; 21 validation images: neither rank's shard fills its last batch. Returns
-    (data folder, output folder, the torchrun CompletedProcess)."""
+    (data folder, output folder, the run's ``Ran``)."""
     root = tmp_path_factory.mktemp("folder_run")
     data = make_imagefolder(
         root / "data",
@@ -104,7 +113,7 @@ def folder_run(tmp_path_factory):
     )
     out = root / "run"
     first, last = FOLDER_RUN["profile_steps"]
-    r = run_train(
+    r = train_ranks(
         [
             "--arch",
             "resnet18",
@@ -136,7 +145,6 @@ def folder_run(tmp_path_factory):
             "--output-dir",
             str(out),
         ],
-        nproc=2,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     yield data, out, r

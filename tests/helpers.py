@@ -7,6 +7,8 @@ import contextlib
 import io
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import traceback
@@ -226,6 +228,85 @@ def train_here(args: list[str]) -> Ran:
     from distres import train
 
     return run_here(train.main, list(args))
+
+
+def train_ranks(args: list[str], nproc: int = 2, timeout: int = 300, env: dict | None = None) -> Ran:
+    """``python -m distres.train *args`` as ``nproc`` ranks of one job (``run_ranks``)."""
+    from distres import train
+
+    return run_ranks(train.main, args, nproc, timeout, env)
+
+
+def run_ranks(main, args: list[str], nproc: int = 2, timeout: int = 300, env: dict | None = None) -> Ran:
+    """A CLI's ``main(args)`` as ``nproc`` ranks of one job (gloo, rendezvous at
+    MASTER_ADDR:MASTER_PORT, as under torchrun --standalone), each a process forked from this
+    one: real processes and collectives, without an interpreter and torch start-up per rank (5 s
+    of CPU on the 2-core test machines). Their stdout and stderr, rank after rank, as torchrun
+    passes them on; the first failing rank's status, the others stopped as torchrun stops them.
+    For runs where torchrun itself (restarts, signals, its own environment) is not under test."""
+    import multiprocessing
+    import socket
+    import tempfile
+    import time
+
+    with socket.socket() as s:  # a free port for rank 0's store
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    logs = Path(tempfile.mkdtemp(prefix="ranks-"))
+    ctx = multiprocessing.get_context("fork")
+    ranks = []
+    for rank in range(nproc):
+        launch = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": nproc, "LOCAL_WORLD_SIZE": nproc}
+        launch.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **(env or {}))
+        proc = ctx.Process(target=_rank_main, args=(main, list(args), launch, logs / str(rank)))
+        proc.start()
+        ranks.append(proc)
+    deadline = time.monotonic() + timeout
+    while any(p.is_alive() for p in ranks) and time.monotonic() < deadline:
+        if any(p.exitcode not in (None, 0) for p in ranks):  # torchrun ends the others when one fails
+            deadline = min(deadline, time.monotonic() + 5)
+        time.sleep(0.05)
+    for p in ranks:
+        if p.is_alive():
+            p.kill()
+        p.join()
+    failures = [p.exitcode for p in ranks if p.exitcode not in (0, -signal.SIGKILL)]
+    code = failures[0] if failures else (124 if any(p.exitcode for p in ranks) else 0)  # 124: as timeout(1)
+    out = "".join((logs / f"{r}.out").read_text() for r in range(nproc))
+    err = "".join((logs / f"{r}.err").read_text() for r in range(nproc))
+    shutil.rmtree(logs, ignore_errors=True)
+    return Ran(code, out, err)
+
+
+def _rank_main(main, argv: list[str], launch: dict, log: Path) -> None:
+    """In a forked rank: the launcher's environment, stdout and stderr to files, the CLI's
+    status as the process's, and none of this (pytest's) process's exit handlers."""
+    code = 1
+    try:
+        for key, value in launch.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = str(value)
+        os.environ.pop("WANDB_API_KEY", None)
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        os.chdir(REPO)
+        for fd, suffix in ((1, ".out"), (2, ".err")):
+            os.dup2(os.open(f"{log}{suffix}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        sys.stdout = open(1, "w", buffering=1, closefd=False)
+        sys.stderr = open(2, "w", buffering=1, closefd=False)
+        warnings.showwarning = warnings._showwarning_orig  # not pytest's recorder
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code or 0)
 
 
 def start_train(args: list[str], nproc: int = 1, extra_torchrun: list[str] = (), log: Path | None = None):

@@ -6,7 +6,7 @@ import torch
 
 from distres import checkpoint
 from distres.errors import UserError
-from tests.helpers import TINY, read_metrics, run_train, train_here
+from tests.helpers import TINY, read_metrics, train_here, train_ranks
 
 
 @pytest.mark.slow
@@ -122,13 +122,13 @@ def test_mid_epoch_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
         "1",
     ]  # (the thread count changes the order of a convolution's sums)
     full, cut = tmp_path / "full", tmp_path / "cut"
-    assert run_train(common + ["--output-dir", str(full)], nproc=2).returncode == 0
-    r = run_train(common + ["--output-dir", str(cut), "--max-steps", "5"], nproc=2)
+    assert train_ranks(common + ["--output-dir", str(full)]).returncode == 0
+    r = train_ranks(common + ["--output-dir", str(cut), "--max-steps", "5"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert torch.load(cut / "checkpoints/last.pt", weights_only=True)["step_in_epoch"] == 5
     shutil.copytree(cut, tmp_path / "one")  # resumed on one process below
     shutil.copytree(cut, tmp_path / "half")
-    r = run_train(common + ["--output-dir", str(cut), "--resume"], nproc=2)
+    r = train_ranks(common + ["--output-dir", str(cut), "--resume"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "the backbone trains from now on" in r.stderr
     a = torch.load(full / "checkpoints/last.pt", weights_only=True)
@@ -155,7 +155,7 @@ def test_mid_epoch_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     # Resumed exactly where the backbone starts to train (the epoch-end checkpoint of the frozen
     # epoch): the same end again.
     edge = tmp_path / "edge"
-    r = run_train(common + ["--output-dir", str(edge), "--resume", str(full / "checkpoints/step-00000008.pt")], nproc=2)
+    r = train_ranks(common + ["--output-dir", str(edge), "--resume", str(full / "checkpoints/step-00000008.pt")])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "the backbone trains from now on" in r.stderr
     c = torch.load(edge / "checkpoints/last.pt", weights_only=True)

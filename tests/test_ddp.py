@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tests.helpers import TINY, read_metrics, run_train, train_here, train_losses
+from tests.helpers import TINY, read_metrics, train_here, train_losses, train_ranks
 
 
 def _params(ckpt) -> dict:
@@ -44,7 +44,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         "--eval-every",
         "0",
     ]
-    two = run_train(common + ["--output-dir", str(tmp_path / "two")], nproc=2)
+    two = train_ranks(common + ["--output-dir", str(tmp_path / "two")])
     assert two.returncode == 0, two.stderr[-3000:]
     one = train_here(common + ["--grad-accum", "2", "--output-dir", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr[-3000:]

@@ -11,7 +11,7 @@ import torch
 
 from distres.data import decode, isolate
 from tests.damaged import huge_png, short_png, write
-from tests.helpers import make_imagefolder, read_metrics, run_here, run_train, train_here
+from tests.helpers import make_imagefolder, read_metrics, run_here, train_here, train_ranks
 
 ARGS = [
     "--arch", "resnet18", "--data", "imagefolder", "--image-size", "32", "--batch-size", "4",
@@ -119,17 +119,16 @@ def test_prepare_skips_images_over_the_pixel_limit(tmp_path):
 
 @pytest.mark.slow
 def test_two_ranks_that_meet_the_crash_equal_two_told_to_exclude_it(crashing, tmp_path):
-    """torchrun with 2 ranks over 2 epochs (the file falls to one rank or the other each epoch):
+    """2 ranks over 2 epochs (the file falls to one rank or the other each epoch):
     the run ends as the run that excluded the file from the start, weights bit for bit."""
     root, bad = crashing
     args = ARGS + ["--data-dir", str(root), "--epochs", "2"]
-    hit = run_train(args + ["--output-dir", str(tmp_path / "hit")], nproc=2)
+    hit = train_ranks(args + ["--output-dir", str(tmp_path / "hit")])
     assert hit.returncode == 0, hit.stderr[-3000:]
     assert f"{bad} {isolate.CRASHED} (SIGSEGV)" in hit.stderr, hit.stderr[-3000:]
     assert (tmp_path / "hit" / "bad_samples.txt").read_text().split() == [str(bad)]
-    told = run_train(
-        args + ["--output-dir", str(tmp_path / "told"), "--exclude-files", str(tmp_path / "hit" / "bad_samples.txt")],
-        nproc=2,
+    told = train_ranks(
+        args + ["--output-dir", str(tmp_path / "told"), "--exclude-files", str(tmp_path / "hit" / "bad_samples.txt")]
     )
     assert told.returncode == 0 and isolate.CRASHED not in told.stderr, told.stderr[-3000:]
     a, b = _weights(tmp_path / "hit"), _weights(tmp_path / "told")

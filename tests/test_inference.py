@@ -11,7 +11,7 @@ import torch
 import torchvision
 
 from distres import evaluate, export, predict
-from tests.helpers import FOLDER_RUN, REPO, break_jpeg, cli_env, read_metrics
+from tests.helpers import FOLDER_RUN, REPO, break_jpeg, cli_env, read_metrics, run_ranks
 
 CLASSES = FOLDER_RUN["classes"]
 # 21 validation images over 2 ranks x batch 4: neither rank's shard fills its last batch.
@@ -58,21 +58,12 @@ def test_best_checkpoint_holds_the_better_weights_of_the_best_evaluation(trained
 def test_evaluate_under_torchrun_reproduces_the_runs_last_evaluation(trained, tmp_path):
     _, out = trained
     last = [m for m in read_metrics(out) if m["kind"] == "eval"][-1]
+    # The raw weights evaluated under torchrun, the EMA's by forked ranks (``run_ranks``)
     for which, prefix in (("raw", ""), ("ema", "ema_")):
         report = tmp_path / which
-        r = _evaluate(
-            [
-                "--checkpoint",
-                str(out / "checkpoints" / "last.pt"),
-                "--weights",
-                which,
-                "--workers",
-                "0",
-                "--output-dir",
-                str(report),
-            ],
-            nproc=2,
-        )
+        args = ["--checkpoint", str(out / "checkpoints" / "last.pt"), "--weights", which, "--workers", "0"]
+        args += ["--output-dir", str(report)]
+        r = _evaluate(args, nproc=2) if which == "raw" else run_ranks(evaluate.main, args)
         assert r.returncode == 0, r.stderr[-3000:]
         summary = json.loads((report / "summary.json").read_text())
         assert summary["eval_samples"] == sum(VAL.values())

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from distres import checkpoint
-from tests.helpers import REPO, TINY, read_metrics, run_train, start_train, train_here, wait_for
+from tests.helpers import REPO, TINY, read_metrics, start_train, train_here, train_ranks, wait_for
 
 # 2 gloo ranks x batch 4 over 256 samples: 32 steps per epoch, 64 in all; deterministic kernels
 # and fp32 so that "the same computation" means bitwise equal results.
@@ -37,7 +37,7 @@ STEPS = 64
 @pytest.fixture(scope="module")
 def uninterrupted(module_dir):
     out = module_dir
-    r = run_train(ARGS + ["--output-dir", str(out)], nproc=2)
+    r = train_ranks(ARGS + ["--output-dir", str(out)])
     assert r.returncode == 0, r.stderr[-3000:]
     return torch.load(out / "checkpoints" / checkpoint.LAST, weights_only=True)
 
@@ -89,7 +89,7 @@ def test_signal_to_one_rank_stops_all_at_one_step_and_resume_is_bitwise_exact(tm
     assert 0 < state["step"] < STEPS and state["step_in_epoch"] > 0, "expected a mid-epoch stop"
     assert len(state["rng"]) == 2  # every rank's RNG state
 
-    r = run_train(ARGS + ["--output-dir", str(out), "--resume"], nproc=2)
+    r = train_ranks(ARGS + ["--output-dir", str(out), "--resume"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"at step {state['step']}" in r.stderr
     _assert_same_final_state(out, uninterrupted)

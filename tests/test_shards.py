@@ -24,9 +24,9 @@ from tests.helpers import (
     make_imagefolder,
     one_error_line,
     run_here,
-    run_train,
     train_here,
     train_losses,
+    train_ranks,
 )
 
 COUNTS = {"train": {"cat": 14, "dog": 12, "fox": 13}, "val": {"cat": 4, "dog": 5, "fox": 3}}
@@ -332,7 +332,7 @@ def test_dali_webdataset_reader_takes_the_shards_and_their_index(shard_set):
 
 @pytest.mark.slow
 def test_a_two_rank_run_on_shards_resumed_on_one_process_is_the_folders(shard_set, tmp_path):
-    """torchrun with 2 ranks stopped in the middle of the epoch, resumed as one process: the
+    """2 ranks stopped in the middle of the epoch, resumed as one process: the
     shards give, loss for loss, what the folder they were made from gives in the same run."""
     folder, out = shard_set
     base = TINY[: TINY.index("--data")] + TINY[TINY.index("--data") + 2 :]
@@ -341,7 +341,7 @@ def test_a_two_rank_run_on_shards_resumed_on_one_process_is_the_folders(shard_se
     losses = []
     for data, where in (("imagefolder", folder), ("shards", out)):
         args = base + ["--data", data, "--data-dir", str(where), "--output-dir", str(tmp_path / data)]
-        r = run_train(args + ["--max-steps", "4"], nproc=2)
+        r = train_ranks(args + ["--max-steps", "4"])
         assert r.returncode == 0, r.stderr[-2000:]
         r = train_here(args + ["--resume"])
         assert r.returncode == 0, r.stderr[-2000:]
