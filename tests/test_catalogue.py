@@ -20,7 +20,7 @@ import torch
 
 from distres import evaluate, export, predict, prepare, train
 from distres.data import known
-from tests.helpers import REPO, TINY, cli_env, make_imagefolder, one_error_line, run_train, train_here
+from tests.helpers import REPO, TINY, cli_env, make_imagefolder, one_error_line, run_train, train_here, train_ranks
 
 RUN = ["--device", "cpu", "--no-progress", "--wandb", "disabled"]
 
@@ -317,9 +317,8 @@ def test_from_the_command_line_and_under_torchrun(tmp_path):
     )
     assert r.returncode != 0
     assert r.stderr.count("distres: error: 3 training samples cannot fill one batch of 2 on each of 2") == 1
-    r = run_train(
-        TINY + ["--sync-bn", "--batch-size", "4", "--synthetic-samples", "16", "--output-dir", str(tmp_path / "o")],
-        nproc=2,
+    r = train_ranks(  # (forked ranks: torchrun is the run above's)
+        TINY + ["--sync-bn", "--batch-size", "4", "--synthetic-samples", "16", "--output-dir", str(tmp_path / "o")]
     )
     assert r.returncode != 0
     assert "distres: error: --sync-bn needs CUDA GPUs" in r.stderr
