@@ -243,7 +243,8 @@ def run_ranks(main, args: list[str], nproc: int = 2, timeout: int = 300, env: di
     one: real processes and collectives, without an interpreter and torch start-up per rank (5 s
     of CPU on the 2-core test machines). Their stdout and stderr, rank after rank, as torchrun
     passes them on; the first failing rank's status, the others stopped as torchrun stops them.
-    For runs where torchrun itself (restarts, signals, its own environment) is not under test."""
+    Each rank computes on one thread (``_rank_main``). For runs where torchrun itself (restarts,
+    signals, its own environment) is not under test."""
     import multiprocessing
     import socket
     import tempfile
@@ -289,7 +290,13 @@ def _rank_main(main, argv: list[str], launch: dict, log: Path) -> None:
             else:
                 os.environ[key] = str(value)
         os.environ.pop("WANDB_API_KEY", None)
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        # One thread, as torchrun's default OMP_NUM_THREADS=1 gives its workers, set here since
+        # this process started with pytest. More would hang: a forked child cannot use the
+        # OpenMP thread pool it inherits (its first parallel region waits for threads it lacks).
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
         os.chdir(REPO)
         for fd, suffix in ((1, ".out"), (2, ".err")):
             os.dup2(os.open(f"{log}{suffix}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)

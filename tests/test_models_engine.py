@@ -65,7 +65,7 @@ def test_one_step_path_for_every_precision(amp):
     opt = optim.build_optimizer(cfg.optim, m, 0.05)
     prec = engine.Precision(amp, torch.device("cpu"))
     assert prec.scaler.is_enabled() == (amp == "fp16")  # GradScaler only for fp16
-    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))  # small: CPU fp16 kernels are slow
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))  # small: CPU fp16 kernels are slow
     before = m.conv1.weight.detach().clone()
     losses = [engine.train_step(m, [(x, y)], nn.CrossEntropyLoss(), opt, prec, 1.0).item() for _ in range(5)]
     assert all(torch.isfinite(torch.tensor(losses)))
