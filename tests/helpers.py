@@ -210,17 +210,23 @@ def run_here(main, argv: list[str]) -> Ran:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         os.chdir(REPO)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = main(argv)
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-            except Exception:
-                traceback.print_exc()
-                code = 1
+            code = _status(main, argv)
     text = err.getvalue() + "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
     if code == 130:  # the CLI turned a Ctrl-C into its status: stop the test session, as the user asked
         raise KeyboardInterrupt
     return Ran(code, out.getvalue(), text)
+
+
+def _status(main, argv: list[str]) -> int:
+    """``main(argv)``'s exit status as its command's: an exception that escapes it is status 1,
+    with its traceback in stderr."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except Exception:
+        traceback.print_exc()
+        return 1
 
 
 def train_here(args: list[str]) -> Ran:
@@ -303,13 +309,7 @@ def _rank_main(main, argv: list[str], launch: dict, log: Path) -> None:
         sys.stdout = open(1, "w", buffering=1, closefd=False)
         sys.stderr = open(2, "w", buffering=1, closefd=False)
         warnings.showwarning = warnings._showwarning_orig  # not pytest's recorder
-        try:
-            code = main(argv)
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
+        code = _status(main, argv)
         sys.stdout.flush()
         sys.stderr.flush()
     finally:
