@@ -84,6 +84,15 @@ def cli_env() -> dict:
     return env
 
 
+def _update(environ, changes: dict) -> None:
+    """Set each variable of ``changes`` in ``environ`` (as text); None unsets it."""
+    for key, value in changes.items():
+        if value is None:
+            environ.pop(key, None)
+        else:
+            environ[key] = str(value)
+
+
 def _train_cmd(args: list[str], nproc: int, extra_torchrun) -> list[str]:
     if nproc == 1 and not extra_torchrun:
         return [sys.executable, "-m", "distres.train", *args]
@@ -106,11 +115,7 @@ def run_train(
     """Run distres.train as a user would; returns CompletedProcess (text). ``env``: variables
     to set on top of ``cli_env()`` (None as a value: unset)."""
     full = cli_env()
-    for key, value in (env or {}).items():
-        if value is None:
-            full.pop(key, None)
-        else:
-            full[key] = value
+    _update(full, env or {})
     return subprocess.run(
         _train_cmd(args, nproc, extra_torchrun),
         cwd=REPO,
@@ -290,11 +295,7 @@ def _rank_main(main, argv: list[str], launch: dict, log: Path) -> None:
     status as the process's, and none of this (pytest's) process's exit handlers."""
     code = 1
     try:
-        for key, value in launch.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = str(value)
+        _update(os.environ, launch)
         os.environ.pop("WANDB_API_KEY", None)
         # One thread, as torchrun's default OMP_NUM_THREADS=1 gives its workers, set here since
         # this process started with pytest. More would hang: a forked child cannot use the
