@@ -5,12 +5,17 @@ from __future__ import annotations
 import os
 
 
-def available_cpus() -> int:
+def available_cpus(env: dict | None = None) -> int:
     """The CPUs this process may run on: its affinity mask (SLURM's cgroup binding, taskset),
-    not the machine's core count."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    not the machine's core count, and no more than SLURM gave its task (--cpus-per-task): a
+    cluster whose TaskPlugin does not bind leaves every task the whole node's mask, and tasks
+    sharing a node would each start a thread per core."""
+    env = os.environ if env is None else env
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    allotted = env.get("SLURM_CPUS_PER_TASK", "") if env.get("SLURM_JOB_ID") else ""
+    if allotted.isdigit() and int(allotted) > 0:
+        cpus = min(cpus, int(allotted))
+    return cpus
 
 
 def native_bf16() -> bool | None:

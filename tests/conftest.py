@@ -27,7 +27,6 @@ DISK_NEEDED_GB = 2  # the most the suite holds at once (its largest test's check
 # ``make test`` runs them all).
 SLOW_ELSEWHERE = {
     "test_scaling.py::test_quick_cpu_run",
-    "test_scaling.py::test_paths_are_relative_to_the_callers_folder",
     "test_launch.py::test_local_launcher_runs_two_cpu_ranks_from_the_callers_folder",
     "test_launch.py::test_multinode_launcher_joins_two_nodes_by_rendezvous",
     # emulated on CPUs without bf16/fp16 units: tens of seconds for one step (fp32 stays fast)

@@ -79,6 +79,18 @@ def test_multinode_launcher_joins_two_nodes_by_rendezvous(tmp_path):
     assert [x["step"] for x in read_metrics(tmp_path / "runs" / "x") if x["kind"] == "train"] == [1, 2, 3]
 
 
+def test_threads_of_each_process_stay_within_slurms_allotment():
+    """A SLURM task gets --cpus-per-task CPUs even where SLURM does not bind it to them
+    (TaskPlugin=task/none): its ranks share those, not the node's mask."""
+    from distres.host import available_cpus
+
+    mask = len(os.sched_getaffinity(0))
+    assert available_cpus({}) == mask
+    assert available_cpus({"SLURM_JOB_ID": "7", "SLURM_CPUS_PER_TASK": "1"}) == 1
+    assert available_cpus({"SLURM_JOB_ID": "7", "SLURM_CPUS_PER_TASK": str(mask + 8)}) == mask  # never over the mask
+    assert available_cpus({"SLURM_CPUS_PER_TASK": "1"}) == mask  # a variable left over outside any job
+
+
 def test_gpu_of_each_process():
     """torchrun: local rank r trains on cuda:r. srun --gpus-per-task=1 without torchrun: SLURM
     shows each task only its own GPU, as cuda:0, whatever its SLURM_LOCALID. Too few GPUs
