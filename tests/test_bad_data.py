@@ -17,6 +17,8 @@ ARGS = [
     "imagefolder",
     "--image-size",
     "32",
+    "--cifar-stem",
+    "off",
     "--batch-size",
     "4",
     "--epochs",

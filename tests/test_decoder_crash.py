@@ -14,7 +14,7 @@ from tests.damaged import huge_png, short_png, write
 from tests.helpers import make_imagefolder, read_metrics, run_here, train_here, train_ranks
 
 ARGS = [
-    "--arch", "resnet18", "--data", "imagefolder", "--image-size", "32", "--batch-size", "4",
+    "--arch", "resnet18", "--data", "imagefolder", "--image-size", "32", "--cifar-stem", "off", "--batch-size", "4",
     "--device", "cpu", "--no-progress", "--log-every", "2", "--wandb", "disabled", "--amp", "none",
     "--checkpoint-every", "0", "--workers", "1", "--eval-every", "0",
 ]  # fmt: skip
