@@ -84,6 +84,15 @@ def cli_env() -> dict:
     return env
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a rendezvous or a store)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _update(environ, changes: dict) -> None:
     """Set each variable of ``changes`` in ``environ`` (as text); None unsets it."""
     for key, value in changes.items():
@@ -257,13 +266,10 @@ def run_ranks(main, args: list[str], nproc: int = 2, timeout: int = 300, env: di
     Each rank computes on one thread (``_rank_main``). For runs where torchrun itself (restarts,
     signals, its own environment) is not under test."""
     import multiprocessing
-    import socket
     import tempfile
     import time
 
-    with socket.socket() as s:  # a free port for rank 0's store
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # for rank 0's store
     logs = Path(tempfile.mkdtemp(prefix="ranks-"))
     ctx = multiprocessing.get_context("fork")
     ranks = []
@@ -295,12 +301,14 @@ def _rank_main(main, argv: list[str], launch: dict, log: Path) -> None:
     status as the process's, and none of this (pytest's) process's exit handlers."""
     code = 1
     try:
-        _update(os.environ, launch)
-        os.environ.pop("WANDB_API_KEY", None)
-        # One thread, as torchrun's default OMP_NUM_THREADS=1 gives its workers, set here since
-        # this process started with pytest. More would hang: a forked child cannot use the
-        # OpenMP thread pool it inherits (its first parallel region waits for threads it lacks).
-        os.environ["OMP_NUM_THREADS"] = "1"
+        # The environment of the tests' commands (``cli_env``) and the launcher's. One thread,
+        # as torchrun's default OMP_NUM_THREADS=1 gives its workers, set here since this process
+        # started with pytest. More would hang: a forked child cannot use the OpenMP thread pool
+        # it inherits (its first parallel region waits for threads it lacks).
+        env = cli_env()
+        _update(env, {**launch, "OMP_NUM_THREADS": 1})
+        os.environ.clear()
+        os.environ.update(env)
         import torch
 
         torch.set_num_threads(1)

@@ -2,7 +2,7 @@ import os
 import subprocess
 import sys
 
-from tests.helpers import REPO, TINY, make_imagefolder, read_metrics
+from tests.helpers import REPO, TINY, free_port, make_imagefolder, read_metrics
 
 
 def test_local_launcher_runs_two_cpu_ranks_from_the_callers_folder(tmp_path):
@@ -42,11 +42,7 @@ def test_local_launcher_runs_two_cpu_ranks_from_the_callers_folder(tmp_path):
 def test_multinode_launcher_joins_two_nodes_by_rendezvous(tmp_path):
     """Two "nodes" on this machine, each one torchrun agent with one process: the c10d
     rendezvous assigns the node ranks, as on a real cluster."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = dict(
         os.environ,
         MASTER_ADDR="127.0.0.1",
