@@ -2,10 +2,12 @@
 
 Forward + backward of each convolution shape of ResNet-50 (ImageNet stem) at 32 px, batch 256,
 channels_last, through oneDNN's convolution and through ``distres.models.MatmulConv2d``, in
-bf16 autocast and fp32, the two taking turns; then the whole training step (model, AdamW)
-with and without ``matmul_convs``. Medians of ``--repeats``; one process, this process's CPUs.
+bf16 autocast and fp32, the two taking turns; then the whole training step (model, AdamW) in
+each, with and without ``matmul_convs``. Medians of ``--repeats``; one process, this process's
+CPUs. Without bf16 instructions (AVX512-BF16, AMX), bf16 is emulated: ``--dtypes fp32``.
 
-    python benchmarks/cpu_convs.py --out benchmarks/results
+    python benchmarks/cpu_convs.py --out benchmarks/results               # cpu-convs.{json,md}
+    python benchmarks/cpu_convs.py --dtypes fp32 --out benchmarks/results  # cpu-convs-fp32.*
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def _alternate(fns: dict, repeats: int) -> dict:
     return times
 
 
-def conv_rows(batch: int, repeats: int) -> list[dict]:
+def conv_rows(batch: int, repeats: int, dtypes: list[str]) -> list[dict]:
     import torch
     import torch.nn as nn
 
@@ -68,7 +70,7 @@ def conv_rows(batch: int, repeats: int) -> list[dict]:
 
     rows = []
     for cin, cout, hw, k, stride in SHAPES:
-        for amp in (True, False):
+        for amp in [dtype == "bf16" for dtype in dtypes]:
             ref = nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=False)
             fast = matmul_convs(nn.Sequential(nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=False)))[0]
             x = torch.randn(batch, cin, hw, hw).contiguous(memory_format=torch.channels_last).requires_grad_()
@@ -91,7 +93,7 @@ def conv_rows(batch: int, repeats: int) -> list[dict]:
     return rows
 
 
-def step_rows(batch: int, repeats: int) -> list[dict]:
+def step_rows(batch: int, repeats: int, dtype: str) -> list[dict]:
     import torch
     import torch.nn as nn
 
@@ -108,7 +110,7 @@ def step_rows(batch: int, repeats: int) -> list[dict]:
         y = torch.randint(0, 10, (batch,))
 
         def step():
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
                 loss = nn.functional.cross_entropy(m(x), y, label_smoothing=0.1)
             loss.backward()
             opt.step()
@@ -120,6 +122,7 @@ def step_rows(batch: int, repeats: int) -> list[dict]:
     return [
         {
             "step": name,
+            "dtype": dtype,
             "images_per_sec": round(batch / (statistics.median(t) / 1e3), 1),
             "step_ms": [round(x) for x in t],
         }
@@ -146,12 +149,15 @@ def render(r: dict) -> str:
     ]
     lines += [
         "",
-        "The whole training step (bf16 autocast, fused AdamW):",
+        "The whole training step (fused AdamW; bf16: under bf16 autocast):",
         "",
-        "| convolutions | images/s | step ms (each repeat) |",
-        "| --- | --- | --- |",
+        "| convolutions | dtype | images/s | step ms (each repeat) |",
+        "| --- | --- | --- | --- |",
     ]
-    lines += [f"| {x['step']} | {x['images_per_sec']} | {', '.join(map(str, x['step_ms']))} |" for x in r["steps"]]
+    lines += [
+        f"| {x['step']} | {x.get('dtype', 'bf16')} | {x['images_per_sec']} | {', '.join(map(str, x['step_ms']))} |"
+        for x in r["steps"]
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -159,8 +165,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", default=None, help="folder for cpu-convs.json and cpu-convs.md")
+    p.add_argument("--dtypes", default="bf16,fp32", help="comma-separated, of bf16 and fp32")
+    p.add_argument("--out", default=None, help="folder for cpu-convs[-DTYPE].json and .md")
     a = p.parse_args()
+    dtypes = a.dtypes.split(",")
+    if not dtypes or set(dtypes) - {"bf16", "fp32"}:
+        p.error(f"--dtypes {a.dtypes!r}: name bf16, fp32 or both")
     import torch
 
     result = {
@@ -171,15 +181,16 @@ def main() -> None:
         "command": "python benchmarks/cpu_convs.py " + " ".join(sys.argv[1:]),
         "batch": a.batch,
         "repeats": a.repeats,
-        "layers": conv_rows(a.batch, a.repeats),
-        "steps": step_rows(a.batch, a.repeats),
+        "layers": conv_rows(a.batch, a.repeats, dtypes),
+        "steps": [row for dtype in dtypes for row in step_rows(a.batch, a.repeats, dtype)],
     }
     print(render(result))
     if a.out:
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "cpu-convs.json").write_text(json.dumps(result, indent=2) + "\n")
-        (out / "cpu-convs.md").write_text(render(result))
+        stem = "cpu-convs" if len(dtypes) > 1 else f"cpu-convs-{dtypes[0]}"
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / f"{stem}.md").write_text(render(result))
 
 
 if __name__ == "__main__":

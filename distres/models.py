@@ -78,15 +78,18 @@ def memory_format(channels_last: bool) -> torch.memory_format:
 
 
 class MatmulConv2d(nn.Conv2d):
-    """A Conv2d that computes as one matrix product on the small feature maps where oneDNN's
-    CPU convolutions are slow: a ResNet on 32-px images with the ImageNet stem runs layer3 at
-    2x2 and layer4 at 1x1, and there oneDNN's backward took several times as long as the same
-    products as matmuls (``benchmarks/cpu_train.py`` measures the whole step). Maps of at most
-    ``TINY_MAP`` pixels under bf16 autocast, 1-pixel maps in fp32 (where oneDNN's fp32
-    convolutions at 2x2 were the faster). The same parameters, the same result up to summation
-    order; everything else goes to the convolution."""
+    """A Conv2d that computes as matrix products on the small feature maps where oneDNN's CPU
+    convolutions are slow: a ResNet on 32-px images with the ImageNet stem runs layer3 at 2x2
+    and layer4 at 1x1, and there oneDNN's backward took several times as long as the same
+    products as matmuls (``benchmarks/cpu_convs.py`` measures each layer and the whole step).
+    Under bf16 autocast, maps of at most ``TINY_MAP`` pixels are one matmul each way. In fp32,
+    1-pixel maps are one matmul; on maps of up to ``WEIGHT_GRAD_MAP`` pixels oneDNN's forward
+    and input gradient hold up, and only the weight gradient, its slow part, is one matmul over
+    the input's patches (``_WeightGradAsMatmul``). The same parameters, the same result up to
+    summation order; everything else goes to the convolution."""
 
     TINY_MAP = 4
+    WEIGHT_GRAD_MAP = 16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
@@ -95,9 +98,33 @@ class MatmulConv2d(nn.Conv2d):
             or self.padding_mode != "zeros"
             or x.dim() != 4
             or isinstance(self.padding, str)
-            or x.shape[-2] * x.shape[-1] > self._map_limit(x)
+            or x.device.type != "cpu"
         ):
             return super().forward(x)
+        pixels = x.shape[-2] * x.shape[-1]
+        if pixels <= self._map_limit(x):
+            return self._matmul(x)
+        if pixels <= self.WEIGHT_GRAD_MAP and self._weight_grad_as_matmul(x):
+            return _WeightGradAsMatmul.apply(x, self.weight, self.bias, self.stride, self.padding)
+        return super().forward(x)
+
+    def _map_limit(self, x: torch.Tensor) -> int:
+        """The largest map computed as one matmul, forward and backward."""
+        bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        return self.TINY_MAP if bf16 else 1
+
+    def _weight_grad_as_matmul(self, x: torch.Tensor) -> bool:
+        # Only where a weight gradient is coming, outside autocast (whose casts the custom
+        # backward would not see) and outside torch.compile (which makes its own kernels).
+        return (
+            torch.is_grad_enabled()
+            and self.weight.requires_grad
+            and not torch.is_autocast_enabled("cpu")
+            and x.dtype == self.weight.dtype
+            and not torch.compiler.is_compiling()
+        )
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel_size == (1, 1) and self.padding == (0, 0):
             sh, sw = self.stride
             x = x[:, :, ::sh, ::sw] if (sh, sw) != (1, 1) else x
@@ -106,12 +133,6 @@ class MatmulConv2d(nn.Conv2d):
             y = nn.functional.linear(x.permute(0, 2, 3, 1).reshape(-1, c), _as_matrix(self.weight), self.bias)
             return y.view(n, h, w, -1).permute(0, 3, 1, 2)
         return self._tiny_map(x)
-
-    def _map_limit(self, x: torch.Tensor) -> int:
-        if x.device.type != "cpu":
-            return 0
-        bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-        return self.TINY_MAP if bf16 else 1
 
     def _tiny_map(self, x: torch.Tensor) -> torch.Tensor:
         """Every output pixel from every input pixel: y[n, (o, cout)] = sum over (p, cin) of
@@ -126,6 +147,39 @@ class MatmulConv2d(nn.Conv2d):
             x.permute(0, 2, 3, 1).reshape(n, -1), big, None if self.bias is None else self.bias.repeat(ho * wo)
         )
         return y.view(n, ho, wo, cout).permute(0, 3, 1, 2)
+
+
+class _WeightGradAsMatmul(torch.autograd.Function):
+    """A convolution (groups 1, dilation 1) whose forward and input gradient are the usual
+    kernels and whose weight gradient is one matrix product: the output gradient's rows
+    (N x Ho x Wo, Cout) against the input's patches (N x Ho x Wo, kh x kw x Cin)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding):
+        ctx.save_for_backward(x, weight)
+        ctx.stride, ctx.padding, ctx.has_bias = stride, padding, bias is not None
+        return nn.functional.conv2d(x, weight, bias, stride, padding)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.convolution_backward(
+                grad, x, weight, None, ctx.stride, ctx.padding, (1, 1), False, (0, 0), 1, (True, False, False)
+            )[0]
+        if ctx.needs_input_grad[1]:
+            cout, cin, kh, kw = weight.shape
+            (sh, sw), (ph, pw) = ctx.stride, ctx.padding
+            rows = nn.functional.pad(x.permute(0, 2, 3, 1), (0, 0, pw, pw, ph, ph))  # N, H, W, C
+            patches = rows.unfold(1, kh, sh).unfold(2, kw, sw)  # N, Ho, Wo, C, kh, kw
+            patches = patches.permute(0, 1, 2, 4, 5, 3).reshape(-1, kh * kw * cin)
+            product = grad.permute(0, 2, 3, 1).reshape(-1, cout).t() @ patches
+            # in the weight's own strides (DDP's bucket views are made from them)
+            grad_weight = torch.empty_like(weight).copy_(product.view(cout, kh, kw, cin).permute(0, 3, 1, 2))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad.sum((0, 2, 3))
+        return grad_x, grad_weight, grad_bias, None, None
 
 
 def _as_matrix(weight: torch.Tensor) -> torch.Tensor:

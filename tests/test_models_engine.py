@@ -110,21 +110,26 @@ def test_grad_accumulation_skips_the_allreduce_under_torch_compile(tmp_path):
         tdist.destroy_process_group()
 
 
+@pytest.mark.parametrize("path", ["matmul", "weight grad"])
 @pytest.mark.parametrize(
     "cin,cout,hw,k,stride,pad,bias",
     [
-        (8, 16, 5, 1, 1, 0, False),
-        (8, 16, 6, 1, 2, 0, True),
+        (8, 16, 4, 1, 1, 0, False),
+        (8, 16, 4, 1, 2, 0, True),
         (8, 16, 1, 3, 1, 1, False),
         (8, 16, 2, 3, 1, 1, True),
         (8, 16, 2, 3, 2, 1, False),
         (8, 8, 2, 3, 1, 1, False),
+        (8, 8, 4, 3, 2, 1, True),
+        (3, 8, 4, 7, 2, 3, False),
     ],
 )
-def test_matmul_conv_equals_the_convolution(cin, cout, hw, k, stride, pad, bias, monkeypatch):
-    """Every path of MatmulConv2d (1x1 kernels, strided 1x1, any kernel on a tiny map) gives
-    the convolution's output and gradients, in float64, for NCHW and channels_last input."""
-    monkeypatch.setattr(models.MatmulConv2d, "_map_limit", lambda self, x: 100)  # every path, whatever the dtype
+def test_matmul_conv_equals_the_convolution(cin, cout, hw, k, stride, pad, bias, path, monkeypatch):
+    """Every path of MatmulConv2d (1x1 kernels, strided 1x1, any kernel on a tiny map; the
+    weight gradient alone as a matmul) gives the convolution's output and gradients, in float64,
+    for NCHW and channels_last input and weights, each gradient in its parameter's strides."""
+    limit = 100 if path == "matmul" else 0  # every map to the one or the other, whatever the dtype
+    monkeypatch.setattr(models.MatmulConv2d, "_map_limit", lambda self, x: limit)
     torch.manual_seed(0)
     ref = nn.Conv2d(cin, cout, k, stride=stride, padding=pad, bias=bias).double()
     fast = models.matmul_convs(nn.Sequential(nn.Conv2d(cin, cout, k, stride=stride, padding=pad, bias=bias)))[0]
@@ -132,31 +137,53 @@ def test_matmul_conv_equals_the_convolution(cin, cout, hw, k, stride, pad, bias,
     fast.load_state_dict(ref.state_dict())
     assert type(fast) is models.MatmulConv2d and list(fast.state_dict()) == list(ref.state_dict())
     for fmt in (torch.contiguous_format, torch.channels_last):
+        ref.to(memory_format=fmt)
+        fast.to(memory_format=fmt)
         x = torch.randn(3, cin, hw, hw, dtype=torch.float64).contiguous(memory_format=fmt)
         xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
         ya, yb = ref(xa), fast(xb)
+        if path == "weight grad":
+            assert type(yb.grad_fn).__name__ == "_WeightGradAsMatmulBackward"
         g = torch.randn_like(ya)
         ya.backward(g)
         yb.backward(g)
         torch.testing.assert_close(yb, ya)
         torch.testing.assert_close(xb.grad, xa.grad)
         torch.testing.assert_close(fast.weight.grad, ref.weight.grad)
+        assert fast.weight.grad.stride() == fast.weight.stride()
+        if bias:
+            torch.testing.assert_close(fast.bias.grad, ref.bias.grad)
         ref.zero_grad()
         fast.zero_grad()
 
 
 def test_matmul_conv_takes_the_maps_where_it_is_faster(monkeypatch):
-    """On the CPU under bf16 autocast, maps of up to 4 pixels go to the matmul; larger maps,
-    and 2x2 maps in fp32, go to oneDNN's convolution."""
-    convs = []
-    real = nn.Conv2d._conv_forward
-    monkeypatch.setattr(nn.Conv2d, "_conv_forward", lambda self, *a: (convs.append(1), real(self, *a))[1])
+    """On the CPU under bf16 autocast, maps of up to 4 pixels go to the matmul and larger maps
+    to oneDNN's convolution. In fp32, 1-pixel maps go to the matmul; maps of up to 16 pixels
+    (4x4) to oneDNN's convolution with the weight gradient as a matmul, when one is coming;
+    larger maps, and maps in evaluation, to oneDNN's convolution alone."""
+    convs, weight_grads = [], []
+    real_conv, real_apply = nn.Conv2d._conv_forward, models._WeightGradAsMatmul.apply
+    monkeypatch.setattr(nn.Conv2d, "_conv_forward", lambda self, *a: (convs.append(1), real_conv(self, *a))[1])
+    monkeypatch.setattr(models._WeightGradAsMatmul, "apply", lambda *a: (weight_grads.append(1), real_apply(*a))[1])
     m = models.matmul_convs(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)))
-    for hw, amp, want in ((2, True, 0), (1, True, 0), (3, True, 2), (2, False, 2), (1, False, 0)):
+    cases = [
+        # map side, bf16 autocast, gradients on: (oneDNN convolutions, weight gradients as a matmul)
+        (2, True, True, (0, 0)),
+        (1, True, True, (0, 0)),
+        (3, True, True, (2, 0)),
+        (1, False, True, (0, 0)),
+        (2, False, True, (0, 2)),
+        (4, False, True, (0, 2)),
+        (5, False, True, (2, 0)),
+        (4, False, False, (2, 0)),
+    ]
+    for hw, amp, grad, want in cases:
         convs.clear()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        weight_grads.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp), torch.set_grad_enabled(grad):
             m(torch.randn(2, 4, hw, hw))
-        assert len(convs) == want, (hw, amp)
+        assert (len(convs), len(weight_grads)) == want, (hw, amp, grad)
 
 
 def test_cpu_models_use_matmul_convs_and_keep_their_state_dict_keys():
