@@ -90,10 +90,8 @@ def default_output_dir(checkpoint: Path) -> Path:
     return run_dir / f"eval-{checkpoint.stem}"
 
 
-def run(a, ctx) -> dict:
-    checkpoint = Path(a.checkpoint)
-    trained = inference.load(checkpoint, a.weights, ctx.device)
-    meta = trained.meta
+def _config(a, trained):
+    """The checkpoint's run configuration with this command's data and evaluation flags."""
     cfg = inference.with_overrides(
         trained.config,
         data=a.data,
@@ -102,14 +100,22 @@ def run(a, ctx) -> dict:
         batch_size=a.batch_size,
         workers=a.workers,
         amp=a.amp,
-        eval_image_size=meta["image_size"],
-        eval_resize=meta.get("resize", 0),
+        eval_image_size=trained.meta["image_size"],
+        eval_resize=trained.meta.get("resize", 0),
     )
     if a.data is not None and a.data != trained.config.dataset and a.data_dir is None and a.data != "synthetic":
         raise UserError(f"--data {a.data} needs --data-dir (the checkpoint's folder is for {trained.config.dataset})")
     if cfg.data.dataset == "imagefolder" and not cfg.data.data_dir:
         raise UserError("--data imagefolder needs --data-dir PATH")
     cfg.validate()
+    return cfg
+
+
+def run(a, ctx) -> dict:
+    checkpoint = Path(a.checkpoint)
+    trained = inference.load(checkpoint, a.weights, ctx.device)
+    meta = trained.meta
+    cfg = _config(a, trained)
     engine.set_numerics(cfg.run.deterministic, training=False)
     bundle = data.build(
         cfg,

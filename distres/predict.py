@@ -131,19 +131,9 @@ def _batch(items):
     return index, images, bad
 
 
-def predict(a) -> tuple[int, int]:
-    device = dist.resolve_device(a.device, 0)
-    trained = inference.load(a.checkpoint, a.weights, device)
-    meta, classes = trained.meta, trained.meta["classes"]
-    inputs, unreadable = find_inputs(a.inputs, a.split)
-    if not len(inputs):
-        raise UserError(
-            f"no image files in {', '.join(a.inputs)} ({', '.join(IMAGE_EXTENSIONS)}, or shard sets); check the paths"
-        )
-    k = min(a.top_k, len(classes))
-    norm = inference.normalizer(meta, device, trained.config.channels_last)
-    precision = Precision(a.amp or trained.config.amp, device)
-    decode.configure(a.max_image_pixels)
+def _loader(a, inputs, meta: dict, device: torch.device):
+    """The batches of the inputs, each with the indices of its images and its unreadable ones;
+    a file that crashes the decoder costs that file alone (``isolate.guarded``)."""
 
     def make(k: int) -> torch.utils.data.DataLoader:  # the batches from batch k on
         return torch.utils.data.DataLoader(
@@ -157,7 +147,23 @@ def predict(a) -> tuple[int, int]:
     def names_of(k: int) -> list[str]:  # the images of batch k
         return [inputs.name(i) for i in range(k * a.batch_size, min((k + 1) * a.batch_size, len(inputs)))]
 
-    loader = isolate.guarded(make, names_of, inputs.decode)
+    return isolate.guarded(make, names_of, inputs.decode)
+
+
+def predict(a) -> tuple[int, int]:
+    device = dist.resolve_device(a.device, 0)
+    trained = inference.load(a.checkpoint, a.weights, device)
+    meta, classes = trained.meta, trained.meta["classes"]
+    inputs, unreadable = find_inputs(a.inputs, a.split)
+    if not len(inputs):
+        raise UserError(
+            f"no image files in {', '.join(a.inputs)} ({', '.join(IMAGE_EXTENSIONS)}, or shard sets); check the paths"
+        )
+    k = min(a.top_k, len(classes))
+    norm = inference.normalizer(meta, device, trained.config.channels_last)
+    precision = Precision(a.amp or trained.config.amp, device)
+    decode.configure(a.max_image_pixels)
+    loader = _loader(a, inputs, meta, device)
     try:
         out = sys.stdout if a.output == "-" else open(a.output, "w", newline="")
     except OSError as e:

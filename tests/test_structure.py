@@ -1,4 +1,4 @@
-"""The package's shape: no module of distres imports itself back through others."""
+"""The package's shape: no module of distres imports itself back through others, and its functions are short."""
 
 import ast
 from pathlib import Path
@@ -54,3 +54,25 @@ def test_no_import_circle_in_distres():
 
     circles = [c for m in graph if (c := cycle_from(m))]
     assert not circles, " -> ".join(circles[0])
+
+
+def _functions(path: Path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield node.name, node.end_lineno - node.lineno + 1
+
+
+def test_functions_fit_on_a_screen():
+    """No function of distres over 60 lines (its def to its last line, docstring included), and
+    the training loop's epoch within 30: each reads whole, and a longer one is a sign that it
+    does several things."""
+    files = sorted((REPO / "distres").rglob("*.py"))
+    long = [
+        f"{path.relative_to(REPO)}: {name} ({lines} lines)"
+        for path in files
+        for name, lines in _functions(path)
+        if lines > 60
+    ]
+    assert not long, "\n".join(long)
+    [(_, epoch)] = [f for f in _functions(REPO / "distres" / "train.py") if f[0] == "train_epoch"]
+    assert epoch <= 30, f"train_epoch is {epoch} lines"
