@@ -65,6 +65,12 @@ def _worker_pid(torchrun_pid: int, rank: int) -> int:
     return 0
 
 
+def _starts(log) -> list[int]:
+    """The step each restart of the job resumed at (0: no checkpoint yet, from scratch)."""
+    found = re.findall(r"resumed from \S+ at step (\d+)|(no checkpoint in) ", log.read_text())
+    return [int(step) if step else 0 for step, _ in found]
+
+
 def _assert_same_final_state(out, expected):
     got = torch.load(out / "checkpoints" / checkpoint.LAST, weights_only=True)
     assert got["step"] == expected["step"] == STEPS
@@ -77,15 +83,36 @@ def _assert_same_final_state(out, expected):
 
 
 @pytest.mark.slow
-def test_signal_to_one_rank_stops_all_at_one_step_and_resume_is_bitwise_exact(tmp_path, uninterrupted):
-    out = tmp_path / "run"
-    proc = start_train(ARGS + ["--output-dir", str(out)], nproc=2, log=tmp_path / "log")
-    wait_for(lambda: _last_step(out) >= 5, 120, "step 5")
-    os.kill(wait_for(lambda: _worker_pid(proc.pid, 1), 10, "rank 1"), signal.SIGUSR1)  # rank 1 only
-    proc.wait(timeout=120)
-    log = (tmp_path / "log").read_text()
-    assert "exitcode  : 75" in log, log[-3000:]  # the worker's status for "preempted, requeue me"
-    assert "preempted (signal on another rank): stopped after step" in log  # rank 0 reports it
+def test_a_killed_worker_restarts_and_a_signal_to_one_rank_stops_all_and_resume_is_bitwise_exact(
+    tmp_path, uninterrupted
+):
+    """One job, two faults. SIGKILL to rank 1 past the first checkpoint: torchrun
+    (--max-restarts 1) restarts the workers, and they resume from the newest checkpoint. Then
+    SIGUSR1 to rank 1 alone, mid-epoch: every rank stops after the same step, with a checkpoint
+    and the status for "preempted, requeue me"; no restart is left, so the job ends there, and a
+    resume finishes it in exactly the uninterrupted run's state."""
+    out, log = tmp_path / "run", tmp_path / "log"
+    proc = start_train(ARGS + ["--output-dir", str(out)], nproc=2, extra_torchrun=["--max-restarts", "1"], log=log)
+    try:
+        wait_for(lambda: _last_step(out) >= EVERY + 2, 120, f"step {EVERY + 2}")  # past the first checkpoint
+        victim = wait_for(lambda: _worker_pid(proc.pid, 1), 10, "rank 1")
+        newest_before = checkpoint.step_checkpoints(out / "checkpoints")[-1]
+        killed_at = _last_step(out)
+        os.kill(victim, signal.SIGKILL)
+        resumed = wait_for(lambda: _starts(log), 120, "the restart")
+        # only the steps after the newest checkpoint are computed again
+        assert len(resumed) == 1 and resumed[0] % EVERY == 0 and resumed[0] >= int(newest_before.stem.split("-")[1])
+
+        # past the steps the killed run had logged: the restarted workers are training
+        wait_for(lambda: _last_step(out) >= killed_at + 2, 120, f"step {killed_at + 2} after the restart")
+        os.kill(wait_for(lambda: _worker_pid(proc.pid, 1), 10, "rank 1"), signal.SIGUSR1)  # rank 1 only
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert "exitcode  : 75" in text, text[-3000:]  # the worker's status for "preempted, requeue me"
+    assert "preempted (signal on another rank): stopped after step" in text  # rank 0 reports it
     state = torch.load(out / "checkpoints" / checkpoint.LAST, weights_only=True)
     assert 0 < state["step"] < STEPS and state["step_in_epoch"] > 0, "expected a mid-epoch stop"
     assert len(state["rng"]) == 2  # every rank's RNG state
@@ -93,23 +120,6 @@ def test_signal_to_one_rank_stops_all_at_one_step_and_resume_is_bitwise_exact(tm
     r = train_ranks(ARGS + ["--output-dir", str(out), "--resume"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"at step {state['step']}" in r.stderr
-    _assert_same_final_state(out, uninterrupted)
-
-
-@pytest.mark.slow
-def test_killed_worker_is_restarted_by_torchrun_and_resumes_from_the_newest_checkpoint(tmp_path, uninterrupted):
-    out = tmp_path / "run"
-    log = tmp_path / "log"
-    proc = start_train(ARGS + ["--output-dir", str(out)], nproc=2, extra_torchrun=["--max-restarts", "1"], log=log)
-    wait_for(lambda: _last_step(out) >= EVERY + 2, 120, f"step {EVERY + 2}")  # past the first checkpoint
-    victim = wait_for(lambda: _worker_pid(proc.pid, 1), 10, "rank 1")
-    newest_before = checkpoint.step_checkpoints(out / "checkpoints")[-1]
-    os.kill(victim, signal.SIGKILL)
-    assert proc.wait(timeout=240) == 0, log.read_text()[-3000:]
-    resumed = [int(m) for m in re.findall(r"resumed from \S+ at step (\d+)", log.read_text())]
-    assert len(resumed) == 1, log.read_text()[-3000:]
-    # only the steps after the newest checkpoint are computed again
-    assert resumed[0] % EVERY == 0 and resumed[0] >= int(newest_before.stem.split("-")[1])
     _assert_same_final_state(out, uninterrupted)
 
 
@@ -149,12 +159,6 @@ def test_incompatible_checkpoint_is_a_one_line_error_and_stays_intact(tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith("distres: error: checkpoint ")
     assert "does not fit this run (saved with --arch resnet18" in r.stderr
     assert (out / "checkpoints" / checkpoint.LAST).read_bytes() == before
-
-
-def _starts(log) -> list[int]:
-    """The step each restart of the job resumed at (0: no checkpoint yet, from scratch)."""
-    found = re.findall(r"resumed from \S+ at step (\d+)|(no checkpoint in) ", log.read_text())
-    return [int(step) if step else 0 for step, _ in found]
 
 
 @pytest.mark.slow
