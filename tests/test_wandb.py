@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from distres import tracking
-from tests.helpers import TINY, WANDB_VARS, read_metrics, run_train
+from tests.helpers import TINY, WANDB_VARS, read_metrics, train_here
 
 WANDB_CLI = Path(sys.executable).with_name("wandb")
 
@@ -97,9 +97,9 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path, clean_home):
         "--output-dir",
         str(out),
     ]
-    first = run_train(common + ["--max-steps", "4"])
+    first = train_here(common + ["--max-steps", "4"])
     assert first.returncode == 0, first.stderr[-3000:]
-    second = run_train(common + ["--resume", "latest"])  # what a requeued job runs
+    second = train_here(common + ["--resume", "latest"])  # what a requeued job runs
     assert second.returncode == 0, second.stderr[-3000:]
     runs = _runs(out)
     assert len(runs) == 2
