@@ -85,8 +85,8 @@ def test_preempted_two_task_job_checkpoints_requeues_and_finishes_the_same_steps
     trains across the rendezvous, is signalled like a preemption, checkpoints, requeues itself
     and finishes with every step once."""
     out, log = tmp_path / "run", tmp_path / "job.log"
-    steps = 48  # 192 samples / (2 ranks x 4) per epoch, 2 epochs
-    job = _submit(slurm, out, log, JOB_ARGS + ["--synthetic-samples", "192", "--epochs", "2"])
+    steps = 32  # 128 samples / (2 ranks x 4) per epoch, 2 epochs
+    job = _submit(slurm, out, log, JOB_ARGS + ["--synthetic-samples", "128", "--epochs", "2"])
     wait_for(lambda: _last_step(out) >= 5, 240, "step 5 of the job", poll=0.2)
     # what SLURM does ahead of the time limit with --signal=B:USR1@...: signal the batch shell
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=slurm, check=True)
