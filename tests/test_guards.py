@@ -220,6 +220,7 @@ class _SlowItems(torch.utils.data.Dataset):
 def test_a_worker_killed_while_the_loader_waits_is_named_by_its_signal():
     # The other path of a worker's death: its SIGCHLD arrives while the main thread waits on the
     # data queue, and torch's own message there only says the worker "exited unexpectedly".
+    from distres.data.isolate import end_workers
     from distres.errors import process_death
 
     def children() -> set[int]:
@@ -236,6 +237,7 @@ def test_a_worker_killed_while_the_loader_waits_is_named_by_its_signal():
             next(it)
     finally:
         timer.cancel()
+        end_workers(it)  # now, not at whichever later test the garbage collector comes by
     err = caught.value
     assert "exited unexpectedly" in str(err), err  # the path this test is for
     line = str(process_death(err, 0))
