@@ -14,6 +14,7 @@ from tests.helpers import (
     FOLDER_RUN,
     TINY,
     WANDB_VARS,
+    close_built,
     make_imagefolder,
     process_state,
     run_train,
@@ -57,10 +58,12 @@ def pytest_sessionstart(session):
 @pytest.fixture(autouse=True)
 def _restores_process_state():
     """Every test leaves the process as it found it (threads, deterministic algorithms, RNGs,
-    environment, signal handlers, process group): the CLIs run in this process change them, and
-    tests must pass alone and in any order."""
+    environment, signal handlers, process group, the data loaders it built with
+    ``closed_at_the_end``): the CLIs run in this process change them, and tests must pass alone
+    and in any order."""
     with process_state():
         yield
+        close_built()
 
 
 @pytest.fixture(scope="module")

@@ -93,6 +93,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_BUILT = []  # the data bundles the running test built (``closed_at_the_end``)
+
+
+def closed_at_the_end(bundle):
+    """``bundle`` (a ``data.DataBundle`` a test built), closed when the test ends, pass or fail
+    (conftest): its loaders' worker processes end then, as a run's do, rather than whenever the
+    garbage collector comes by, seconds later and in another test."""
+    _BUILT.append(bundle)
+    return bundle
+
+
+def close_built() -> None:
+    while _BUILT:
+        _BUILT.pop().close()
+
+
 def _update(environ, changes: dict) -> None:
     """Set each variable of ``changes`` in ``environ`` (as text); None unsets it."""
     for key, value in changes.items():

@@ -18,24 +18,16 @@ from distres.data import build
 from distres.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from distres.dist import DistContext
 from distres.train import main
+from tests.helpers import closed_at_the_end
 
 DALI_REASON = "NVIDIA DALI not installed (the [dali] extra: pip install -e '.[dali]')"
 BACKENDS = ["torch", "gpu", "dali"]
 N_TRAIN, N_VAL, BATCH = 37, 13, 4
-_BUILT = []  # the bundles a test built, closed when it ends (``_closes_its_bundles``)
 
 
 def _need(backend):
     if backend == "dali":
         pytest.importorskip("nvidia.dali", reason=DALI_REASON)
-
-
-@pytest.fixture(autouse=True)
-def _closes_its_bundles():
-    """A test's loaders end their worker processes when it ends, as a run's do."""
-    yield
-    while _BUILT:
-        _BUILT.pop().close()
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +68,7 @@ def _bundle(root, backend, rank, world=2, cpu_channels_last=True, size=32, extra
     )  # (a flag given again in extra wins)
     ctx = DistContext(rank, rank, world, world, torch.device("cpu"), "gloo" if world > 1 else None)
     fmt = torch.channels_last if cpu_channels_last else torch.contiguous_format
-    return _closed_at_the_end(build(cfg, ctx, fmt))
-
-
-def _closed_at_the_end(bundle):
-    _BUILT.append(bundle)
-    return bundle
+    return closed_at_the_end(build(cfg, ctx, fmt))
 
 
 def _ids(images: torch.Tensor) -> list[int]:
@@ -212,7 +199,7 @@ def test_dali_matches_torch_statistics_on_photos_with_resizing(tmp_path):
                 "1",
             ]
         )
-        b = _closed_at_the_end(build(cfg, ctx, torch.channels_last))
+        b = closed_at_the_end(build(cfg, ctx, torch.channels_last))
         outs[backend] = [torch.cat([x for x, _ in _epoch(loader, 0)]) for loader in (b.train, b.val)]
     for want, got in zip(outs["torch"], outs["dali"]):
         assert got.shape == want.shape == (len(want), 3, 224, 224)
@@ -350,7 +337,7 @@ def test_device_resident_backends_copy_once_per_epoch(coded, backend, monkeypatc
                 str(BATCH),
             ]
         )
-        loader = _closed_at_the_end(
+        loader = closed_at_the_end(
             build(cfg, DistContext(0, 0, 1, 1, torch.device("cpu"), None), torch.channels_last)
         ).train
     for epoch in (0, 1):

@@ -21,6 +21,7 @@ from distres.errors import UserError
 from tests.helpers import (
     TINY,
     break_jpeg,
+    closed_at_the_end,
     make_imagefolder,
     one_error_line,
     run_here,
@@ -48,7 +49,7 @@ def _loaders(data: str, where, world: int, rank: int, extra=()):
         + ["--data-backend", "torch", "--workers", "0", *extra]
     )
     ctx = DistContext(rank, rank, world, world, torch.device("cpu"), "gloo" if world > 1 else None)
-    return build(cfg, ctx, torch.contiguous_format)
+    return closed_at_the_end(build(cfg, ctx, torch.contiguous_format))
 
 
 def _epoch(loader, epoch: int, start: int = 0):
