@@ -132,6 +132,12 @@ class MatmulConv2d(nn.Conv2d):
             # N x H x W x C rows (a view for channels_last input), one output channel per column.
             y = nn.functional.linear(x.permute(0, 2, 3, 1).reshape(-1, c), _as_matrix(self.weight), self.bias)
             return y.view(n, h, w, -1).permute(0, 3, 1, 2)
+        n, c, h, w = x.shape
+        (kh, kw), (ph, pw) = self.kernel_size, self.padding
+        if h == w == 1 and (kh, kw) == (2 * ph + 1, 2 * pw + 1):
+            # One pixel padded to the kernel's size: only the centre tap meets it, whatever the stride.
+            y = nn.functional.linear(x.reshape(n, c), _tap(self.weight, ph, pw), self.bias)
+            return y.view(n, -1, 1, 1)
         return self._tiny_map(x)
 
     def _tiny_map(self, x: torch.Tensor) -> torch.Tensor:
@@ -192,6 +198,14 @@ def _as_matrix(weight: torch.Tensor) -> torch.Tensor:
     if weight.stride(-1) != 1:  # channels_last: [cout, 1, 1, cin] is the contiguous view
         return weight.permute(0, 2, 3, 1).flatten(1)
     return weight.flatten(1)
+
+
+def _tap(weight: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    """``weight[:, :, a, b]`` as a [cout, cin] matrix, through the views whose backward gives
+    the gradient the weight's own strides (see ``_as_matrix``)."""
+    if weight.stride(-1) != 1:  # channels_last
+        return weight.permute(0, 2, 3, 1)[:, a, b]
+    return weight[:, :, a, b]
 
 
 _TAPS: dict = {}

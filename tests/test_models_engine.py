@@ -117,6 +117,7 @@ def test_grad_accumulation_skips_the_allreduce_under_torch_compile(tmp_path):
         (8, 16, 4, 1, 1, 0, False),
         (8, 16, 4, 1, 2, 0, True),
         (8, 16, 1, 3, 1, 1, False),
+        (8, 16, 1, 3, 2, 1, True),
         (8, 16, 2, 3, 1, 1, True),
         (8, 16, 2, 3, 2, 1, False),
         (8, 8, 2, 3, 1, 1, False),
