@@ -54,7 +54,7 @@ SlurmdParameters=config_overrides
 MailProg=/bin/true
 ReturnToService=2
 # A requeued job would otherwise wait 120 s for its old credential to expire.
-AuthInfo=cred_expire=10
+AuthInfo=cred_expire=5
 SchedulerParameters=bf_interval=1,sched_interval=2
 KillWait=30
 NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN

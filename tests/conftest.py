@@ -17,7 +17,6 @@ from tests.helpers import (
     close_built,
     make_imagefolder,
     process_state,
-    run_train,
     train_ranks,
 )
 
@@ -157,16 +156,16 @@ def folder_run(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def synthetic_run(tmp_path_factory):
-    """One 2-rank gloo run under torchrun on synthetic data, logging to an offline W&B run,
-    shared by test_ddp (the end-to-end run: one metrics file, every step once, the loss falls)
-    and test_wandb (one offline run per job, read back with wandb's own reader). Batch 8 on 2
-    ranks over 128 samples: 8 steps per epoch, 4 epochs, an evaluation after each. HOME is an
-    empty folder and no W&B variable is set: whatever W&B writes outside the output folder shows
-    up there. Returns (output folder, HOME, the torchrun CompletedProcess)."""
+    """One 2-rank gloo run (forked ranks, ``train_ranks``) on synthetic data, logging to an
+    offline W&B run, shared by test_ddp (the end-to-end run: one metrics file, every step once,
+    the loss falls) and test_wandb (one offline run per job, read back with wandb's own reader).
+    Batch 8 on 2 ranks over 128 samples: 8 steps per epoch, 4 epochs, an evaluation after each.
+    HOME is an empty folder and no W&B variable is set: whatever W&B writes outside the output
+    folder shows up there. Returns (output folder, HOME, the ranks' ``Ran``)."""
     root = tmp_path_factory.mktemp("synthetic_run")
     home, out = root / "home", root / "run"
     home.mkdir()
-    r = run_train(
+    r = train_ranks(
         TINY
         + [
             "--wandb",
@@ -182,7 +181,6 @@ def synthetic_run(tmp_path_factory):
             "--output-dir",
             str(out),
         ],
-        nproc=2,
         env={"HOME": str(home), **dict.fromkeys(WANDB_VARS)},
     )
     assert r.returncode == 0, r.stderr[-3000:]

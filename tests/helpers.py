@@ -234,7 +234,7 @@ def run_here(main, argv: list[str]) -> Ran:
     with process_state(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        for name in _LAUNCHER_VARS:
             os.environ.pop(name, None)
         os.environ.pop("WANDB_API_KEY", None)
         os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -273,46 +273,88 @@ def train_ranks(args: list[str], nproc: int = 2, timeout: int = 300, env: dict |
     return run_ranks(train.main, args, nproc, timeout, env)
 
 
-def run_ranks(main, args: list[str], nproc: int = 2, timeout: int = 300, env: dict | None = None) -> Ran:
+def run_ranks(
+    main, args: list[str], nproc: int = 2, timeout: int = 300, env: dict | None = None, cwd: Path = REPO
+) -> Ran:
     """A CLI's ``main(args)`` as ``nproc`` ranks of one job (gloo, rendezvous at
     MASTER_ADDR:MASTER_PORT, as under torchrun --standalone), each a process forked from this
     one: real processes and collectives, without an interpreter and torch start-up per rank (5 s
     of CPU on the 2-core test machines). Their stdout and stderr, rank after rank, as torchrun
     passes them on; the first failing rank's status, the others stopped as torchrun stops them.
     Each rank computes on one thread (``_rank_main``). For runs where torchrun itself (restarts,
-    signals, its own environment) is not under test."""
-    import multiprocessing
-    import tempfile
-    import time
+    signals, its own environment) is not under test. They run in ``cwd``."""
+    return start_ranks(main, args, nproc, env, cwd).wait(timeout)
 
+
+def start_ranks(main, args: list[str], nproc: int = 2, env: dict | None = None, cwd: Path = REPO) -> Ranks:
+    """``run_ranks``'s ranks, started and left running."""
     port = free_port()  # for rank 0's store
-    logs = Path(tempfile.mkdtemp(prefix="ranks-"))
-    ctx = multiprocessing.get_context("fork")
-    ranks = []
+    launches = []
     for rank in range(nproc):
         launch = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": nproc, "LOCAL_WORLD_SIZE": nproc}
-        launch.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **(env or {}))
-        proc = ctx.Process(target=_rank_main, args=(main, list(args), launch, logs / str(rank)))
+        launches.append({**launch, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, **(env or {})})
+    return _fork(main, args, launches, cwd)
+
+
+def start_one(main, args: list[str], setup=None) -> Ranks:
+    """``main(args)`` as one process forked from this one, as its plain command would run (no
+    launcher variables), left running: for a run that takes a signal, or a resource limit
+    (``setup()`` runs in the process first). Like a forked rank it computes on one thread, so
+    training commands need ``--threads 1`` (``_rank_main``)."""
+    return _fork(main, args, [dict.fromkeys(_LAUNCHER_VARS)], REPO, setup)
+
+
+_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _fork(main, args: list[str], launches: list[dict], cwd: Path, setup=None) -> Ranks:
+    import multiprocessing
+    import tempfile
+
+    logs = Path(tempfile.mkdtemp(prefix="ranks-"))
+    ctx = multiprocessing.get_context("fork")
+    procs = []
+    for rank, launch in enumerate(launches):
+        proc = ctx.Process(target=_rank_main, args=(main, list(args), launch, logs / str(rank), cwd, setup))
         proc.start()
-        ranks.append(proc)
-    deadline = time.monotonic() + timeout
-    while any(p.is_alive() for p in ranks) and time.monotonic() < deadline:
-        if any(p.exitcode not in (None, 0) for p in ranks):  # torchrun ends the others when one fails
-            deadline = min(deadline, time.monotonic() + 5)
-        time.sleep(0.05)
-    for p in ranks:
-        if p.is_alive():
-            p.kill()
-        p.join()
-    failures = [p.exitcode for p in ranks if p.exitcode not in (0, -signal.SIGKILL)]
-    code = failures[0] if failures else (124 if any(p.exitcode for p in ranks) else 0)  # 124: as timeout(1)
-    out = "".join((logs / f"{r}.out").read_text() for r in range(nproc))
-    err = "".join((logs / f"{r}.err").read_text() for r in range(nproc))
-    shutil.rmtree(logs, ignore_errors=True)
-    return Ran(code, out, err)
+        procs.append(proc)
+    return Ranks(procs, logs)
 
 
-def _rank_main(main, argv: list[str], launch: dict, log: Path) -> None:
+@dataclass
+class Ranks:
+    """Forked ranks of one job (``start_ranks``): their processes and the folder of their logs."""
+
+    procs: list
+    logs: Path
+
+    def stderr(self, rank: int) -> str:
+        return (self.logs / f"{rank}.err").read_text()
+
+    def wait(self, timeout: float) -> Ran:
+        """Their end (as torchrun ends them: the others within 5 s of a failure, all at the
+        timeout) and what they printed; the logs are removed."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while any(p.is_alive() for p in self.procs) and time.monotonic() < deadline:
+            if any(p.exitcode not in (None, 0) for p in self.procs):
+                deadline = min(deadline, time.monotonic() + 5)
+            time.sleep(0.05)
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+            p.join()
+        failures = [p.exitcode for p in self.procs if p.exitcode not in (0, -signal.SIGKILL)]
+        code = failures[0] if failures else (124 if any(p.exitcode for p in self.procs) else 0)  # 124: as timeout(1)
+        ranks = range(len(self.procs))
+        out = "".join((self.logs / f"{r}.out").read_text() for r in ranks)
+        err = "".join(self.stderr(r) for r in ranks)
+        shutil.rmtree(self.logs, ignore_errors=True)
+        return Ran(code, out, err)
+
+
+def _rank_main(main, argv: list[str], launch: dict, log: Path, cwd: Path, setup=None) -> None:
     """In a forked rank: the launcher's environment, stdout and stderr to files, the CLI's
     status as the process's, and none of this (pytest's) process's exit handlers."""
     code = 1
@@ -328,12 +370,14 @@ def _rank_main(main, argv: list[str], launch: dict, log: Path) -> None:
         import torch
 
         torch.set_num_threads(1)
-        os.chdir(REPO)
+        os.chdir(cwd)
         for fd, suffix in ((1, ".out"), (2, ".err")):
             os.dup2(os.open(f"{log}{suffix}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
         sys.stdout = open(1, "w", buffering=1, closefd=False)
         sys.stderr = open(2, "w", buffering=1, closefd=False)
         warnings.showwarning = warnings._showwarning_orig  # not pytest's recorder
+        if setup is not None:
+            setup()
         code = _status(main, argv)
         sys.stdout.flush()
         sys.stderr.flush()

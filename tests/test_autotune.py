@@ -6,19 +6,19 @@ The tuner must find a faster input pipeline, and because it only picks settings 
 batches, the tuned run (tuned, stopped, resumed without re-tuning) ends with weights bitwise
 equal to an untuned run's. These runs are one process in a gloo group of one (DDP and the
 collectives as with N): with two processes on two shared cores the all-reduce and the load of
-other work swamp the input pipeline's share. The stand-alone CLI runs two ranks under torchrun,
-which must agree on every trial and on the stop the budget forces."""
+other work swamp the input pipeline's share. The stand-alone CLI runs as two ranks (forked, as
+torchrun would start them: torchrun itself is tested with distres.train), which must agree on
+every trial and on the stop the budget forces."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from distres import autotune
 from distres.config import load_yaml, parse_args
 from distres.errors import UserError
-from tests.helpers import REPO, TINY, cli_env, make_imagefolder, train_here
+from tests.helpers import TINY, make_imagefolder, run_ranks, train_here
 
 STEPS = 4  # 32 images / 8
 
@@ -128,34 +128,9 @@ def test_standalone_cli_respects_the_budget(tmp_path):
     """Two ranks and a budget that the first trial already uses up: the rest is listed as not
     tried, and the flags printed (stdout, rank 0) are those of the configuration as given: none."""
     out = tmp_path / "o"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "distres.autotune",
-            *TINY,
-            "--cifar-stem",
-            "off",
-            "--batch-size",
-            "4",
-            "--synthetic-samples",
-            "16",
-            "--autotune-budget",
-            "0.01",
-            "--autotune-steps",
-            "2",
-            "--output-dir",
-            str(out),
-        ],
-        cwd=REPO,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
+    args = [*TINY, "--cifar-stem", "off", "--batch-size", "4", "--synthetic-samples", "16"]
+    r = run_ranks(
+        autotune.main, args + ["--autotune-budget", "0.01", "--autotune-steps", "2", "--output-dir", str(out)]
     )
     assert r.returncode == 0, r.stderr[-3000:]
     table = json.loads((out / "autotune.json").read_text())

@@ -10,8 +10,6 @@ fraction of the start-up cost); those that need a launcher, a second process or 
 limit run the real command."""
 
 import resource
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,15 @@ import torch
 
 from distres import evaluate, export, predict, prepare, train
 from distres.data import known
-from tests.helpers import REPO, TINY, cli_env, make_imagefolder, one_error_line, run_train, train_here, train_ranks
+from tests.helpers import (
+    TINY,
+    make_imagefolder,
+    one_error_line,
+    run_train,
+    start_one,
+    train_here,
+    train_ranks,
+)
 
 RUN = ["--device", "cpu", "--no-progress", "--wandb", "disabled"]
 
@@ -289,14 +295,8 @@ def test_a_multi_process_launch_without_a_rendezvous_address(made, capsys, monke
 
 @pytest.mark.slow
 def test_from_the_command_line_and_under_torchrun(tmp_path):
-    r = subprocess.run(
-        [sys.executable, "-m", "distres.train", "--batch-size", "0"],
-        cwd=REPO,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    # a process of its own (forked: python -m distres.train starts the same main under torchrun below)
+    r = start_one(train.main, ["--batch-size", "0"]).wait(timeout=120)
     assert r.returncode == 2
     one_error_line(r.stderr)
     small = make_imagefolder(tmp_path / "small", {"train": {"a": 3}, "val": {"a": 1}})
@@ -332,28 +332,8 @@ def test_a_full_disk_during_a_checkpoint_write(tmp_path):
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # 1 MiB: less than a checkpoint
 
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "distres.train",
-            *TINY,
-            "--batch-size",
-            "4",
-            "--synthetic-samples",
-            "16",
-            "--max-steps",
-            "2",
-            "--output-dir",
-            str(out),
-        ],
-        cwd=REPO,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        preexec_fn=limit,
-    )
+    args = [*TINY, "--batch-size", "4", "--synthetic-samples", "16", "--max-steps", "2", "--threads", "1"]
+    r = start_one(train.main, args + ["--output-dir", str(out)], setup=limit).wait(timeout=300)
     assert r.returncode == 2, r.stderr[-3000:]
     line = one_error_line(r.stderr)
     assert "cannot write a checkpoint to" in line and "File too large" in line and "free space" in line, line

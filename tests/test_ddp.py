@@ -1,4 +1,4 @@
-"""Distributed behaviour through the real CLI: torchrun, gloo, two processes."""
+"""Distributed behaviour through the real CLI: gloo, two processes."""
 
 import math
 
@@ -71,7 +71,7 @@ def _params_at_init() -> dict:
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_end_to_end(synthetic_run):
+def test_two_processes_end_to_end(synthetic_run):
     """The shared 2-rank run (conftest.synthetic_run): batch 8 x 2 ranks, 4 epochs of 8 steps."""
     out, _, r = synthetic_run
     # rank 0 alone writes: one metrics file, each step once

@@ -20,8 +20,9 @@ after block in the order above (README first), in one scratch folder that holds 
 for the folders the docs name (``pets/`` with train/ and val/, ``new_photos/``, a link to
 ``configs/``), with W&B off. FLAGS are appended to each training command of the block (so they
 win over the block's own: ``--max-steps 2`` keeps a 50-step example short). ``python -m distres.*``
-commands run in this process through the tool's ``main``; torchrun commands run as one
-subprocess each. Blocks without the marker (GPUs, clusters, real data sets) are parsed only.
+commands run in this process through the tool's ``main``; ``torchrun --standalone
+--nproc_per_node N`` commands as N ranks forked from it (``tests.helpers.run_ranks``). Blocks
+without the marker (GPUs, clusters, real data sets) are parsed only.
 
 YAML blocks are configuration examples: their keys (in sections or flat) must be options.
 """
@@ -33,15 +34,13 @@ import importlib.util
 import os
 import re
 import shlex
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.helpers import REPO, cli_env, make_imagefolder
+from tests.helpers import REPO, make_imagefolder, run_ranks
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "benchmarks" / "README.md"]
 RUN_MARKER = re.compile(r"^\s*<!--\s*docs-test:\s*run(?P<flags>[^>]*?)\s*-->\s*$")
@@ -281,25 +280,29 @@ def run_command(cmd: Command, extra: list[str], cwd: Path) -> None:
     args = [*cmd.args, *(extra if cmd.tool in TRAINING else [])]
     if cmd.launcher == ["<script>"] or cmd.tool is None:
         pytest.fail(f"{cmd.where}\n  a block marked to run may hold only python -m distres.* and torchrun commands")
+    main = importlib.import_module(f"distres.{cmd.tool}").main
     if cmd.launcher:
-        env = cli_env()
-        env["WANDB_MODE"] = "disabled"
-        proc = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", *cmd.launcher, "-m", f"distres.{cmd.tool}", *args],
-            cwd=cwd,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=240,
-        )
-        errors = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("distres: error")]
-        code, output = proc.returncode, "\n".join(errors) or (proc.stdout + proc.stderr)[-3000:]
         ran_as = ["torchrun", *cmd.launcher, "-m", f"distres.{cmd.tool}", *args]
+        r = run_ranks(main, args, _one_node_processes(cmd), timeout=240, env={"WANDB_MODE": "disabled"}, cwd=cwd)
+        errors = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("distres: error")]
+        code, output = r.returncode, "\n".join(errors) or (r.stdout + r.stderr)[-3000:]
     else:
-        code, output = importlib.import_module(f"distres.{cmd.tool}").main(args), "(its output is above)"
+        code, output = main(args), "(its output is above)"
         ran_as = ["python", "-m", f"distres.{cmd.tool}", *args]
     if code != 0:
         pytest.fail(f"{cmd.where}\n  ran as: {shlex.join(ran_as)}\n  exit status {code}\n{output}")
+
+
+def _one_node_processes(cmd: Command) -> int:
+    """N of a marked block's ``torchrun --standalone --nproc_per_node N``: the one torchrun form
+    that runs here, as N forked ranks (``run_ranks``; torchrun itself is tested with distres.train)."""
+    launcher = " ".join(cmd.launcher)
+    m = re.fullmatch(r"--standalone --nproc[_-]per[_-]node[ =](\d+)", launcher)
+    if m is None:
+        pytest.fail(
+            f"{cmd.where}\n  a marked block's torchrun takes --standalone --nproc_per_node N only, not {launcher}"
+        )
+    return int(m[1])
 
 
 def test_marked_blocks_run(scratch, monkeypatch):

@@ -10,7 +10,7 @@ import yaml
 
 from distres import evaluate, predict, preempt, train
 from distres.config import load_yaml
-from tests.helpers import TINY, read_metrics, start_train, wait_for
+from tests.helpers import TINY, read_metrics, start_one, wait_for
 
 SMALL = TINY + ["--batch-size", "4", "--synthetic-samples", "16", "--eval-every", "0"]
 
@@ -54,15 +54,17 @@ def test_config_yaml_holds_the_values_in_force_and_not_the_runs_folder(tmp_path,
 
 
 def test_ctrl_c_stops_after_a_step_with_a_checkpoint(tmp_path):
-    out, log = tmp_path / "run", tmp_path / "log"
-    proc = start_train(SMALL + ["--epochs", "50", "--output-dir", str(out)], log=log)
+    out = tmp_path / "run"
+    run = start_one(train.main, SMALL + ["--epochs", "50", "--threads", "1", "--output-dir", str(out)])
     try:
         wait_for(lambda: (out / "metrics.jsonl").is_file() and read_metrics(out), 240, "the first logged step")
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=240) == 130, log.read_text()[-3000:]
-    finally:
-        proc.kill()
-    text = log.read_text()
+    except BaseException:
+        run.wait(timeout=0)  # ends it
+        raise
+    os.kill(run.procs[0].pid, signal.SIGINT)
+    r = run.wait(timeout=240)
+    text = r.stdout + r.stderr
+    assert r.returncode == 130, text[-3000:]
     assert "distres: Ctrl-C: stopping after this step with a checkpoint" in text, text[-3000:]
     assert "distres: preempted (SIGINT): stopped after step" in text and "--resume continues there" in text
     assert "Traceback" not in text

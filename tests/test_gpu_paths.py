@@ -147,18 +147,19 @@ def test_gpu_sh_keeps_its_deadline_and_packs_what_it_has(tmp_path):
     import tarfile
     import time
 
+    deadline = 6
     out, proc = _gpu_sh(
         tmp_path,
-        DISTRES_GPU_DEADLINE_S="12",
-        DISTRES_GPU_GRACE_S="2",
-        DISTRES_GPU_MIN_STEP_S="3",
+        DISTRES_GPU_DEADLINE_S=str(deadline),
+        DISTRES_GPU_GRACE_S="1",
+        DISTRES_GPU_MIN_STEP_S="2",
         DISTRES_GPU_FAKE_SLOW="1",
     )
     t0 = time.perf_counter()
     console, _ = proc.communicate(timeout=120)
     took = time.perf_counter() - t0
     assert proc.returncode == 0, console
-    assert took < 12 + 8, console  # the deadline, and a few seconds for the table and the pack
+    assert took < deadline + 8, console  # the deadline, and a few seconds for the table and the pack
     assert sorted(p.name for p in out.iterdir()) == ["first.log", "first.md", "first.tgz"]
     summary = (out / "first.md").read_text()
     assert "- slow (test): exit 124" in summary  # timeout's status: interrupted at the deadline

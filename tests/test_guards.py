@@ -10,7 +10,8 @@ import time
 import pytest
 import torch
 
-from tests.helpers import TINY, one_error_line, read_metrics, start_train, train_here, wait_for
+from distres import train
+from tests.helpers import TINY, one_error_line, read_metrics, start_one, start_ranks, train_here, wait_for
 
 # Epoch 1 trains at lr 0.003125 (global batch 8); the step schedule then multiplies the lr by
 # 1e5, and epoch 2's loss turns non-finite within a few steps. Epoch 1's checkpoint is good.
@@ -94,113 +95,56 @@ def test_rollback_reloads_the_last_good_checkpoint_with_a_lower_lr(tmp_path):
     assert _finite_checkpoints(out) == ["step-00000008.pt"]
 
 
-def _pid_of_rank(root_pid: int, rank: int) -> int | None:
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
-        except OSError:
-            continue
-        if b"distres.train" in cmd and f"RANK={rank}".encode() in env and int(pid) != root_pid:
-            return int(pid)
-    return None
-
-
 @pytest.mark.slow
 def test_a_frozen_rank_is_named_by_the_others_after_dist_timeout(tmp_path):
-    out, log = tmp_path / "run", tmp_path / "log.txt"
-    proc = start_train(
-        TINY
-        + [
-            "--image-size",
-            "16",
-            "--batch-size",
-            "4",
-            "--synthetic-samples",
-            "4000",
-            "--epochs",
-            "1",
-            "--checkpoint-every",
-            "0",
-            "--dist-timeout",
-            "0.1",
-            "--output-dir",
-            str(out),
-        ],
-        nproc=2,
-        log=log,
+    out = tmp_path / "run"
+    args = [*TINY, "--image-size", "16", "--batch-size", "4", "--synthetic-samples", "4000", "--epochs", "1"]
+    ranks = start_ranks(
+        train.main, args + ["--checkpoint-every", "0", "--dist-timeout", "0.1", "--output-dir", str(out)]
     )
-    frozen = None
+    frozen = ranks.procs[1].pid
     try:
         wait_for(lambda: (out / "metrics.jsonl").exists() and len(read_metrics(out)) >= 3, 120, "three steps")
-        frozen = wait_for(lambda: _pid_of_rank(proc.pid, 1), 10, "rank 1's process")
         os.kill(frozen, signal.SIGSTOP)  # frozen: alive, but never reaches the next all-reduce
         t0 = time.monotonic()
         line = wait_for(
             lambda: next(
-                (ln for ln in log.read_text().splitlines() if ln.startswith("distres: error: rank 0 waited")), None
+                (ln for ln in ranks.stderr(0).splitlines() if ln.startswith("distres: error: rank 0 waited")), None
             ),
             90,
             "rank 0's line",
         )
         assert time.monotonic() - t0 < 60
     finally:
-        if frozen:
-            os.kill(frozen, signal.SIGKILL)
-        proc.wait(timeout=120)
-    assert proc.returncode != 0
+        os.kill(frozen, signal.SIGKILL)
+        r = ranks.wait(timeout=120)
+    assert r.returncode != 0
     assert "(--dist-timeout 0.1) in the training step at step " in line, line
     assert "rank(s) 1 did not arrive (rank 1: no answer (dead or frozen))" in line, line
-    assert 'distres/train.py", line' not in log.read_text()  # no worker traceback (torchrun prints its own)
+    assert 'distres/train.py", line' not in r.stderr  # no traceback
 
 
 def test_a_data_worker_that_dies_is_named(tmp_path):
     from tests.helpers import make_imagefolder
 
     data = make_imagefolder(tmp_path / "data", {"train": {"a": 200, "b": 200}, "val": {"a": 2, "b": 2}})
-    out, log = tmp_path / "run", tmp_path / "log.txt"
-    proc = start_train(
-        [
-            "--arch",
-            "resnet18",
-            "--data",
-            "imagefolder",
-            "--data-dir",
-            str(data),
-            "--image-size",
-            "16",
-            "--batch-size",
-            "2",
-            "--epochs",
-            "1",
-            "--workers",
-            "1",
-            "--device",
-            "cpu",
-            "--no-progress",
-            "--log-every",
-            "1",
-            "--wandb",
-            "disabled",
-            "--output-dir",
-            str(out),
-        ],
-        log=log,
+    out = tmp_path / "run"
+    args = ["--arch", "resnet18", "--data", "imagefolder", "--data-dir", str(data), "--image-size", "16"]
+    args += ["--batch-size", "2", "--epochs", "1", "--workers", "1", "--device", "cpu", "--threads", "1"]
+    run = start_one(
+        train.main, args + ["--no-progress", "--log-every", "1", "--wandb", "disabled", "--output-dir", str(out)]
     )
     try:
         wait_for(lambda: (out / "metrics.jsonl").exists() and len(read_metrics(out)) >= 2, 120, "two steps")
-        kids = [int(p) for p in open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()]
+        pid = run.procs[0].pid
+        kids = [int(p) for p in open(f"/proc/{pid}/task/{pid}/children").read().split()]
         assert kids, "no DataLoader worker process found"
         for kid in kids:
             os.kill(kid, signal.SIGKILL)
-        proc.wait(timeout=120)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 2
-    line = one_error_line(log.read_text())
+        r = run.wait(timeout=120)
+    assert r.returncode == 2
+    line = one_error_line(r.stderr)
     assert (
         line.startswith("distres: error: rank 0: a data loading worker died (DataLoader worker (pid ")
         and "Killed" in line

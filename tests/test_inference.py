@@ -1,17 +1,15 @@
-"""After training: best.pt, evaluate (also under torchrun), predict and export, all from the
+"""After training: best.pt, evaluate (also on two ranks), predict and export, all from the
 checkpoint alone."""
 
 import csv
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 import torchvision
 
 from distres import evaluate, export, predict
-from tests.helpers import FOLDER_RUN, REPO, break_jpeg, cli_env, read_metrics, run_ranks
+from tests.helpers import FOLDER_RUN, break_jpeg, read_metrics, run_ranks
 
 CLASSES = FOLDER_RUN["classes"]
 # 21 validation images over 2 ranks x batch 4: neither rank's shard fills its last batch.
@@ -26,24 +24,6 @@ def trained(folder_run):
     return data, out
 
 
-def _evaluate(args, nproc=1):
-    cmd = (
-        [sys.executable, "-m", "distres.evaluate", *args]
-        if nproc == 1
-        else [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            "-m",
-            "distres.evaluate",
-            *args,
-        ]
-    )
-    return subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=180)
-
-
 def test_best_checkpoint_holds_the_better_weights_of_the_best_evaluation(trained):
     _, out = trained
     evals = [m for m in read_metrics(out) if m["kind"] == "eval"]
@@ -55,15 +35,15 @@ def test_best_checkpoint_holds_the_better_weights_of_the_best_evaluation(trained
 
 
 @pytest.mark.slow
-def test_evaluate_under_torchrun_reproduces_the_runs_last_evaluation(trained, tmp_path):
+def test_evaluate_on_two_ranks_reproduces_the_runs_last_evaluation(trained, tmp_path):
     _, out = trained
     last = [m for m in read_metrics(out) if m["kind"] == "eval"][-1]
-    # The raw weights evaluated under torchrun, the EMA's by forked ranks (``run_ranks``)
+    # The raw weights and the EMA's, each evaluated by two ranks (forked: ``run_ranks``)
     for which, prefix in (("raw", ""), ("ema", "ema_")):
         report = tmp_path / which
         args = ["--checkpoint", str(out / "checkpoints" / "last.pt"), "--weights", which, "--workers", "0"]
         args += ["--output-dir", str(report)]
-        r = _evaluate(args, nproc=2) if which == "raw" else run_ranks(evaluate.main, args)
+        r = run_ranks(evaluate.main, args)
         assert r.returncode == 0, r.stderr[-3000:]
         summary = json.loads((report / "summary.json").read_text())
         assert summary["eval_samples"] == sum(VAL.values())
