@@ -12,8 +12,8 @@ set -euo pipefail
 # No cd: relative paths (--data-dir, --output-dir, --config) are read from the folder
 # the user is in; common.sh finds the checkout and puts it on PYTHONPATH.
 source "$(dirname "$0")/common.sh"
-gpus=$(visible_gpus)
 if [[ -z "${NPROC:-}" ]]; then
+  gpus=$(visible_gpus)
   if (( gpus > 0 )); then NPROC=$gpus; else NPROC=2; fi
 fi
 share_threads "$(nproc)" "$NPROC"

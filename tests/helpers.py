@@ -97,7 +97,7 @@ _BUILT = []  # the data bundles the running test built (``closed_at_the_end``)
 
 
 def closed_at_the_end(bundle):
-    """``bundle`` (a ``data.DataBundle`` a test built), closed when the test ends, pass or fail
+    """``bundle`` (a ``data.DataBundle`` or a loader a test built), closed when the test ends, pass or fail
     (conftest): its loaders' worker processes end then, as a run's do, rather than whenever the
     garbage collector comes by, seconds later and in another test."""
     _BUILT.append(bundle)
@@ -274,7 +274,13 @@ def train_ranks(args: list[str], nproc: int = 2, timeout: int = 300, env: dict |
 
 
 def run_ranks(
-    main, args: list[str], nproc: int = 2, timeout: int = 300, env: dict | None = None, cwd: Path = REPO
+    main,
+    args: list[str],
+    nproc: int = 2,
+    timeout: int = 300,
+    env: dict | None = None,
+    cwd: Path = REPO,
+    console: bool = False,
 ) -> Ran:
     """A CLI's ``main(args)`` as ``nproc`` ranks of one job (gloo, rendezvous at
     MASTER_ADDR:MASTER_PORT, as under torchrun --standalone), each a process forked from this
@@ -282,18 +288,22 @@ def run_ranks(
     of CPU on the 2-core test machines). Their stdout and stderr, rank after rank, as torchrun
     passes them on; the first failing rank's status, the others stopped as torchrun stops them.
     Each rank computes on one thread (``_rank_main``). For runs where torchrun itself (restarts,
-    signals, its own environment) is not under test. They run in ``cwd``."""
-    return start_ranks(main, args, nproc, env, cwd).wait(timeout)
+    signals, its own environment) is not under test. They run in ``cwd``. ``console``: the ranks
+    write to one stdout and one stderr, interleaved as they write, as torchrun's workers share
+    the console it was started from."""
+    return start_ranks(main, args, nproc, env, cwd, console).wait(timeout)
 
 
-def start_ranks(main, args: list[str], nproc: int = 2, env: dict | None = None, cwd: Path = REPO) -> Ranks:
+def start_ranks(
+    main, args: list[str], nproc: int = 2, env: dict | None = None, cwd: Path = REPO, console: bool = False
+) -> Ranks:
     """``run_ranks``'s ranks, started and left running."""
     port = free_port()  # for rank 0's store
     launches = []
     for rank in range(nproc):
         launch = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": nproc, "LOCAL_WORLD_SIZE": nproc}
         launches.append({**launch, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, **(env or {})})
-    return _fork(main, args, launches, cwd)
+    return _fork(main, args, launches, cwd, console=console)
 
 
 def start_one(main, args: list[str], setup=None) -> Ranks:
@@ -307,18 +317,17 @@ def start_one(main, args: list[str], setup=None) -> Ranks:
 _LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-def _fork(main, args: list[str], launches: list[dict], cwd: Path, setup=None) -> Ranks:
+def _fork(main, args: list[str], launches: list[dict], cwd: Path, setup=None, console: bool = False) -> Ranks:
     import multiprocessing
     import tempfile
 
-    logs = Path(tempfile.mkdtemp(prefix="ranks-"))
+    ranks = Ranks([], Path(tempfile.mkdtemp(prefix="ranks-")), console)
     ctx = multiprocessing.get_context("fork")
-    procs = []
     for rank, launch in enumerate(launches):
-        proc = ctx.Process(target=_rank_main, args=(main, list(args), launch, logs / str(rank), cwd, setup))
+        proc = ctx.Process(target=_rank_main, args=(main, list(args), launch, ranks.log(rank), cwd, setup))
         proc.start()
-        procs.append(proc)
-    return Ranks(procs, logs)
+        ranks.procs.append(proc)
+    return ranks
 
 
 @dataclass
@@ -327,9 +336,14 @@ class Ranks:
 
     procs: list
     logs: Path
+    console: bool = False  # one stdout and one stderr for all
+
+    def log(self, rank: int) -> Path:
+        """Where this rank's output goes: LOG.out and LOG.err."""
+        return self.logs / ("console" if self.console else str(rank))
 
     def stderr(self, rank: int) -> str:
-        return (self.logs / f"{rank}.err").read_text()
+        return Path(f"{self.log(rank)}.err").read_text()
 
     def wait(self, timeout: float) -> Ran:
         """Their end (as torchrun ends them: the others within 5 s of a failure, all at the
@@ -347,9 +361,9 @@ class Ranks:
             p.join()
         failures = [p.exitcode for p in self.procs if p.exitcode not in (0, -signal.SIGKILL)]
         code = failures[0] if failures else (124 if any(p.exitcode for p in self.procs) else 0)  # 124: as timeout(1)
-        ranks = range(len(self.procs))
-        out = "".join((self.logs / f"{r}.out").read_text() for r in ranks)
-        err = "".join(self.stderr(r) for r in ranks)
+        logs = dict.fromkeys(self.log(r) for r in range(len(self.procs)))
+        out = "".join(Path(f"{log}.out").read_text() for log in logs)
+        err = "".join(Path(f"{log}.err").read_text() for log in logs)
         shutil.rmtree(self.logs, ignore_errors=True)
         return Ran(code, out, err)
 
@@ -372,7 +386,8 @@ def _rank_main(main, argv: list[str], launch: dict, log: Path, cwd: Path, setup=
         torch.set_num_threads(1)
         os.chdir(cwd)
         for fd, suffix in ((1, ".out"), (2, ".err")):
-            os.dup2(os.open(f"{log}{suffix}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+            # appended to, as a console is: ranks sharing the file interleave their writes
+            os.dup2(os.open(f"{log}{suffix}", os.O_WRONLY | os.O_CREAT | os.O_APPEND), fd)
         sys.stdout = open(1, "w", buffering=1, closefd=False)
         sys.stderr = open(2, "w", buffering=1, closefd=False)
         warnings.showwarning = warnings._showwarning_orig  # not pytest's recorder

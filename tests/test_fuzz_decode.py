@@ -15,6 +15,7 @@ from distres.data.base import Normalize, Spec
 from distres.data.loaders import loader_class
 from distres.data.sources import FolderSource
 from tests.damaged import fuzz
+from tests.helpers import closed_at_the_end
 
 COUNT, SEED = 220, 0
 
@@ -50,7 +51,7 @@ def test_every_backend_decodes_or_skips_each_file(fuzzed, backend):
         bad = BadSamples("skip")
         norm = Normalize((0.5,) * 3, (0.25,) * 3, torch.device("cpu"), torch.contiguous_format)
         spec = Spec(FolderSource(root), False, 32, norm, bad, 32, 0, 1, 0, workers=2, cpus=2)
-        loader = loader_class(backend)(spec)
+        loader = closed_at_the_end(loader_class(backend)(spec))
         seen = sum(len(labels) for _, labels in loader)
         assert seen + bad.count == len(paths) and seen > 0
         assert len(decode.excluded()) > 0 or backend == "dali"

@@ -62,6 +62,8 @@ def test_multinode_launcher_joins_two_nodes_by_rendezvous(tmp_path):
         "32",
         "--max-steps",
         "3",
+        "--threads",
+        "1",  # each "node" would take all the cores of the machine the two share
         "--output-dir",
         "runs/x",  # relative: from the folder each node's command runs in
     ]

@@ -6,13 +6,14 @@ import os
 import re
 import signal
 import subprocess
-import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from distres import checkpoint
-from tests.helpers import REPO, TINY, read_metrics, start_train, train_here, train_ranks, wait_for
+from tests.helpers import TINY, read_metrics, start_one, start_train, train_here, train_ranks, wait_for
 
 # 2 gloo ranks x batch 4 over 128 samples: 16 steps per epoch, 32 in all, a checkpoint every 4;
 # deterministic kernels and fp32 so that "the same computation" means bitwise equal results.
@@ -82,65 +83,20 @@ def _assert_same_final_state(out, expected):
     assert [x["step"] for x in read_metrics(out) if x["kind"] == "train"] == list(range(1, STEPS + 1))
 
 
-@pytest.mark.slow
-def test_a_killed_worker_restarts_and_a_signal_to_one_rank_stops_all_and_resume_is_bitwise_exact(
-    tmp_path, uninterrupted
-):
-    """One job, two faults. SIGKILL to rank 1 past the first checkpoint: torchrun
-    (--max-restarts 1) restarts the workers, and they resume from the newest checkpoint. Then
-    SIGUSR1 to rank 1 alone, mid-epoch: every rank stops after the same step, with a checkpoint
-    and the status for "preempted, requeue me"; no restart is left, so the job ends there, and a
-    resume finishes it in exactly the uninterrupted run's state."""
-    out, log = tmp_path / "run", tmp_path / "log"
-    proc = start_train(ARGS + ["--output-dir", str(out)], nproc=2, extra_torchrun=["--max-restarts", "1"], log=log)
-    try:
-        wait_for(lambda: _last_step(out) >= EVERY + 2, 120, f"step {EVERY + 2}")  # past the first checkpoint
-        victim = wait_for(lambda: _worker_pid(proc.pid, 1), 10, "rank 1")
-        newest_before = checkpoint.step_checkpoints(out / "checkpoints")[-1]
-        killed_at = _last_step(out)
-        os.kill(victim, signal.SIGKILL)
-        resumed = wait_for(lambda: _starts(log), 120, "the restart")
-        # only the steps after the newest checkpoint are computed again
-        assert len(resumed) == 1 and resumed[0] % EVERY == 0 and resumed[0] >= int(newest_before.stem.split("-")[1])
-
-        # past the steps the killed run had logged: the restarted workers are training
-        wait_for(lambda: _last_step(out) >= killed_at + 2, 120, f"step {killed_at + 2} after the restart")
-        os.kill(wait_for(lambda: _worker_pid(proc.pid, 1), 10, "rank 1"), signal.SIGUSR1)  # rank 1 only
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    text = log.read_text()
-    assert "exitcode  : 75" in text, text[-3000:]  # the worker's status for "preempted, requeue me"
-    assert "preempted (signal on another rank): stopped after step" in text  # rank 0 reports it
-    state = torch.load(out / "checkpoints" / checkpoint.LAST, weights_only=True)
-    assert 0 < state["step"] < STEPS and state["step_in_epoch"] > 0, "expected a mid-epoch stop"
-    assert len(state["rng"]) == 2  # every rank's RNG state
-
-    r = train_ranks(ARGS + ["--output-dir", str(out), "--resume"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert f"at step {state['step']}" in r.stderr
-    _assert_same_final_state(out, uninterrupted)
-
-
-_SLOW_SAVE = """
-import os, sys, time, torch
-from distres import checkpoint
-# Block after the bytes are written and before the rename: the parent kills us there.
-os.fsync = lambda fd: time.sleep(600)
-checkpoint.save({"model": {"w": torch.zeros(1000)}, "step": 2}, __import__("pathlib").Path(sys.argv[1]), 2, keep=3)
-"""
+def _save_and_block(argv: list[str]) -> int:
+    # Block after the bytes are written and before the rename: the parent kills us there.
+    os.fsync = lambda fd: time.sleep(600)
+    checkpoint.save({"model": {"w": torch.zeros(1000)}, "step": 2}, Path(argv[0]), 2, keep=3)
+    return 0
 
 
 def test_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
     folder = tmp_path / "ck"
     checkpoint.save({"model": {"w": torch.ones(1000)}, "step": 1}, folder, 1, keep=3)
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _SLOW_SAVE, str(folder)], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO))
-    )
+    writer = start_one(_save_and_block, [str(folder)])
     wait_for(lambda: [p for p in os.listdir(folder) if ".tmp" in p], 60, "the temporary file")
-    proc.kill()
-    proc.wait()
+    writer.procs[0].kill()
+    writer.wait(timeout=60)
     state, path = checkpoint.load_latest(folder)
     assert state["step"] == 1 and path.name == checkpoint.LAST
     assert torch.equal(state["model"]["w"], torch.ones(1000))
@@ -162,12 +118,15 @@ def test_incompatible_checkpoint_is_a_one_line_error_and_stays_intact(tmp_path):
 
 
 @pytest.mark.slow
-def test_chaos_soak(tmp_path, uninterrupted):
-    """Three faults from a seeded driver, each a random signal (SIGKILL, SIGTERM or SIGUSR1) to a
-    random rank: at a random step, during a checkpoint write, and at the end of epoch 1 (its
-    checkpoint write and evaluation). torchrun --max-restarts brings the job back every time; it
-    must end with the uninterrupted run's weights, every step once in metrics.jsonl, and at most
-    --checkpoint-every steps computed again per fault. DISTRES_SOAK_SEED replays a run."""
+def test_chaos_soak_ends_in_a_preemption_and_the_resume_is_bitwise_exact(tmp_path, uninterrupted):
+    """One job under torchrun --max-restarts 3, four faults. First a seeded driver sends SIGKILL,
+    SIGTERM and SIGUSR1, in a random order, each to a random rank: at a random step, during a
+    checkpoint write, and at the end of epoch 1 (its checkpoint write and evaluation). torchrun
+    brings the job back every time, and each restart computes at most --checkpoint-every steps
+    again. Then, with no restart left, SIGUSR1 to rank 1 alone, mid-epoch: every rank stops after
+    the same step, with a checkpoint and the status for "preempted, requeue me", so the job ends
+    there; a resume finishes it with the uninterrupted run's weights and every step once in
+    metrics.jsonl. DISTRES_SOAK_SEED replays a run."""
     import random
 
     seed = int(os.environ.get("DISTRES_SOAK_SEED", random.randrange(1 << 16)))
@@ -175,32 +134,31 @@ def test_chaos_soak(tmp_path, uninterrupted):
     print(f"chaos soak seed {seed} (replay with DISTRES_SOAK_SEED={seed})")
     out, log = tmp_path / "run", tmp_path / "log"
     folder = out / "checkpoints"
-    proc = start_train(
-        ARGS + ["--eval-every", "1", "--output-dir", str(out)], nproc=2, extra_torchrun=["--max-restarts", "3"], log=log
-    )
+    args = ARGS + ["--eval-every", "1", "--output-dir", str(out)]
+    proc = start_train(args, nproc=2, extra_torchrun=["--max-restarts", "3"], log=log)
     first_target = rng.randint(3, 10)
     moments = [
         ("step", lambda target=first_target: _last_step(out) >= target),
         ("checkpoint write", lambda: folder.is_dir() and any(".tmp" in p for p in os.listdir(folder))),
         ("epoch end", lambda: (folder / f"step-{STEPS // 2:08d}.pt").exists()),
     ]
+    signals = rng.sample([signal.SIGKILL, signal.SIGTERM, signal.SIGUSR1], len(moments))
     faults = []  # (moment, signal, rank, last step logged when it was sent)
     try:
-        for moment, ready in moments:
+        for (moment, ready), sig in zip(moments, signals):
             # Each fault waits for the job to be back and past its resume point.
-            wait_for(
-                lambda ready=ready: ready() and _worker_pid(proc.pid, 0) and _worker_pid(proc.pid, 1),
-                240,
-                moment,
-                poll=0.01,
-            )
-            sig, rank = rng.choice([signal.SIGKILL, signal.SIGTERM, signal.SIGUSR1]), rng.randint(0, 1)
-            step = _last_step(out)
+            wait_for(lambda ready=ready: ready() and _both_ranks(proc), 240, moment, poll=0.01)
+            rank, step = rng.randint(0, 1), _last_step(out)
             os.kill(_worker_pid(proc.pid, rank), sig)
             faults.append((moment, sig.name, rank, step))
             started = len(_starts(log))
             wait_for(lambda started=started: len(_starts(log)) > started, 240, f"the restart after {moment}")
-        assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+        # The preemption, two steps into the last restart.
+        at = _starts(log)[-1] + 2
+        wait_for(lambda: _last_step(out) >= at and _both_ranks(proc), 120, f"step {at}", poll=0.01)
+        before = len(log.read_text())
+        os.kill(_worker_pid(proc.pid, 1), signal.SIGUSR1)  # rank 1 only
+        proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -209,4 +167,18 @@ def test_chaos_soak(tmp_path, uninterrupted):
     print(f"chaos soak seed {seed}: faults {faults}; resumed at {resumed}; steps computed again {redone}")
     assert len(resumed) == len(faults) == 3, (faults, resumed)
     assert max(redone) <= EVERY, (faults, resumed)
+
+    text = log.read_text()[before:]
+    assert "exitcode  : 75" in text, text[-3000:]  # the worker's status for "preempted, requeue me"
+    assert "preempted (signal on another rank): stopped after step" in text  # rank 0 reports it
+    state = torch.load(folder / checkpoint.LAST, weights_only=True)
+    assert 0 < state["step"] < STEPS and state["step_in_epoch"] > 0, "expected a mid-epoch stop"
+    assert len(state["rng"]) == 2  # every rank's RNG state
+    r = train_ranks(args + ["--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"at step {state['step']}" in r.stderr
     _assert_same_final_state(out, uninterrupted)
+
+
+def _both_ranks(proc) -> bool:
+    return bool(_worker_pid(proc.pid, 0) and _worker_pid(proc.pid, 1))

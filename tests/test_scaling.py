@@ -20,7 +20,7 @@ def test_quick_cpu_run(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no W&B key or file from the machine
     monkeypatch.delenv("WANDB_MODE", raising=False)
     # The README's --quick with one warm-up window instead of two, two measured windows instead of
-    # six and the cheap stem: the same runs, shorter.
+    # six, windows of 3 steps of 16 images and the cheap stem: the same runs, shorter.
     # fp32: on a CPU without native bf16 (AVX2 only) bf16 autocast is ~20x slower than fp32.
     r = subprocess.run(
         [
@@ -31,6 +31,10 @@ def test_quick_cpu_run(tmp_path, monkeypatch):
             "1",
             "--windows",
             "2",
+            "--window",
+            "3",
+            "--batch-size",
+            "16",
             "--amp",
             "none",
             "--name",

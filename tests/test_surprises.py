@@ -3,8 +3,9 @@ gradient-strides warning with channels_last, "..." after a complete class list, 
 offline MNIST download, W&B online without a key, an error glued to the progress bar, the
 profiler's kineto lines and the evaluation report's path.
 
-Most run the CLI's ``main`` in this process; the two that need a second rank or a fresh
-process (kineto reads its log level once per process) run the real command."""
+Most run the CLI's ``main`` in this process; the one that needs a second rank runs two forked
+ranks sharing one console, and the one that needs a fresh process (kineto reads its log level
+once per process) runs the real command."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from distres import evaluate, prepare, tracking, train
 from distres.data import known
 from distres.data.sharding import ShardSampler
 from distres.errors import UserError
-from tests.helpers import TINY, break_jpeg, make_imagefolder, one_error_line, run_train
+from tests.helpers import TINY, break_jpeg, make_imagefolder, one_error_line, run_ranks, run_train
 
 RUN = ["--device", "cpu", "--no-progress", "--wandb", "disabled"]
 
@@ -178,7 +179,7 @@ def test_a_bad_sample_error_on_another_rank_starts_a_line_of_its_own(tmp_path):
         break_jpeg(paths[i], "corrupt")
     args = [*TINY, "--data", "imagefolder", "--data-dir", str(root), "--batch-size", "2", "--workers", "0"]
     args += ["--on-bad-sample", "fail", "--progress", "--checkpoint-every", "0", "--output-dir", str(tmp_path / "r")]
-    r = run_train(args, nproc=2)
+    r = run_ranks(train.main, args, console=True)
     assert r.returncode != 0
     assert "%|" in r.stderr, r.stderr[-3000:]  # the bar was drawn
     lines = r.stderr.splitlines()
