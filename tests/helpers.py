@@ -318,9 +318,13 @@ _LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTE
 
 
 def _fork(main, args: list[str], launches: list[dict], cwd: Path, setup=None, console: bool = False) -> Ranks:
+    import gc
     import multiprocessing
     import tempfile
 
+    # Garbage an earlier test left can hold a process group (a DDP model's reducer): collected
+    # in a forked child, its destructor would wait forever for gloo threads only this process has.
+    gc.collect()
     ranks = Ranks([], Path(tempfile.mkdtemp(prefix="ranks-")), console)
     ctx = multiprocessing.get_context("fork")
     for rank, launch in enumerate(launches):
