@@ -130,7 +130,7 @@ class MatmulConv2d(nn.Conv2d):
             x = x[:, :, ::sh, ::sw] if (sh, sw) != (1, 1) else x
             n, c, h, w = x.shape
             # N x H x W x C rows (a view for channels_last input), one output channel per column.
-            y = nn.functional.linear(x.permute(0, 2, 3, 1).reshape(-1, c), _as_matrix(self.weight), self.bias)
+            y = nn.functional.linear(x.permute(0, 2, 3, 1).reshape(-1, c), _tap(self.weight, 0, 0), self.bias)
             return y.view(n, h, w, -1).permute(0, 3, 1, 2)
         n, c, h, w = x.shape
         (kh, kw), (ph, pw) = self.kernel_size, self.padding
@@ -188,22 +188,13 @@ class _WeightGradAsMatmul(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None
 
 
-def _as_matrix(weight: torch.Tensor) -> torch.Tensor:
-    """A 1x1 kernel [cout, cin, 1, 1] as the [cout, cin] matrix, through the view whose backward
-    gives the gradient the weight's own strides. In channels_last and contiguous format such a
-    weight holds the same bytes and differs only in the strides of its size-1 dims, but DDP
-    compares all four with its bucket views (made from the parameter's strides): plain
-    ``flatten(1)`` would give a channels_last weight a contiguous gradient, and DDP would warn
-    "Grad strides do not match bucket view strides" and copy it into the bucket."""
-    if weight.stride(-1) != 1:  # channels_last: [cout, 1, 1, cin] is the contiguous view
-        return weight.permute(0, 2, 3, 1).flatten(1)
-    return weight.flatten(1)
-
-
 def _tap(weight: torch.Tensor, a: int, b: int) -> torch.Tensor:
-    """``weight[:, :, a, b]`` as a [cout, cin] matrix, through the views whose backward gives
-    the gradient the weight's own strides (see ``_as_matrix``)."""
-    if weight.stride(-1) != 1:  # channels_last
+    """``weight[:, :, a, b]`` as a [cout, cin] matrix (a 1x1 kernel: ``a = b = 0``), through the
+    views whose backward gives the gradient the weight's own strides. DDP compares a gradient's
+    strides with its bucket views (made from the parameter's): a channels_last weight seen
+    through contiguous-format indexing would get a contiguous gradient, and DDP would warn "Grad
+    strides do not match bucket view strides" and copy it into the bucket."""
+    if weight.stride(-1) != 1:  # channels_last: [cout, kh, kw, cin] is the contiguous view
         return weight.permute(0, 2, 3, 1)[:, a, b]
     return weight[:, :, a, b]
 
