@@ -15,8 +15,6 @@ FIRST, SECOND = ("airplane", "automobile", "bird", "cat", "deer"), ("dog", "frog
 ARGS = [
     "--arch",
     "resnet18",
-    "--data",
-    "imagefolder",
     "--image-size",
     "32",
     "--cifar-stem",
@@ -57,8 +55,8 @@ def test_resnet18_learns_real_cifar10_and_finetuning_it_beats_training_from_scra
     first = _classes(cifar10_subset, FIRST, tmp_path / "first")
     second = _classes(cifar10_subset, SECOND, tmp_path / "second")
     # 2,000 training images, two epochs (63 steps), scored on the 500 test images of the classes.
-    pre = [a if a != "imagefolder" else "cifar10" for a in ARGS]
-    r = train_here(pre + ["--data-dir", str(first), "--epochs", "2", "--output-dir", str(tmp_path / "pre")])
+    pre = ["--data", "cifar10", "--data-dir", str(first), "--epochs", "2"]
+    r = train_here(ARGS + pre + ["--output-dir", str(tmp_path / "pre")])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "cifar10 32px" in r.stderr, r.stderr[-3000:]
     ev = [m for m in read_metrics(tmp_path / "pre") if m["kind"] == "eval"][-1]
@@ -66,13 +64,11 @@ def test_resnet18_learns_real_cifar10_and_finetuning_it_beats_training_from_scra
     # Measured (2-core AMD EPYC Zen 2, fp32, seeds 0-2): 34.4-35.6% top-1. Chance is 20% (+-1.8%).
     assert ev["top1"] > 28.0, ev
     best = tmp_path / "pre" / "checkpoints" / "best.pt"
-    tuned = train_here(
-        ARGS
-        + ["--data-dir", str(second), "--epochs", "1", "--weights", str(best), "--output-dir", str(tmp_path / "tuned")]
-    )
+    on_second = ["--data", "imagefolder", "--data-dir", str(second), "--epochs", "1"]
+    tuned = train_here(ARGS + on_second + ["--weights", str(best), "--output-dir", str(tmp_path / "tuned")])
     assert tuned.returncode == 0, tuned.stderr[-3000:]
     assert "new classifier head" in tuned.stderr and "other classes" in tuned.stderr
-    scratch = train_here(ARGS + ["--data-dir", str(second), "--epochs", "1", "--output-dir", str(tmp_path / "scratch")])
+    scratch = train_here(ARGS + on_second + ["--output-dir", str(tmp_path / "scratch")])
     assert scratch.returncode == 0, scratch.stderr[-3000:]
     a, b = _top1(tmp_path / "tuned"), _top1(tmp_path / "scratch")
     print(f"fine-tuned {a:.2f}% vs scratch {b:.2f}% top-1 after one epoch")
