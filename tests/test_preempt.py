@@ -66,6 +66,11 @@ def _worker_pid(torchrun_pid: int, rank: int) -> int:
     return 0
 
 
+def _both_ranks(proc) -> bool:
+    """Both workers of the torchrun ``proc`` are running (after a restart: both are back)."""
+    return bool(_worker_pid(proc.pid, 0) and _worker_pid(proc.pid, 1))
+
+
 def _starts(log) -> list[int]:
     """The step each restart of the job resumed at (0: no checkpoint yet, from scratch)."""
     found = re.findall(r"resumed from \S+ at step (\d+)|(no checkpoint in) ", log.read_text())
@@ -178,7 +183,3 @@ def test_chaos_soak_ends_in_a_preemption_and_the_resume_is_bitwise_exact(tmp_pat
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"at step {state['step']}" in r.stderr
     _assert_same_final_state(out, uninterrupted)
-
-
-def _both_ranks(proc) -> bool:
-    return bool(_worker_pid(proc.pid, 0) and _worker_pid(proc.pid, 1))
